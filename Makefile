@@ -1,0 +1,43 @@
+# fssmeta: `make test` and `make pipeline` are the two commands a newcomer needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc-site-cache
+export RAY_USAGE_STATS_ENABLED := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup test test-unit lint pipeline data benchmark clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 goes in first: anything asking for plain `torch` before it is present pulls the newest
+# CUDA build (several GB). Then the project with its dev extras, every version fixed by constraints.txt.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not gpu and not integration"
+
+lint: setup
+	$(BIN)/ruff check fssmeta tests benchmarks pipelines
+
+# The main job. Until the DVC pipeline lands, it runs the data stages on the embedded defaults.
+pipeline: setup
+	$(BIN)/fssmeta synthesize
+	$(BIN)/fssmeta prepare
+	$(BIN)/fssmeta episodes
+
+benchmark: setup
+	$(BIN)/python benchmarks/data.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .dvc-site-cache

@@ -1,0 +1,208 @@
+"""The typed configuration: params.yaml -> frozen pydantic models, one per top-level section.
+
+Unknown keys and wrong types are rejected at load time with the dotted key path and the expected type.
+Every function receives the narrowest section it needs; Ray workers rebuild a `Config` from a plain dict.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file or an override that does not match the schema; the message names the key path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, strict types, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_to_tuples(cls, data: Any) -> Any:
+        # YAML gives lists; the schema uses tuples so that a frozen config is hashable and immutable.
+        if isinstance(data, dict):
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return data
+
+
+class TargetConfig(Section):
+    """One cross-domain target set in a PATNet layout."""
+
+    layout: Literal["deepglobe", "isic", "chest_xray", "fss1000", "suim"]
+    root: str
+
+
+class DataConfig(Section):
+    """Which dataset, where it lives, and the protocol switches that change its lists (PROTOCOL.md 1-2)."""
+
+    dataset: Literal["synthetic", "pascal", "coco"] = "synthetic"
+    root: str = "data/synthetic"
+    # Reader used for the synthetic dataset, which is written in both layouts.
+    format: Literal["voc", "coco"] = "voc"
+    coco_split: Literal["interleaved", "consecutive"] = "interleaved"
+    train_pool: Literal["pfenet", "hsnet"] = "pfenet"
+    exclude_novel_images: bool = True
+    # PFENet/BAM small-object rule: a class counts for an image only with >= 2*32*32 pixels. 0 disables it.
+    min_object_pixels: int = 2048
+    crowd: Literal["foreground", "ignore"] = "foreground"
+    # PASCAL list files (relative to root); lines are `<id>` or `JPEGImages/<id>.jpg SegmentationClassAug/<id>.png`.
+    train_lists: tuple[str, ...] = ("ImageSets/Segmentation/train.txt", "ImageSets/SegmentationAug/train_noval.txt")
+    test_list: str = "ImageSets/Segmentation/val.txt"
+    # Pool for checkpoint selection; empty = the test pool, drawn with `episodes.val_seeds`.
+    val_list: str = "ImageSets/Segmentation/selection.txt"
+    mask_dir: str = "SegmentationClassAug"
+    cache_dir: str = "data/cache"
+    prepared: str = "data/prepared"
+    targets: dict[str, TargetConfig] = {}
+
+
+class SynthesizeConfig(Section):
+    """The procedurally generated few-shot dataset (the embedded default)."""
+
+    out: str = "data/synthetic"
+    seed: int = 0
+    image_size: int = 160
+    train_images: int = 1200
+    test_images: int = 300
+    val_images: int = 150
+    target_images_per_class: int = 40
+    max_objects: int = 4
+    boundary_width: int = 2
+
+
+class EpisodesConfig(Section):
+    """Fixed test and validation episode lists (PROTOCOL.md 3)."""
+
+    out: str = "data/episodes"
+    folds: tuple[int, ...] = (0, 1, 2, 3)
+    shots: tuple[int, ...] = (1, 5)
+    orders: tuple[Literal["image", "class"], ...] = ("image", "class")
+    test_episodes: int = 1000
+    test_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    val_episodes: int = 200
+    val_seeds: tuple[int, ...] = (1000,)
+    target_episodes: int = 600
+
+
+class TransformConfig(Section):
+    """PFENet-family training augmentation."""
+
+    crop_size: int = 473
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    rotate_degrees: float = 10.0
+    blur_prob: float = 0.5
+    flip_prob: float = 0.5
+
+
+class EvalConfig(Section):
+    """Test-time conventions (PROTOCOL.md 4)."""
+
+    resolution: Literal["original", "resized"] = "original"
+    test_size: int = 473
+    resized_size: int = 400
+    episode_order: Literal["image", "class"] = "image"
+
+
+class Config(Section):
+    """The whole params.yaml."""
+
+    data: DataConfig = DataConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    episodes: EpisodesConfig = EpisodesConfig()
+    transform: TransformConfig = TransformConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 requires a dot: `1.0e-3`)."""
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _expected(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    names = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+             "tuple_type": "list", "dict_type": "mapping", "model_type": "mapping"}
+    if kind in names:
+        return f"expected {names[kind]}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    return error["msg"]
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        got = err.get("input")
+        got_text = "" if err["type"] in ("extra_forbidden", "missing") else f", got {type(got).__name__} {got!r}"
+        lines.append(f"  {path}: {_expected(err)}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way params.yaml would (`1` int, `1e-3` float, `[1, 5]` list)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` in a nested dict, creating intermediate mappings."""
+    keys = dotted.split(".")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read params.yaml (None: embedded defaults), apply `key.path=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            loaded = yaml.load(path.read_text(), Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for key, value in items:
+        apply_override(data, key, value)
+    return config_from_dict(data, source)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict (tuples become lists) that `config_from_dict` reads back."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""The data layer: folds, readers for the real layouts, the synthetic dataset, filters, episodes, transforms."""

@@ -1,0 +1,28 @@
+"""The batch contract (`Episode`) and the model output (`SegOutput`) shared by data, models and the loop."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Episode(NamedTuple):
+    """One batch of few-shot episodes; collates with torch's default collate.
+
+    Masks hold 1 for the episode's class, 0 for everything else and 255 for ignored pixels.
+    """
+
+    support_imgs: torch.Tensor  # (B, S, 3, H, W) float, normalised
+    support_masks: torch.Tensor  # (B, S, H, W) long, 0/1/255
+    query_img: torch.Tensor  # (B, 3, H, W) float, normalised
+    query_mask: torch.Tensor  # (B, H', W') long, 0/1/255; H', W' = H, W except at `original` test resolution
+    class_id: torch.Tensor  # (B,) long, dataset class id of the episode
+
+
+class SegOutput(NamedTuple):
+    """What every model returns, in train and eval alike."""
+
+    logits: torch.Tensor  # (B, 2, H, W) background / foreground, pre-softmax
+    aux_logits: list[torch.Tensor]  # intermediate predictions for deep supervision
+    extra_losses: dict[str, torch.Tensor]  # method-specific losses, already weighted

@@ -1,0 +1,1 @@
+"""The only place Ray and MLflow are imported."""
