@@ -1,0 +1,116 @@
+"""Datasets that yield `Episode` items: fixed lists for evaluation, on-the-fly episodes for training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fssmeta.data.io import DataError, read_image, read_mask
+from fssmeta.data.sampler import TrainEpisodeSampler
+from fssmeta.data.transforms import TestTransform, TrainTransform
+from fssmeta.episode import Episode
+
+
+class PairSource(Protocol):
+    """Loads an image and its episode label (1 = the episode's class, 0 = anything else, 255 = ignore)."""
+
+    def load(self, key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def episode_label(mask: np.ndarray, class_id: int) -> np.ndarray:
+    """Class `class_id` -> 1, every other class -> 0, 255 stays 255 (PROTOCOL.md 3)."""
+    label = np.zeros_like(mask)
+    label[mask == class_id] = 1
+    label[mask == 255] = 255
+    return label
+
+
+class IndexSource:
+    """Images of a prepared source dataset (`index.json` rows), looked up by key."""
+
+    def __init__(self, index: dict[str, Any], pools: Sequence[str] = ("train", "test", "val")) -> None:
+        self.rows = {row["key"]: row for pool in pools for row in index["pools"][pool]}
+
+    def load(self, key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.rows.get(key)
+        if row is None:
+            raise DataError(f"image {key!r} is not in the prepared index; re-run `fssmeta prepare`")
+        return read_image(row["image"]), episode_label(read_mask(row["mask"]), class_id)
+
+
+class TargetSource:
+    """Samples of a cross-domain `TargetSet`, keyed by sample index; masks are already binary."""
+
+    def __init__(self, target_set: Any) -> None:
+        self.target_set = target_set
+
+    def load(self, key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        sample = self.target_set.samples[int(key)]
+        if sample.class_index != class_id:
+            raise DataError(f"target {self.target_set.name}: sample {key} is class {sample.class_index}, "
+                            f"the episode asks for {class_id}")
+        return self.target_set.load(int(key))
+
+
+def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class EpisodeDataset(Dataset):
+    """A fixed episode list (as written by `fssmeta episodes`) scored under a test convention."""
+
+    def __init__(self, episodes: Sequence[dict[str, Any]], source: PairSource, transform: TestTransform) -> None:
+        self.episodes = list(episodes)
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def __getitem__(self, i: int) -> Episode:
+        ep = self.episodes[i]
+        c = ep["class_id"]
+        supports = [self.transform(*self.source.load(k, c)) for k in ep["supports"]]
+        image, label = self.source.load(ep["query"], c)
+        query_img, _ = self.transform(image, label)
+        support_imgs, support_masks = _stack(supports)
+        # (S,3,H,W) (S,H,W) (3,H,W) (H',W'): the query mask is at scoring resolution (PROTOCOL.md 4)
+        return Episode(support_imgs, support_masks, query_img, self.transform.score_mask(label), torch.tensor(c))
+
+
+class TrainEpisodeDataset(Dataset):
+    """`length` training episodes per epoch and rank, drawn on the fly by a `TrainEpisodeSampler`."""
+
+    def __init__(self, sampler: TrainEpisodeSampler, source: PairSource, transform: TrainTransform,
+                 length: int, rank: int = 0) -> None:
+        self.sampler, self.source, self.transform = sampler, source, transform
+        self.length, self.rank, self.epoch = length, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Episode:
+        ep, rng = self.sampler.draw(self.epoch, self.rank, i)
+        c = ep["class_id"]
+        pairs = [self.transform(*self.source.load(k, c), rng=int(rng.integers(2**31)))
+                 for k in [ep["query"], *ep["supports"]]]
+        support_imgs, support_masks = _stack(pairs[1:])
+        return Episode(support_imgs, support_masks, pairs[0][0], pairs[0][1], torch.tensor(c))
+
+
+def episode_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0,
+                   worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+    """A loader of `Episode` batches. At `original` test resolution every query mask has its own size,
+    so evaluation runs one episode per batch (as PFENet's test does)."""
+    transform = getattr(dataset, "transform", None)
+    if isinstance(transform, TestTransform) and transform.resolution == "original" and batch_size != 1:
+        raise ValueError("eval.resolution=original scores each query at its own size: use batch_size 1")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      worker_init_fn=worker_init_fn, persistent_workers=num_workers > 0)

@@ -1,0 +1,88 @@
+"""`episodes`: write the fixed test and validation episode lists per (fold, shot, order, seed) as JSON.
+
+Every evaluation reads these files, so every model is scored on identical episodes. Layout under `out`:
+`fold<k>/<split>_<shot>shot_<order>_seed<seed>.json`, `targets/<name>/test_<shot>shot_seed<seed>.json`,
+and `manifest.json` (written last) naming every file with the protocol it was drawn under.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from fssmeta.config import DataConfig, EpisodesConfig
+from fssmeta.data.io import DataError, read_json, write_json_atomic
+from fssmeta.data.prepare import load_fold, load_index
+from fssmeta.data.sampler import check_episodes, sample_episodes, sample_target_episodes
+
+
+def list_path(out: str | Path, fold: int, split: str, shot: int, order: str, seed: int) -> Path:
+    return Path(out) / f"fold{fold}" / f"{split}_{shot}shot_{order}_seed{seed}.json"
+
+
+def target_list_path(out: str | Path, name: str, shot: int, seed: int) -> Path:
+    return Path(out) / "targets" / name / f"test_{shot}shot_seed{seed}.json"
+
+
+def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Draw and write every list; returns the manifest."""
+    out = Path(out or cfg.out)
+    index = load_index(data.prepared)
+    jobs = [(fold, split, shot, order, seed)
+            for fold in cfg.folds for shot in cfg.shots for order in cfg.orders
+            for split, seeds in (("test", cfg.test_seeds), ("val", cfg.val_seeds)) for seed in seeds]
+    files = []
+    fold_cache: dict[int, dict[str, Any]] = {}
+    for fold, split, shot, order, seed in tqdm(jobs, desc="episode lists", disable=not progress, unit="list"):
+        lists = fold_cache.setdefault(fold, load_fold(data.prepared, fold))
+        # Checkpoint selection never looks at the test list's episodes: it uses the separate validation
+        # pool when the dataset has one, else the test pool drawn with the (different) validation seeds.
+        pool = "val" if split == "val" and lists["val"] else "test"
+        if split == "val" and pool == "test" and seed in cfg.test_seeds:
+            raise DataError(f"episodes.val_seeds: seed {seed} is also a test seed; validation would "
+                            "repeat test episodes (the dataset has no separate validation pool)")
+        entries = [(key, classes) for key, classes in lists[pool]]
+        count = cfg.test_episodes if split == "test" else cfg.val_episodes
+        episodes = sample_episodes(entries, shot, count, seed, order)
+        check_episodes(episodes, entries, shot)
+        path = list_path(out, fold, split, shot, order, seed)
+        write_json_atomic(path, {"dataset": index["dataset"], "fold": fold, "split": split, "pool": pool,
+                                 "shot": shot, "order": order, "seed": seed, "protocol": index["protocol"],
+                                 "episodes": episodes}, indent=None)
+        files.append({"path": str(path.relative_to(out)), "fold": fold, "split": split, "pool": pool,
+                      "shot": shot, "order": order, "seed": seed, "episodes": len(episodes)})
+    files += write_target_lists(data, cfg, out, progress)
+    manifest = {"protocol": index["protocol"], "fingerprint": index["fingerprint"], "files": files}
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def write_target_lists(data: DataConfig, cfg: EpisodesConfig, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """PATNet-protocol lists for every configured cross-domain target (1-way, each shot and test seed)."""
+    from fssmeta.data.targets import read_target
+
+    files = []
+    for name, target in tqdm(sorted(data.targets.items()), desc="target lists", disable=not progress, unit="set"):
+        target_set = read_target(name, target.layout, target.root)
+        by_class = target_set.by_class()
+        for shot in cfg.shots:
+            for seed in cfg.test_seeds:
+                episodes = sample_target_episodes(by_class, shot, cfg.target_episodes, seed,
+                                                  one_per_query=target.layout == "fss1000")
+                path = target_list_path(out, name, shot, seed)
+                write_json_atomic(path, {"target": name, "layout": target.layout, "root": target.root,
+                                         "classes": list(target_set.classes), "shot": shot, "seed": seed,
+                                         "episodes": episodes}, indent=None)
+                files.append({"path": str(path.relative_to(out)), "target": name, "shot": shot, "seed": seed,
+                              "episodes": len(episodes)})
+    return files
+
+
+def load_episode_list(path: str | Path) -> dict[str, Any]:
+    data = read_json(path, "episode list")
+    if not isinstance(data, dict) or "episodes" not in data:
+        raise DataError(f"{path}: not an episode list (no 'episodes' key)")
+    return data

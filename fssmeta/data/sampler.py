@@ -1,0 +1,154 @@
+"""Episode sampling: fixed test / validation lists written to disk, and training episodes drawn on the fly.
+
+An episode is one class, one query containing it and `shot` distinct supports containing it, each a
+different image from the query (PROTOCOL.md 3). Two orders exist in the field:
+- `image` (PFENet family): walk the image list in order, repeating it; draw the class among the
+  qualifying novel classes of that image, so class frequency follows image frequency;
+- `class` (HSNet COCO test): draw the class uniformly, then the query among its images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fssmeta.data.io import DataError
+
+Entry = tuple[str, list[int]]  # (image key, classes that qualify in it)
+
+
+def class_pools(entries: Sequence[Entry]) -> dict[int, list[str]]:
+    """Image keys per class, in list order, each key once per class."""
+    pools: dict[int, dict[str, None]] = {}
+    for key, classes in entries:
+        for c in classes:
+            pools.setdefault(int(c), {})[key] = None
+    return {c: list(keys) for c, keys in sorted(pools.items())}
+
+
+def draw_supports(rng: np.random.Generator, pool: Sequence[str], query: str, shot: int) -> list[str]:
+    """`shot` distinct keys from `pool`, none equal to the query."""
+    candidates = [k for k in pool if k != query]
+    if len(candidates) < shot:
+        raise DataError(f"class has {len(candidates)} support candidate(s) besides query {query}; {shot} needed")
+    picks = rng.choice(len(candidates), size=shot, replace=False)
+    return [candidates[int(i)] for i in picks]
+
+
+def usable_classes(pools: dict[int, list[str]], shot: int) -> set[int]:
+    """Classes with enough images for a query and `shot` other supports."""
+    return {c for c, keys in pools.items() if len(set(keys)) >= shot + 1}
+
+
+def sample_episodes(entries: Sequence[Entry], shot: int, count: int, seed: int, order: str = "image",
+                    support_entries: Sequence[Entry] | None = None) -> list[dict[str, Any]]:
+    """A fixed list of `count` episodes, reproducible from `seed`.
+
+    `support_entries` (default: `entries`) is where supports come from; PFENet-family tests draw both
+    from the same test list.
+    """
+    if shot < 1 or count < 1:
+        raise ValueError(f"shot and count must be >= 1, got shot={shot}, count={count}")
+    pools = class_pools(support_entries if support_entries is not None else entries)
+    usable = usable_classes(pools, shot)
+    rng = np.random.default_rng(seed)
+    episodes: list[dict[str, Any]] = []
+    if order == "image":
+        walk = [(key, [c for c in classes if c in usable]) for key, classes in entries]
+        walk = [(key, classes) for key, classes in walk if classes]
+        if not walk:
+            raise DataError(f"no image has a class with at least {shot + 1} images: cannot form {shot}-shot episodes")
+        for i in range(count):
+            query, classes = walk[i % len(walk)]
+            class_id = classes[int(rng.integers(len(classes)))]
+            episodes.append(_episode(class_id, query, draw_supports(rng, pools[class_id], query, shot)))
+    elif order == "class":
+        query_pools = {c: keys for c, keys in class_pools(entries).items() if c in usable}
+        if not query_pools:
+            raise DataError(f"no class has at least {shot + 1} images: cannot form {shot}-shot episodes")
+        classes = sorted(query_pools)
+        for _ in range(count):
+            class_id = classes[int(rng.integers(len(classes)))]
+            keys = query_pools[class_id]
+            query = keys[int(rng.integers(len(keys)))]
+            episodes.append(_episode(class_id, query, draw_supports(rng, pools[class_id], query, shot)))
+    else:
+        raise ValueError(f"unknown episode order {order!r}; expected image or class")
+    return episodes
+
+
+def _episode(class_id: int, query: str, supports: list[str]) -> dict[str, Any]:
+    return {"class_id": int(class_id), "query": query, "supports": supports}
+
+
+def sample_target_episodes(by_class: dict[int, list[int]], shot: int, count: int, seed: int,
+                           one_per_query: bool = False) -> list[dict[str, Any]]:
+    """PATNet protocol on a target set: episode i has class `i mod n_classes`, query and supports random.
+
+    With `one_per_query` (FSS-1000) every sample is the query of exactly one episode, in order.
+    Keys are sample indices (as strings) of the `TargetSet`.
+    """
+    rng = np.random.default_rng(seed)
+    pools = {c: [str(i) for i in idx] for c, idx in sorted(by_class.items())}
+    short = [c for c, keys in pools.items() if len(keys) < shot + 1]
+    if short:
+        raise DataError(f"target classes {short} have fewer than {shot + 1} images: cannot form {shot}-shot episodes")
+    episodes = []
+    if one_per_query:
+        for c, keys in pools.items():
+            for query in keys:
+                episodes.append(_episode(c, query, draw_supports(rng, keys, query, shot)))
+        return episodes
+    classes = list(pools)
+    for i in range(count):
+        c = classes[i % len(classes)]
+        query = pools[c][int(rng.integers(len(pools[c])))]
+        episodes.append(_episode(c, query, draw_supports(rng, pools[c], query, shot)))
+    return episodes
+
+
+def check_episodes(episodes: Sequence[dict[str, Any]], entries: Sequence[Entry], shot: int) -> None:
+    """Raise DataError unless every episode is valid against the list it claims to come from."""
+    classes_of = {}
+    for key, classes in entries:
+        classes_of.setdefault(key, set()).update(int(c) for c in classes)
+    for n, ep in enumerate(episodes):
+        keys = [ep["query"], *ep["supports"]]
+        if len(ep["supports"]) != shot or len(set(keys)) != len(keys):
+            raise DataError(f"episode {n}: needs {shot} distinct supports different from the query, got {keys}")
+        for key in keys:
+            if ep["class_id"] not in classes_of.get(key, ()):
+                raise DataError(f"episode {n}: image {key} does not qualify for class {ep['class_id']}")
+
+
+class TrainEpisodeSampler:
+    """Draws training episodes on the fly; episode `i` of `epoch` on `rank` depends only on those three
+    numbers and the seed, so runs are reproducible and DDP ranks see distinct episodes."""
+
+    def __init__(self, entries: Sequence[Entry], shot: int, seed: int, order: str = "image") -> None:
+        self.entries = list(entries)
+        self.pools = class_pools(self.entries)
+        self.usable = usable_classes(self.pools, shot)
+        self.walk = [(k, [c for c in cs if c in self.usable]) for k, cs in self.entries]
+        self.walk = [(k, cs) for k, cs in self.walk if cs]
+        if not self.walk:
+            raise DataError(f"no training class has at least {shot + 1} images: cannot form {shot}-shot episodes")
+        self.shot, self.seed, self.order = shot, seed, order
+        self.classes = sorted(self.usable)
+
+    def rng(self, epoch: int, rank: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, rank, index])
+
+    def draw(self, epoch: int, rank: int, index: int) -> tuple[dict[str, Any], np.random.Generator]:
+        """The episode and the generator to continue with (for the augmentation seeds)."""
+        rng = self.rng(epoch, rank, index)
+        if self.order == "class":
+            class_id = self.classes[int(rng.integers(len(self.classes)))]
+            keys = self.pools[class_id]
+            query = keys[int(rng.integers(len(keys)))]
+        else:
+            query, classes = self.walk[int(rng.integers(len(self.walk)))]
+            class_id = classes[int(rng.integers(len(classes)))]
+        return _episode(class_id, query, draw_supports(rng, self.pools[class_id], query, self.shot)), rng

@@ -1,0 +1,67 @@
+"""Config: strict schema, overrides, error messages naming the key path and the expected type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fssmeta.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load_and_round_trip():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.data.dataset == "synthetic"
+    assert set(cfg.data.targets) == {"gray", "hazy", "tiles"}
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_defaults_without_file_and_frozen():
+    cfg = load_config(None)
+    assert cfg == Config()
+    with pytest.raises(Exception):
+        cfg.data.root = "elsewhere"  # frozen
+
+
+def test_dotted_overrides_parse_like_yaml():
+    cfg = load_config(None, ["episodes.shots=[1, 2]", "transform.scale_min=1e-1", "data.exclude_novel_images=false"])
+    assert cfg.episodes.shots == (1, 2)
+    assert cfg.transform.scale_min == pytest.approx(0.1)
+    assert cfg.data.exclude_novel_images is False
+    assert load_config(None, {"data.root": "/x"}).data.root == "/x"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("data.min_object_pixels=abc", "data.min_object_pixels: expected int, got str 'abc'"),
+    ("data.bogus=1", "data.bogus: unknown key"),
+    ("episodes.shots=[1, x]", "episodes.shots.1: expected int"),
+    ("transform.crop_size=1.5", "transform.crop_size: expected int"),
+    ("data.exclude_novel_images=1", "data.exclude_novel_images: expected bool"),
+    ("data.coco_split=random", "data.coco_split: Input should be 'interleaved' or 'consecutive'"),
+    ("data.targets={t: {layout: deepglobe}}", "data.targets.t.root: Field required"),
+])
+def test_bad_values_name_the_key_path_and_type(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+def test_malformed_params_files_name_the_file(tmp_path):
+    bad_yaml = tmp_path / "p1.yaml"
+    bad_yaml.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="p1.yaml: not valid YAML"):
+        load_config(bad_yaml)
+    not_mapping = tmp_path / "p2.yaml"
+    not_mapping.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="p2.yaml: the top level must be a mapping"):
+        load_config(not_mapping)
+    unknown = tmp_path / "p3.yaml"
+    unknown.write_text("data:\n  root: x\nmodle: {}\n")
+    with pytest.raises(ConfigError, match=r"p3.yaml: invalid configuration\n  modle: unknown key"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="missing.yaml: params file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["data.root"])
