@@ -1,0 +1,82 @@
+"""Episode lists: reproducible from the seed, valid, in both orders; training episodes per epoch and rank."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from fssmeta.data.io import DataError
+from fssmeta.data.sampler import (
+    TrainEpisodeSampler,
+    check_episodes,
+    class_pools,
+    sample_episodes,
+    sample_target_episodes,
+)
+
+# 18 images of classes 1..3, one image "multi" holds two classes; class 4 has a single image (never usable).
+ENTRIES = [(f"k{i}", [1 + i % 3]) for i in range(18)] + [("multi", [1, 2]), ("lonely", [4])]
+
+
+@pytest.mark.parametrize("order", ["image", "class"])
+@pytest.mark.parametrize("shot", [1, 5])
+def test_lists_reproducible_and_valid(order, shot):
+    a = sample_episodes(ENTRIES, shot, 50, seed=7, order=order)
+    assert a == sample_episodes(ENTRIES, shot, 50, seed=7, order=order)
+    assert a != sample_episodes(ENTRIES, shot, 50, seed=8, order=order)
+    assert len(a) == 50
+    check_episodes(a, ENTRIES, shot)
+    for ep in a:
+        assert len(set(ep["supports"])) == shot and ep["query"] not in ep["supports"]
+    assert all(ep["class_id"] != 4 for ep in a)
+
+
+def test_image_order_walks_the_list_and_repeats():
+    eps = sample_episodes(ENTRIES, 1, 30, seed=0, order="image")
+    walk = [k for k, cs in ENTRIES if cs != [4]]  # "lonely" has no usable class
+    assert [ep["query"] for ep in eps] == [walk[i % len(walk)] for i in range(30)]
+    assert {ep["class_id"] for ep in eps if ep["query"] == "multi"} <= {1, 2}
+
+
+def test_class_order_draws_classes_uniformly():
+    eps = sample_episodes(ENTRIES, 1, 3000, seed=0, order="class")
+    counts = Counter(ep["class_id"] for ep in eps)
+    assert set(counts) == {1, 2, 3}
+    assert all(900 < n < 1100 for n in counts.values())
+
+
+def test_check_episodes_catches_bad_lists():
+    good = sample_episodes(ENTRIES, 1, 5, seed=0)
+    with pytest.raises(DataError, match="does not qualify for class"):
+        check_episodes([{**good[0], "class_id": 4}], ENTRIES, 1)
+    with pytest.raises(DataError, match="distinct supports"):
+        check_episodes([{**good[0], "supports": [good[0]["query"]]}], ENTRIES, 1)
+
+
+def test_not_enough_images_is_a_clear_error():
+    with pytest.raises(DataError, match="at least 3 images"):
+        sample_episodes([("a", [1]), ("b", [1])], 2, 10, seed=0)
+
+
+def test_target_episodes_follow_patnet():
+    by_class = {0: [0, 1, 2, 3], 1: [4, 5, 6], 2: [7, 8]}
+    eps = sample_target_episodes(by_class, 1, 12, seed=0)
+    assert [ep["class_id"] for ep in eps] == [i % 3 for i in range(12)]
+    for ep in eps:
+        pool = {str(i) for i in by_class[ep["class_id"]]}
+        assert ep["query"] in pool and set(ep["supports"]) <= pool and ep["query"] not in ep["supports"]
+    fss = sample_target_episodes(by_class, 1, 0, seed=0, one_per_query=True)
+    assert [ep["query"] for ep in fss] == [str(i) for i in range(9)]
+    with pytest.raises(DataError, match=r"target classes \[2\]"):
+        sample_target_episodes(by_class, 2, 10, seed=0)
+
+
+def test_train_sampler_depends_on_epoch_rank_index_only():
+    sampler = TrainEpisodeSampler(ENTRIES, shot=1, seed=3)
+    first = [sampler.draw(0, 0, i)[0] for i in range(20)]
+    assert first == [sampler.draw(0, 0, i)[0] for i in range(20)]
+    assert first != [sampler.draw(1, 0, i)[0] for i in range(20)]
+    assert first != [sampler.draw(0, 1, i)[0] for i in range(20)]
+    check_episodes(first, ENTRIES, 1)
+    assert class_pools(ENTRIES)[1][-1] == "multi"
