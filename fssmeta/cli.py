@@ -16,7 +16,9 @@ from fssmeta.data.io import DataError
 
 
 def _config(args: argparse.Namespace) -> Config:
-    params = args.params if Path(args.params).is_file() or args.params != "params.yaml" else None
+    # `--params none` (or no params.yaml in the working folder) runs on the embedded defaults
+    default_missing = args.params == "params.yaml" and not Path(args.params).is_file()
+    params = None if args.params.lower() in ("", "none") or default_missing else args.params
     return load_config(params, args.set)
 
 
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present)")
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present; `none` = embedded defaults)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.root=/x")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=func)

@@ -151,8 +151,11 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value the way params.yaml would (`1` int, `1e-3` float, `[1, 5]` list)."""
-    return yaml.load(text, Loader=_Loader)
+    """Parse an override value the way params.yaml would (`1` int, `1e-3` float, `[1, 5]` list).
+
+    An empty value is the empty string (`--set data.val_list=`), not YAML's null.
+    """
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,184 @@
+"""Image/mask transforms: PFENet-family training augmentation and the two test resolutions (PROTOCOL.md 4)."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fssmeta.config import TransformConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255  # mask label excluded from loss and metric; every mask padding uses it
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
+
+# PFENet's RandRotate is built without `p`, so its default 0.5 applies: half the images are not rotated.
+ROTATE_PROB = 0.5
+# PFENet's RandomGaussianBlur is cv2.GaussianBlur(img, (5, 5), 0); sigma 0 means OpenCV's
+# 0.3 * ((5 - 1) * 0.5 - 1) + 0.8 = 1.1.
+BLUR_KERNEL, BLUR_SIGMA = 5, 1.1
+# PFENet's Crop re-draws the random crop (at most 31 more times) while it keeps < 85% of the foreground.
+CROP_KEEP_FRACTION, CROP_REDRAWS = 0.85, 31
+
+
+def _check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+    if mask.dtype != np.uint8 or mask.shape != image.shape[:2]:
+        raise ValueError(f"mask must be uint8 (H, W) = {image.shape[:2]}, got {mask.dtype} {mask.shape}")
+
+
+def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """image: (h, w, 3) float in [0, 1]; mask: (h, w) labels -> normalised (3, h, w) float32, (h, w) int64."""
+    normalized = (image.astype(np.float32) - _MEAN) / _STD
+    image_tensor = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+    return image_tensor, torch.from_numpy(mask.astype(np.int64))
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """(3, h, w) normalised float tensor -> (h, w, 3) uint8 RGB, for plots."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"denormalize: expected (3, h, w), got {tuple(image.shape)}")
+    pixels = image.detach().to("cpu", torch.float32).permute(1, 2, 0).numpy() * _STD + _MEAN
+    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+
+
+class TrainTransform:
+    """PFENet's training augmentation, in its order: random scale, rotate, Gaussian blur, horizontal flip,
+    pad to the crop size (image with the mean colour, mask with 255), random crop.
+
+    Support and query images of an episode are each passed through separately. Not thread-safe: each call
+    installs its random state into the shared albumentations pipeline (DataLoader workers are processes).
+    """
+
+    def __init__(self, cfg: TransformConfig) -> None:
+        self.crop_size = cfg.crop_size
+        # The pipeline runs on float images in [0, 1] (PFENet augments float32 images): the mean-colour
+        # fill is then exact, so padding normalises to exactly 0. Not 0-255 floats: albumentations clips
+        # float images to [0, 1] in GaussianBlur.
+        constant = {"border_mode": cv2.BORDER_CONSTANT, "fill": IMAGENET_MEAN, "fill_mask": IGNORE_INDEX}
+        self._augment = A.Compose([
+            # One factor for both sides (PFENet's RandScale without aspect_ratio).
+            A.RandomScale(scale_limit=(cfg.scale_min - 1.0, cfg.scale_max - 1.0),
+                          interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+            A.Rotate(limit=(-cfg.rotate_degrees, cfg.rotate_degrees), interpolation=cv2.INTER_LINEAR,
+                     mask_interpolation=cv2.INTER_NEAREST, p=ROTATE_PROB, **constant),
+            A.GaussianBlur(blur_limit=(BLUR_KERNEL, BLUR_KERNEL), sigma_limit=(BLUR_SIGMA, BLUR_SIGMA),
+                           p=cfg.blur_prob),
+            A.HorizontalFlip(p=cfg.flip_prob),
+            # Centre padding: PFENet puts floor(pad / 2) on top/left and the rest on bottom/right.
+            A.PadIfNeeded(min_height=cfg.crop_size, min_width=cfg.crop_size, position="center", **constant),
+        ])
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray,
+                 rng: np.random.Generator | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (H, W, 3) uint8 RGB, mask (H, W) uint8 -> (3, c, c) float32, (c, c) int64; c = crop_size.
+
+        Deterministic given `rng`: an int seeds a fresh generator; a Generator is consumed (advanced).
+        """
+        _check_inputs(image, mask)
+        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        # albumentations 2 draws from a numpy Generator and a Python Random held by each transform;
+        # set_random_state shares one pair across the pipeline, both derived from `generator`.
+        py_random = random.Random(int(generator.integers(2**63)))
+        self._augment.set_random_state(generator, py_random)
+        out = self._augment(image=image.astype(np.float32) / 255.0, mask=mask)
+        image_crop, mask_crop = self._random_crop(out["image"], out["mask"], generator)
+        return _to_tensors(image_crop, mask_crop)
+
+    def _random_crop(self, image: np.ndarray, mask: np.ndarray,
+                     generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """PFENet's `Crop(crop_type='rand')` on an input already padded to at least crop_size."""
+        size = self.crop_size
+        height, width = mask.shape
+        # PFENet counts label 1 on binarised masks; on class-id masks every object label counts.
+        foreground = (mask != 0) & (mask != IGNORE_INDEX)
+        total = int(foreground.sum())
+        for _ in range(1 + CROP_REDRAWS):
+            top = int(generator.integers(0, height - size + 1))
+            left = int(generator.integers(0, width - size + 1))
+            if foreground[top : top + size, left : left + size].sum() >= CROP_KEEP_FRACTION * total:
+                break
+        # After all redraws PFENet keeps the last crop, whatever it holds.
+        return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+class TestTransform:
+    """Deterministic test-time resizing in one of the two published conventions (`eval.resolution`).
+
+    original (PFENet family): the longer side becomes `size` keeping aspect (image bilinear, mask nearest),
+        placed at the top-left of a size x size canvas padded with the mean colour / 255; scored against
+        `score_mask`, the original-resolution mask padded to a square.
+    resized (HSNet family): image and mask resized to size x size without keeping aspect; scored there.
+    """
+
+    __test__ = False  # the name starts with "Test": keep pytest from collecting it
+
+    def __init__(self, resolution: Literal["original", "resized"], size: int) -> None:
+        if resolution not in ("original", "resized"):
+            raise ValueError(f"resolution must be 'original' or 'resized', got {resolution!r}")
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.resolution = resolution
+        self.size = size
+
+    def content_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Height and width the image content occupies in the model input."""
+        if self.resolution == "resized":
+            return self.size, self.size
+        # PFENet's find_new_hw: the longer side becomes `size`, the other is truncated with int().
+        # (PFENet also rounds both down to a multiple of 8 and skips images already <= size; we do not.)
+        if height >= width:
+            return self.size, max(1, int(width * (self.size / height)))
+        return max(1, int(height * (self.size / width))), self.size
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (H, W, 3) uint8 RGB, mask (H, W) uint8 -> model input (3, s, s) float32, (s, s) int64."""
+        _check_inputs(image, mask)
+        if self.resolution == "resized":
+            # HSNet resizes the PIL image with torchvision's Resize (PIL bilinear, antialiased when
+            # shrinking) and the mask with F.interpolate(mode="nearest"); we call the same two.
+            resized = Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+            return _to_tensors(np.asarray(resized, dtype=np.float32) / 255.0, self._resize_mask(mask))
+
+        new_h, new_w = self.content_shape(*mask.shape)
+        # cv2 on float32 pixels, as PFENet's test_Resize does.
+        content = cv2.resize(image.astype(np.float32) / 255.0, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        canvas = np.empty((self.size, self.size, 3), dtype=np.float32)
+        canvas[:] = _MEAN  # normalises to 0
+        canvas[:new_h, :new_w] = content
+        mask_canvas = np.full((self.size, self.size), IGNORE_INDEX, dtype=np.uint8)
+        mask_canvas[:new_h, :new_w] = cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        return _to_tensors(canvas, mask_canvas)
+
+    def score_mask(self, mask: np.ndarray) -> torch.Tensor:
+        """The ground truth predictions are scored against, (h', w') int64.
+
+        original: the original mask padded bottom/right with 255 to a square of its longer side L; logits
+            of size x size upsampled bilinearly to L x L (PFENet: align_corners=True) line up with it,
+            since the content sits at the top-left of both with the same scale.
+        resized: the mask resized nearest to size x size.
+        """
+        if mask.dtype != np.uint8 or mask.ndim != 2:
+            raise ValueError(f"mask must be uint8 (H, W), got {mask.dtype} {mask.shape}")
+        if self.resolution == "resized":
+            return torch.from_numpy(self._resize_mask(mask).astype(np.int64))
+        height, width = mask.shape
+        side = max(height, width)
+        square = np.full((side, side), IGNORE_INDEX, dtype=np.int64)
+        square[:height, :width] = mask
+        return torch.from_numpy(square)
+
+    def _resize_mask(self, mask: np.ndarray) -> np.ndarray:
+        as_float = torch.from_numpy(mask).float()[None, None]  # (1, 1, H, W)
+        resized = F.interpolate(as_float, size=(self.size, self.size), mode="nearest")
+        return resized[0, 0].numpy().astype(np.uint8)

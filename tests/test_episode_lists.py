@@ -1,0 +1,64 @@
+"""The `prepare` -> `episodes` stages through the CLI on a tiny VOC-layout dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fssmeta.cli import main
+from fssmeta.data.episode_lists import list_path, load_episode_list
+
+from .conftest import box_mask, write_voc
+
+
+@pytest.fixture
+def voc3(tmp_path):
+    """20 train images (one per class) and 60 test images (three per class), 64x64."""
+    masks = {f"tr{c:02d}": box_mask((64, 64), [(c, 0, 0, 64, 64)]) for c in range(1, 21)}
+    masks |= {f"te{i:02d}": box_mask((64, 64), [(i % 20 + 1, 0, 0, 64, 40)]) for i in range(60)}
+    return write_voc(tmp_path / "VOC2012", masks, [f"tr{c:02d}" for c in range(1, 21)], [f"te{i:02d}" for i in range(60)])
+
+
+def run(tmp_path, root, *extra):
+    common = ["--params", "none", "--quiet", "--set", "data.dataset=pascal", "--set", f"data.root={root}",
+              "--set", f"data.prepared={tmp_path / 'prepared'}", "--set", "data.val_list=",
+              "--set", f"episodes.out={tmp_path / 'episodes'}", "--set", "episodes.shots=[1, 2]",
+              "--set", "episodes.test_episodes=30", "--set", "episodes.test_seeds=[0, 1]",
+              "--set", "episodes.val_episodes=10", "--set", "episodes.val_seeds=[7]", *extra]
+    return common
+
+
+def test_prepare_then_episodes(voc3, tmp_path, capsys):
+    args = run(tmp_path, voc3)
+    assert main(["prepare", *args]) == 0
+    assert "fold 0: train 15, test 15, val 0" in capsys.readouterr().out
+    assert main(["episodes", *args]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 48 episode lists" in out  # 4 folds x 2 shots x 2 orders x (2 test + 1 val seed)
+    manifest = json.loads((tmp_path / "episodes" / "manifest.json").read_text())
+    assert manifest["protocol"]["dataset"] == "pascal" and len(manifest["files"]) == 48
+    lists = load_episode_list(list_path(tmp_path / "episodes", 2, "test", 2, "image", 1))
+    assert lists["shot"] == 2 and lists["pool"] == "test" and len(lists["episodes"]) == 30
+    for ep in lists["episodes"]:
+        assert 11 <= ep["class_id"] <= 15
+        keys = [ep["query"], *ep["supports"]]
+        assert len(set(keys)) == 3 and all(int(k[2:]) % 20 + 1 == ep["class_id"] for k in keys)
+    val = load_episode_list(list_path(tmp_path / "episodes", 0, "val", 1, "class", 7))
+    assert val["pool"] == "test" and val["seed"] == 7  # no selection pool: the test pool, other seeds
+    # reproducible: a second run writes byte-identical lists
+    before = list_path(tmp_path / "episodes", 3, "test", 1, "class", 0).read_bytes()
+    assert main(["episodes", *args]) == 0
+    assert list_path(tmp_path / "episodes", 3, "test", 1, "class", 0).read_bytes() == before
+
+
+def test_val_seed_equal_to_test_seed_is_refused(voc3, tmp_path, capsys):
+    args = run(tmp_path, voc3, "--set", "episodes.val_seeds=[1]")
+    assert main(["prepare", *args]) == 0
+    assert main(["episodes", *args]) == 2
+    assert "episodes.val_seeds: seed 1 is also a test seed" in capsys.readouterr().err
+
+
+def test_episodes_before_prepare_says_what_to_run(tmp_path, capsys):
+    assert main(["episodes", "--params", "none", "--set", f"data.prepared={tmp_path / 'p'}"]) == 2
+    assert "run `fssmeta prepare` first" in capsys.readouterr().err
