@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 test: setup
+	$(BIN)/ruff check fssmeta tests benchmarks
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-unit: setup

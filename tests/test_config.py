@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from fssmeta.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
@@ -21,8 +22,8 @@ def test_project_params_load_and_round_trip():
 def test_defaults_without_file_and_frozen():
     cfg = load_config(None)
     assert cfg == Config()
-    with pytest.raises(Exception):
-        cfg.data.root = "elsewhere"  # frozen
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.data.root = "elsewhere"
 
 
 def test_dotted_overrides_parse_like_yaml():

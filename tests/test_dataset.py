@@ -1,0 +1,80 @@
+"""Datasets yielding `Episode` batches from fixed lists and from the on-the-fly training sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fssmeta.config import DataConfig, TransformConfig
+from fssmeta.data.dataset import EpisodeDataset, IndexSource, TrainEpisodeDataset, episode_label, episode_loader
+from fssmeta.data.prepare import load_fold, load_index, prepare
+from fssmeta.data.sampler import TrainEpisodeSampler, sample_episodes
+from fssmeta.data.transforms import TestTransform, TrainTransform
+from fssmeta.episode import Episode
+
+from .conftest import box_mask, write_voc
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """Train: classes c and c%20+1 side by side (48x64 each half); test: six 40x64 images per class."""
+    masks = {f"tr{c:02d}": box_mask((48, 64), [(c, 0, 0, 48, 32), (c % 20 + 1, 0, 32, 48, 32)]) for c in range(1, 21)}
+    masks |= {f"te{i:03d}": box_mask((40, 64), [(i % 20 + 1, 4, 4, 30, 40)], band=True) for i in range(120)}
+    root = write_voc(tmp_path / "VOC2012", masks, [f"tr{c:02d}" for c in range(1, 21)], [f"te{i:03d}" for i in range(120)])
+    cfg = DataConfig(dataset="pascal", root=str(root), prepared=str(tmp_path / "prepared"), val_list="",
+                     min_object_pixels=0, exclude_novel_images=False)
+    prepare(cfg, progress=False)
+    return tmp_path / "prepared"
+
+
+def test_episode_label_maps_class_other_and_ignore():
+    mask = np.array([[0, 3, 5], [255, 3, 7]], np.uint8)
+    np.testing.assert_array_equal(episode_label(mask, 3), [[0, 1, 0], [255, 1, 0]])
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_fixed_episodes_resized_batch(prepared, shot):
+    index = load_index(prepared)
+    entries = [(k, cs) for k, cs in load_fold(prepared, 1)["test"]]
+    episodes = sample_episodes(entries, shot, 4, seed=0)
+    dataset = EpisodeDataset(episodes, IndexSource(index), TestTransform("resized", 32))
+    batch = next(iter(episode_loader(dataset, batch_size=2)))
+    assert isinstance(batch, Episode)
+    assert batch.support_imgs.shape == (2, shot, 3, 32, 32) and batch.support_imgs.dtype == torch.float32
+    assert batch.support_masks.shape == (2, shot, 32, 32) and batch.support_masks.dtype == torch.int64
+    assert batch.query_img.shape == (2, 3, 32, 32) and batch.query_mask.shape == (2, 32, 32)
+    assert batch.class_id.tolist() == [episodes[0]["class_id"], episodes[1]["class_id"]]
+    assert set(batch.query_mask.unique().tolist()) == {0, 1, 255}
+    assert (batch.support_masks == 1).any(dim=(2, 3)).all()  # every support shows its class
+
+
+def test_original_resolution_scores_at_image_size(prepared):
+    index = load_index(prepared)
+    entries = [(k, cs) for k, cs in load_fold(prepared, 0)["test"]]
+    dataset = EpisodeDataset(sample_episodes(entries, 1, 2, seed=0), IndexSource(index), TestTransform("original", 32))
+    ep = next(iter(episode_loader(dataset, batch_size=1)))
+    assert ep.query_img.shape == (1, 3, 32, 32)
+    # the 40x64 ground truth padded with 255 to a 64x64 square (PFENet's scoring at original size)
+    assert ep.query_mask.shape == (1, 64, 64) and (ep.query_mask[0, 40:] == 255).all()
+    with pytest.raises(ValueError, match="batch_size 1"):
+        episode_loader(dataset, batch_size=2)
+
+
+def test_training_episodes_are_seeded_per_epoch_and_rank(prepared):
+    index = load_index(prepared)
+    entries = [(k, cs) for k, cs in load_fold(prepared, 0)["train"]]
+    sampler = TrainEpisodeSampler(entries, shot=1, seed=0)
+    transform = TrainTransform(TransformConfig(crop_size=40))
+
+    def first(rank, epoch):
+        dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), transform, length=3, rank=rank)
+        dataset.set_epoch(epoch)
+        return next(iter(episode_loader(dataset, batch_size=3)))
+
+    a = first(0, 0)
+    assert a.support_imgs.shape == (3, 1, 3, 40, 40) and a.query_mask.shape == (3, 40, 40)
+    assert all(6 <= c <= 20 for c in a.class_id.tolist())  # fold 0 trains on base classes only
+    assert torch.equal(a.query_img, first(0, 0).query_img)
+    assert not torch.equal(a.query_img, first(1, 0).query_img)
+    assert not torch.equal(a.query_img, first(0, 1).query_img)
