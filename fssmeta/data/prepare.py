@@ -17,7 +17,15 @@ from tqdm import tqdm
 
 from fssmeta.config import DataConfig, config_to_dict
 from fssmeta.data import folds
-from fssmeta.data.io import DataError, Problems, SampleRef, read_image, read_json, read_mask, write_json_atomic
+from fssmeta.data.io import (
+    DataError,
+    Problems,
+    SampleRef,
+    read_image,
+    read_json,
+    read_mask,
+    write_json_atomic,
+)
 from fssmeta.data.pascal import voc_pools
 
 INDEX_VERSION = 1
