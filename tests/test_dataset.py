@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from fssmeta.config import DataConfig, TransformConfig
-from fssmeta.data.dataset import EpisodeDataset, IndexSource, TrainEpisodeDataset, episode_label, episode_loader
+from fssmeta.data.dataset import (
+    EpisodeDataset,
+    IndexSource,
+    TrainEpisodeDataset,
+    episode_label,
+    episode_loader,
+)
 from fssmeta.data.prepare import load_fold, load_index, prepare
 from fssmeta.data.sampler import TrainEpisodeSampler, sample_episodes
 from fssmeta.data.transforms import TestTransform, TrainTransform
