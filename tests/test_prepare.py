@@ -38,7 +38,7 @@ def test_palette_masks_read_as_class_ids(tiny_voc):
                                   read_mask(tiny_voc / "SegmentationClassAug" / "te00.png"))
     # an RGB conversion would have destroyed the ids: read_mask refuses RGB masks outright
     Image.open(tiny_voc / "SegmentationClass" / "te00.png").convert("RGB").save(tiny_voc / "rgb.png")
-    with pytest.raises(DataError, match="rgb.png: mask must be a single-channel"):
+    with pytest.raises(DataError, match=r"rgb.png: mask must be a single-channel 8-bit or palette PNG, got mode RGB$"):
         read_mask(tiny_voc / "rgb.png")
 
 

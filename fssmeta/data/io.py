@@ -57,16 +57,25 @@ class SampleRef:
     mask: Path
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An RGB image as uint8 (H, W, 3). Grayscale and palette files are expanded to RGB."""
+@contextmanager
+def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
+    """PIL's `Image.open`, with a missing, unreadable or corrupt file raised as a DataError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: image file not found")
+        raise DataError(f"{path}: {what} file not found")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+            yield img
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
+        raise DataError(f"{path}: unreadable or corrupt {what} ({exc})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An RGB image as uint8 (H, W, 3). Grayscale and palette files are expanded to RGB."""
+    with open_image(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -76,44 +85,28 @@ def read_mask(path: str | Path) -> np.ndarray:
     to RGB or grayscale would destroy the ids (PROTOCOL.md 1), so palette ('P') and 8-bit ('L') are read as
     they are and anything else is rejected.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise DataError(f"{path}: mask must be a single-channel 8-bit or palette PNG, got mode {img.mode}")
-            return np.asarray(img, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt mask ({exc})") from None
+    with open_image(path, "mask") as img:
+        if img.mode not in ("L", "P"):
+            raise DataError(f"{path}: mask must be a single-channel 8-bit or palette PNG, got mode {img.mode}")
+        return np.asarray(img, dtype=np.uint8).copy()
 
 
 def read_rgb_mask(path: str | Path) -> np.ndarray:
     """A colour-coded mask (SUIM) as uint8 (H, W, 3)."""
-    return read_image(path)
+    with open_image(path, "mask") as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_gray_mask(path: str | Path) -> np.ndarray:
     """A target-domain mask as 8-bit grayscale (H, W), whatever its stored mode (PATNet convention)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt mask ({exc})") from None
+    with open_image(path, "mask") as img:
+        return np.asarray(img.convert("L"), dtype=np.uint8).copy()
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) read from the header only."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt image ({exc})") from None
+    with open_image(path) as img:
+        return img.height, img.width
 
 
 @contextmanager
