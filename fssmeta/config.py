@@ -111,6 +111,53 @@ class EvalConfig(Section):
     episode_order: Literal["image", "class"] = "image"
 
 
+class ModelConfig(Section):
+    """Which method and backbone, and the sizes that decide its learnable parameters (METHODS.md)."""
+
+    method: str = "bam"  # a key of fssmeta.models.METHODS
+    backbone: Literal["resnet50", "resnet101", "small"] = "small"
+    weights: str = ""  # local ImageNet / PSPNet weight file for the backbone; "" = random init
+    support_masking: Literal["feature", "input", "hybrid"] = "feature"
+    reduce_dim: int = 256  # PFENet-family mid-level feature width
+    ppm_dim: int = 512  # PSPNet pyramid pooling branch width (2048 / 4 at ResNet-50)
+    ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
+    pyramid_bins: tuple[int, ...] = (60, 30, 15, 8)  # PFENet feature-enrichment scales at a 473 input
+    aspp_dilations: tuple[int, ...] = (6, 12, 18)  # BAM meta-learner ASPP
+    dropout: float = 0.1
+    shot: int = 1  # shots the model is built for (BAM's k-shot weighting MLP exists only when > 1)
+
+
+class OptimConfig(Section):
+    """One family's optimiser recipe. `lr` is the EFFECTIVE learning rate every group trains at."""
+
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    power: float = 0.9  # poly schedule; 0 = constant
+    warmup_steps: int = 0
+
+
+class TrainConfig(Section):
+    """A training stage (base learner or episodic meta-training): one loop, one process or DDP."""
+
+    fold: int = 0
+    shot: int = 1
+    seed: int = 0
+    epochs: int = 4
+    episodes_per_epoch: int = 200  # per rank (meta); images per epoch for the base learner
+    batch_size: int = 4
+    num_workers: int = 0
+    optim: OptimConfig = OptimConfig()
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # on CUDA only
+    val_shot: int = 1
+    val_episodes: int = 200  # validation episodes used per epoch (from the fixed val list); 0 = none
+    grad_clip: float = 0.0
+    out: str = "runs"
+    log_every: int = 20  # steps between progress-bar metric refreshes
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -119,6 +166,9 @@ class Config(Section):
     episodes: EpisodesConfig = EpisodesConfig()
     transform: TransformConfig = TransformConfig()
     eval: EvalConfig = EvalConfig()
+    model: ModelConfig = ModelConfig()
+    train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))
+    train: TrainConfig = TrainConfig()
 
 
 class _Loader(yaml.SafeLoader):
