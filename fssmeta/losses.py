@@ -1,0 +1,44 @@
+"""Losses: the segmentation loss every method shares, and the loss dicts the training loop sums."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fssmeta.episode import Episode, SegOutput
+
+IGNORE_INDEX = 255  # VOC boundary / padding pixels: no loss, no metric (PROTOCOL.md 4)
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, align_corners=True, as the PFENet family upsamples predictions to the label size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel CE with 255 ignored; logits are resized to the target first. (B,K,h,w), (B,H,W) -> scalar."""
+    return F.cross_entropy(resize_logits(logits, target.shape[-2:]).float(), target.long(), ignore_index=IGNORE_INDEX)
+
+
+def segmentation_loss(output: SegOutput, target: torch.Tensor, aux_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """CE(main) + aux_weight * mean CE(aux): PFENet (4 scale heads) and BAM (the meta head) alike."""
+    losses = {"ce": cross_entropy(output.logits, target)}
+    if output.aux_logits:
+        aux = torch.stack([cross_entropy(a, target) for a in output.aux_logits]).mean()
+        losses["aux"] = aux_weight * aux
+    return losses
+
+
+def episode_losses(model: torch.nn.Module, episode: Episode, aux_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Everything a meta-training step minimises: the shared loss plus the method's own (already weighted)."""
+    output = model(episode)
+    return {**segmentation_loss(output, episode.query_mask, aux_weight), **output.extra_losses}
+
+
+def base_losses(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                aux_weight: float = 0.4) -> dict[str, torch.Tensor]:
+    """PSPNet base-learner stage: supervised CE on base classes + 0.4 x the layer3 auxiliary CE (PSPNet)."""
+    image, label = batch
+    return segmentation_loss(model(image), label, aux_weight)

@@ -1,0 +1,198 @@
+"""One training loop for one process and for DDP: `train_step`, `evaluate`, `fit`, and the optimiser recipes.
+
+Ray Train runs this same `fit`; only the model wrapping (`forward_model`), the loaders' per-rank seeding and
+the `reporter` differ. Every rank calls the reporter at the same points (once per epoch); only rank 0 writes
+checkpoints and passes their path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fssmeta import distributed
+from fssmeta.checkpoint import save_checkpoint
+from fssmeta.config import OptimConfig
+from fssmeta.data.io import write_json_atomic
+from fssmeta.episode import Episode
+from fssmeta.losses import resize_logits
+from fssmeta.metrics import IoUMeter
+
+LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+
+
+class Reporter(Protocol):
+    """Called on every rank after every epoch with the epoch's metrics; `checkpoint` is set on rank 0 only."""
+
+    def __call__(self, metrics: dict[str, float], checkpoint: Path | None) -> None: ...
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The family recipes: SGD momentum 0.9 / wd 1e-4 (PFENet family), Adam (HSNet family), AdamW."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no learnable parameters to optimise")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then poly decay lr * (1 - t / T) ** power (power 0 = constant), stepped per iteration."""
+    total = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(1.0 - step / total, 0.0) ** cfg.power if cfg.power > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Episode):
+        return Episode(*(t.to(device, non_blocking=True) for t in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t.to(device, non_blocking=True) for t in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when enabled; a no-op context on CPU."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def train_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               scheduler: Any = None, *, amp: bool = False, grad_clip: float = 0.0) -> dict[str, float]:
+    """One optimisation step on one batch; returns every loss term and their sum as floats."""
+    device = next(p for p in model.parameters()).device
+    with autocast(device, amp):
+        losses = loss_fn(model, batch)
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(f"non-finite loss ({values}); lower the learning rate (train.optim.lr) "
+                                 "or check the data. The last checkpoint is kept.")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, amp: bool = False,
+             progress: bool = False, desc: str = "eval", limit: int = 0) -> IoUMeter:
+    """Score fixed episodes: logits upsampled to the query mask's size, argmax, class-wise accumulated IoU.
+
+    The sums are reduced across ranks, so every rank returns the same meter.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    meter = IoUMeter(num_classes)
+    total = min(limit, len(loader)) if limit and hasattr(loader, "__len__") else (len(loader) if hasattr(loader, "__len__") else None)
+    show = progress and distributed.is_main_process()
+    for i, episode in enumerate(tqdm(loader, total=total, desc=desc, disable=not show, unit="ep", leave=False)):
+        if limit and i >= limit:
+            break
+        episode = to_device(episode, device)
+        with autocast(device, amp):
+            logits = model(episode).logits
+        pred = resize_logits(logits.float(), episode.query_mask.shape[-2:]).argmax(dim=1)
+        meter.update(pred, episode.query_mask, episode.class_id)
+    meter.reduce_(distributed.all_reduce_sum)
+    model.train(was_training)
+    return meter
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    step: int = 0
+
+
+def fit(model: nn.Module, *, train_loader: Any, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,
+        epochs: int, validate: Callable[[nn.Module], dict[str, float]] | None = None, score_key: str = "val_miou",
+        checkpoint_dir: str | Path | None = None, config: dict[str, Any] | None = None,
+        start: dict[str, Any] | None = None, reporter: Reporter | None = None,
+        forward_model: nn.Module | None = None, amp: bool = False, grad_clip: float = 0.0,
+        progress: bool = True, desc: str = "train") -> FitResult:
+    """Train for `epochs`, validating, checkpointing (`last.pt`, `best.pt`, `history.json`) and reporting
+    after every epoch. `model` is the raw module (its state is saved); `forward_model` (e.g. the DDP
+    wrapper) is what runs the steps. `start` is a checkpoint payload to resume from."""
+    forward_model = forward_model or model
+    out = Path(checkpoint_dir) if checkpoint_dir else None
+    extra = (start or {}).get("extra", {})
+    result = FitResult(history=list(extra.get("history", [])), best_score=extra.get("best_score", -math.inf),
+                       best_epoch=extra.get("best_epoch", -1), step=(start or {}).get("step", 0))
+    first_epoch = (start or {}).get("epoch", 0)
+    main = distributed.is_main_process()
+    steps_per_epoch = len(train_loader)
+    run_start = time.perf_counter()
+    for epoch in range(first_epoch, epochs):
+        if hasattr(train_loader, "dataset") and hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        forward_model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),
+                   unit="step", leave=False)
+        for batch in bar:
+            device = next(p for p in model.parameters()).device
+            losses = train_step(forward_model, to_device(batch, device), loss_fn, optimizer, scheduler,
+                                amp=amp, grad_clip=grad_clip)
+            result.step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        metrics = {f"train_{k}": v / max(steps_per_epoch, 1) for k, v in sums.items()}
+        metrics |= {"epoch": epoch + 1, "step": result.step, "lr": optimizer.param_groups[0]["lr"]}
+        if validate is not None:
+            metrics |= validate(model)
+        score = metrics.get(score_key, -metrics["train_loss"])  # no validation: the lowest training loss
+        improved = score > result.best_score
+        if improved:
+            result.best_score, result.best_epoch = score, epoch + 1
+        result.history.append(metrics)
+        elapsed = time.perf_counter() - run_start
+        done = epoch + 1 - first_epoch
+        metrics["eta_s"] = elapsed / done * (epochs - epoch - 1)
+        checkpoint = None
+        if out is not None and main:
+            checkpoint = save_checkpoint(out / "last.pt", model=model, optimizer=optimizer, scheduler=scheduler,
+                                         step=result.step, epoch=epoch + 1, config=config,
+                                         extra={"history": result.history, "best_score": result.best_score,
+                                                "best_epoch": result.best_epoch})
+            if improved:
+                shutil.copyfile(checkpoint, out / "best.pt.tmp")
+                (out / "best.pt.tmp").replace(out / "best.pt")
+            write_json_atomic(out / "history.json", {"history": result.history, "best_epoch": result.best_epoch,
+                                                     "best_score": result.best_score, "score_key": score_key})
+        if main and progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step", "eta_s"))
+            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: {shown} (ETA {metrics['eta_s']:.0f} s)")
+        if reporter is not None:
+            reporter(metrics, checkpoint)
+    return result
+
+
+def load_history(checkpoint_dir: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else {"history": []}
