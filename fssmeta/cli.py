@@ -1,4 +1,4 @@
-"""`fssmeta ...` subcommands: show-config, folds, synthesize, prepare, episodes."""
+"""`fssmeta ...` subcommands: show-config, folds, synthesize, prepare, episodes, train-base, train, evaluate."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from fssmeta.checkpoint import CheckpointError
 from fssmeta.config import Config, ConfigError, config_to_dict, load_config
 from fssmeta.data.io import DataError
 
@@ -78,6 +79,52 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fold_override(args: argparse.Namespace, section: str) -> None:
+    if getattr(args, "fold", None) is not None:
+        args.set = [*args.set, f"{section}.fold={args.fold}"]
+    if getattr(args, "shot", None) is not None:
+        args.set = [*args.set, f"{section}.shot={args.shot}"]
+
+
+def cmd_train_base(args: argparse.Namespace) -> int:
+    from fssmeta.experiment import base_dir, train_base
+
+    _fold_override(args, "train_base")
+    cfg = _config(args)
+    fold = cfg.train_base.fold
+    start = time.perf_counter()
+    result = train_base(cfg, fold, progress=not args.quiet, resume_run=not args.restart)
+    last = result.history[-1] if result.history else {}
+    print(f"base learner fold {fold}: {len(result.history)} epochs, {result.step} steps in "
+          f"{time.perf_counter() - start:.0f} s; final train loss {last.get('train_loss', float('nan')):.4f}; "
+          f"checkpoints in {base_dir(cfg, fold)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fssmeta.experiment import meta_dir, train_meta
+
+    _fold_override(args, "train")
+    cfg = _config(args)
+    tc = cfg.train
+    start = time.perf_counter()
+    result = train_meta(cfg, tc.fold, progress=not args.quiet, resume_run=not args.restart)
+    print(f"{cfg.model.method} fold {tc.fold} {tc.shot}-shot: {len(result.history)} epochs, {result.step} steps in "
+          f"{time.perf_counter() - start:.0f} s; best validation mIoU {100 * result.best_score:.1f} at epoch "
+          f"{result.best_epoch}; checkpoints in {meta_dir(cfg, tc.fold, tc.shot)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fssmeta.experiment import evaluate_method, format_report
+
+    cfg = _config(args)
+    report = evaluate_method(cfg, args.method, progress=not args.quiet)
+    print(format_report(report))
+    print(f"written to {Path(cfg.eval.out) / (report['method'] + '.json')} in {report['seconds']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: data.prepared)")
     p = add("episodes", cmd_episodes, "write the fixed test and validation episode lists")
     p.add_argument("--out", help="output folder (default: episodes.out)")
+    p = add("train-base", cmd_train_base, "train the PSPNet base learner of a fold (BAM stage 1)")
+    p.add_argument("--fold", type=int, help="fold (default: train_base.fold)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
+    p = add("train", cmd_train, "episodic meta-training of model.method on a fold")
+    p.add_argument("--fold", type=int, help="fold (default: train.fold)")
+    p.add_argument("--shot", type=int, help="shots (default: train.shot)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
+    p = add("evaluate", cmd_evaluate, "score trained models on the fixed test episode lists")
+    p.add_argument("--method", help="a trained method, or `baseline` (default: model.method)")
     return parser
 
 
@@ -110,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ValueError) as exc:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, ValueError) as exc:
         print(f"fssmeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

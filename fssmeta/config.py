@@ -109,6 +109,13 @@ class EvalConfig(Section):
     test_size: int = 473
     resized_size: int = 400
     episode_order: Literal["image", "class"] = "image"
+    folds: tuple[int, ...] = (0, 1, 2, 3)
+    shots: tuple[int, ...] = (1, 5)
+    episodes: int = 0  # episodes scored per list; 0 = the whole list
+    batch_size: int = 1  # `original` resolution scores every query at its own size: 1
+    num_workers: int = 0
+    out: str = "results"
+    baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
 
 
 class ModelConfig(Section):
@@ -151,7 +158,6 @@ class TrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA only
-    val_shot: int = 1
     val_episodes: int = 200  # validation episodes used per epoch (from the fixed val list); 0 = none
     grad_clip: float = 0.0
     out: str = "runs"

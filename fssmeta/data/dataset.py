@@ -35,11 +35,16 @@ class IndexSource:
     def __init__(self, index: dict[str, Any], pools: Sequence[str] = ("train", "test", "val")) -> None:
         self.rows = {row["key"]: row for pool in pools for row in index["pools"][pool]}
 
-    def load(self, key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def load_raw(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The image and its class-id mask."""
         row = self.rows.get(key)
         if row is None:
             raise DataError(f"image {key!r} is not in the prepared index; re-run `fssmeta prepare`")
-        return read_image(row["image"]), episode_label(read_mask(row["mask"]), class_id)
+        return read_image(row["image"]), read_mask(row["mask"])
+
+    def load(self, key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = self.load_raw(key)
+        return image, episode_label(mask, class_id)
 
 
 class TargetSource:
@@ -103,6 +108,36 @@ class TrainEpisodeDataset(Dataset):
                  for k in [ep["query"], *ep["supports"]]]
         support_imgs, support_masks = _stack(pairs[1:])
         return Episode(support_imgs, support_masks, pairs[0][0], pairs[0][1], torch.tensor(c))
+
+
+class BaseSegmentationDataset(Dataset):
+    """The base-learner stage (BAM stage 1): supervised segmentation of the fold's training images.
+
+    Base class `base_classes[i]` -> label i + 1; novel classes and background -> 0; 255 stays 255. Each
+    epoch visits the images in an order drawn from (seed, epoch); augmentation is seeded per item.
+    """
+
+    def __init__(self, keys: Sequence[str], source: IndexSource, transform: TrainTransform,
+                 base_classes: Sequence[int], seed: int = 0, length: int = 0) -> None:
+        if not keys:
+            raise DataError("base-learner stage: the fold's training list is empty")
+        self.keys, self.source, self.transform, self.seed = list(keys), source, transform, seed
+        self.length = length or len(self.keys)
+        self.lut = np.zeros(256, np.uint8)
+        self.lut[np.asarray(base_classes, dtype=np.int64)] = np.arange(1, len(base_classes) + 1)
+        self.lut[255] = 255
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.keys))
+        image, mask = self.source.load_raw(self.keys[int(order[i % len(self.keys)])])
+        return self.transform(image, self.lut[mask], rng=int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31)))
 
 
 def episode_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0,

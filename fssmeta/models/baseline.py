@@ -1,0 +1,42 @@
+"""The non-learned reference: cosine similarity to the support prototype, thresholded (no parameters trained)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.episode import Episode, SegOutput
+
+
+class PrototypeBaseline(nn.Module):
+    """Query pixels whose layer4 feature is close (min-max normalised cosine >= threshold) to the masked
+    average of the support layer4 features are foreground. Any learned method must beat it."""
+
+    def __init__(self, *, backbone: nn.Module, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.threshold = threshold
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PrototypeBaseline:
+        super().train(mode)
+        self.backbone.eval()  # frozen: BN statistics stay fixed
+        return self
+
+    def forward(self, episode: Episode, memory: object = None) -> SegOutput:
+        B, S, _, H, W = episode.support_imgs.shape
+        query = self.backbone(episode.query_img)["layer4"]  # (B, C, h, w)
+        support = self.backbone(episode.support_imgs.flatten(0, 1))["layer4"]  # (B*S, C, h, w)
+        mask = (episode.support_masks.flatten(0, 1) == 1).float()[:, None]  # (B*S, 1, H, W), 255 is not fg
+        mask = F.interpolate(mask, size=support.shape[-2:], mode="bilinear", align_corners=True)
+        proto = (support * mask).sum((2, 3)) / (mask.sum((2, 3)) + 5e-4)  # (B*S, C)
+        proto = proto.view(B, S, -1).mean(1)  # (B, C)
+        cos = F.cosine_similarity(query, proto[:, :, None, None], dim=1)  # (B, h, w)
+        low = cos.flatten(1).min(1).values[:, None, None]
+        high = cos.flatten(1).max(1).values[:, None, None]
+        score = (cos - low) / (high - low + 1e-7)
+        logits = torch.stack([self.threshold - score, score - self.threshold], dim=1)  # argmax = thresholding
+        logits = F.interpolate(logits, size=(episode.query_img.shape[-2:]), mode="bilinear", align_corners=True)
+        return SegOutput(logits, [], {})
