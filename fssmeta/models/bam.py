@@ -1,0 +1,152 @@
+"""BAM (Lang et al., CVPR 2022): a frozen PSPNet base learner ensembled with a PFENet-style meta learner.
+
+Follows chunbolang/BAM `model/BAM.py`. Two deliberate differences, both marked approximate:
+- `logits` are BAM's `final_out` itself (the ensembled probability-like maps), because BAM applies
+  CrossEntropyLoss straight to them; softmax(logits) is therefore exactly what BAM's loss and argmax see.
+- the whole base learner is in eval mode; BAM's trainer only fixes BN, leaving the base head's Dropout2d(0.1)
+  active while meta-training (our base map is deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.config import ModelConfig
+from fssmeta.episode import Episode, SegOutput
+from fssmeta.models import ops
+from fssmeta.models.backbone import ResNet, freeze_
+from fssmeta.models.pfenet import classifier, reduce_block, residual_pair, shot_priors, support_features
+from fssmeta.models.pspnet import PSPNet, build_pspnet
+
+# BAM's K-shot reweighting width (`kshot_trans_dim: 2` in every official config): 11 * 2 + shot parameters,
+# i.e. the paper's +27 at 5 shots.
+KSHOT_HIDDEN = 2
+
+
+def pass_through_conv() -> nn.Conv2d:
+    """A bias-free 1x1 conv from 2 maps to 1, initialised to output the first map (BAM's [1, 0] init)."""
+    conv = nn.Conv2d(2, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+    return conv
+
+
+class BAM(nn.Module):
+    """Base-and-meta learner; the base learner (and its backbone, BAM's feature extractor) stays frozen."""
+
+    def __init__(self, *, base_learner: PSPNet, base_classes: list[int], reduce_dim: int = 256,
+                 aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, shot: int = 1) -> None:
+        super().__init__()
+        if len(base_classes) + 1 != base_learner.num_classes:
+            raise ValueError(f"BAM: {len(base_classes)} base classes but the base learner predicts "
+                             f"{base_learner.num_classes} channels (expected 1 + number of base classes)")
+        self.base_learner = freeze_(base_learner)
+        # Channel i + 1 of the base learner is the i-th base class in ascending dataset-id order.
+        self.register_buffer("base_classes", torch.tensor(sorted(base_classes), dtype=torch.long))
+        self.shot = shot
+        backbone = base_learner.backbone
+        mid_dim = backbone.channels["layer3"] + backbone.channels["layer2"]
+        self.down_query = reduce_block(mid_dim, reduce_dim)
+        self.down_supp = reduce_block(mid_dim, reduce_dim)
+        self.init_merge = nn.Sequential(nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
+        self.aspp = ops.ASPP(reduce_dim, reduce_dim, tuple(aspp_dilations))
+        aspp_dim = reduce_dim * (2 + len(aspp_dilations))  # image pool + 1x1 + one branch per dilation
+        self.res1_meta = nn.Sequential(nn.Conv2d(aspp_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
+        self.res2_meta = residual_pair(reduce_dim)
+        self.cls_meta = classifier(reduce_dim, dropout)
+        # One conv shared by the bg and fg maps (as in BAM): p' = w0 * p + w1 * psi, starting at p' = p.
+        self.gram_merge = pass_through_conv()
+        # final bg = w0 * meta bg + w1 * base map, starting at the meta bg.
+        self.cls_merge = pass_through_conv()
+        if shot > 1:
+            # Scores the sorted per-shot psi values; softmax of the scores weights the shots.
+            self.kshot_rw = nn.Sequential(
+                nn.Conv2d(shot, KSHOT_HIDDEN, 1), nn.ReLU(inplace=True), nn.Conv2d(KSHOT_HIDDEN, shot, 1)
+            )
+
+    @property
+    def backbone(self) -> ResNet:
+        """The base learner's encoder (one module, registered once under `base_learner.backbone`)."""
+        return self.base_learner.backbone
+
+    def train(self, mode: bool = True) -> BAM:
+        super().train(mode)
+        self.base_learner.eval()  # frozen BN statistics and a deterministic base map
+        return self
+
+    def shot_weights(self, psi: torch.Tensor) -> torch.Tensor:
+        """(B, S) per-shot Gram distances -> (B, S) weights summing to 1 (all ones at 1 shot, as BAM)."""
+        B, S = psi.shape
+        if S == 1:
+            return torch.ones_like(psi)
+        if not hasattr(self, "kshot_rw"):
+            return torch.full_like(psi, 1.0 / S)  # a 1-shot model on a k-shot episode: plain averaging
+        if S != self.shot:
+            raise ValueError(f"BAM was built for {self.shot} shots (kshot_rw), got an episode with {S}")
+        sorted_psi, order = psi.sort(dim=1)  # the MLP sees shots ranked by similarity to the query
+        scores = self.kshot_rw(sorted_psi.view(B, S, 1, 1)).view(B, S)
+        scores = scores.gather(1, order.argsort(dim=1))  # back to the episode's shot order
+        return scores.softmax(dim=1)
+
+    @torch.no_grad()
+    def base_map(self, query_layer4: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
+        """(B, C4, h, w) query layer4 -> (B, 1, h, w) base-learner probability of any base class.
+
+        In training the episode's own class is a base class the meta learner must find, so it is left out
+        (else the ensemble would suppress the target); at test time the class is novel and all count.
+        """
+        prob = self.base_learner.classify(query_layer4).softmax(dim=1)[:, 1:]  # (B, nb, h, w)
+        if self.training:
+            own = self.base_classes[None, :] == class_id[:, None]  # (B, nb); no match = nothing excluded
+            prob = prob * (~own).to(prob.dtype)[:, :, None, None]
+        return prob.sum(dim=1, keepdim=True)
+
+    def forward(self, episode: Episode, memory: object | None = None) -> SegOutput:
+        """`memory` is unused (BAM has none); accepted for the common model signature."""
+        query_img = episode.query_img  # (B, 3, H, W)
+        B, S = episode.support_imgs.shape[:2]
+        with torch.no_grad():
+            query = self.backbone(query_img)
+        support = support_features(self.backbone, episode.support_imgs, episode.support_masks)
+
+        query_feat = self.down_query(torch.cat([query["layer3"], query["layer2"]], 1))  # (B, D, h, w)
+        h, w = query_feat.shape[-2:]
+        supp_feat = self.down_supp(torch.cat([support.layer3, support.layer2], 1))  # (B*S, D, h, w)
+        prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
+        priors = shot_priors(query["layer4"], support, (h, w))  # (B, S, h, w)
+
+        # psi: how different the query's and each support's low-level (layer2) styles are.
+        query_layer2 = query["layer2"].repeat_interleave(S, dim=0)  # (B*S, C2, h, w)
+        psi = ops.gram_distance(query_layer2, support.layer2).view(B, S)
+        weights = self.shot_weights(psi)  # (B, S)
+        psi = (weights * psi).sum(1)  # (B,)
+        prior = (weights[:, :, None, None] * priors).sum(1, keepdim=True)  # (B, 1, h, w)
+        prototype = (weights[:, :, None] * prototypes).sum(1)  # (B, D)
+
+        merged = torch.cat([query_feat, prototype[:, :, None, None].expand(-1, -1, h, w), prior], 1)
+        feat = self.res1_meta(self.aspp(self.init_merge(merged)))  # (B, D, h, w)
+        feat = self.res2_meta(feat) + feat
+        meta_logits = self.cls_meta(feat)  # (B, 2, h, w)
+
+        # Ensemble at feature size: calibrate the meta probabilities by psi, then let the base learner's
+        # "some base class is here" map lower the foreground through the background channel.
+        meta_prob = meta_logits.softmax(dim=1)
+        psi_map = psi.view(B, 1, 1, 1).expand(B, 1, h, w)
+        meta_bg = self.gram_merge(torch.cat([meta_prob[:, :1], psi_map], 1))  # (B, 1, h, w)
+        meta_fg = self.gram_merge(torch.cat([meta_prob[:, 1:], psi_map], 1))
+        final_bg = self.cls_merge(torch.cat([meta_bg, self.base_map(query["layer4"], episode.class_id)], 1))
+        final = torch.cat([final_bg, meta_fg], 1)  # (B, 2, h, w), used as logits exactly as BAM does
+
+        out_size = query_img.shape[-2:]
+        logits = F.interpolate(final, size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        aux = [F.interpolate(meta_logits, size=out_size, mode="bilinear", align_corners=True)] if self.training else []
+        return SegOutput(logits, aux, {})
+
+
+def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
+    """BAM around a fresh PSPNet base learner (load the stage-1 weights with `load_base_learner`)."""
+    base_learner = build_pspnet(cfg, 1 + len(base_classes))
+    return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=cfg.reduce_dim,
+               aspp_dilations=cfg.aspp_dilations, dropout=cfg.dropout, shot=cfg.shot)

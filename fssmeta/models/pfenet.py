@@ -1,0 +1,172 @@
+"""PFENet (Tian et al., TPAMI 2020): training-free prior mask + feature enrichment on a frozen deep-stem ResNet.
+
+Follows dvlab-research/PFENet `model/PFENet.py` layer for layer. One generalisation: the pyramid bins are
+sizes at the training input, whose feature map is `pyramid_bins[0]` wide (60 at 473); on another feature
+size every bin scales proportionally (`scaled_bins`), so small inputs work. At the reference size the bins
+are exactly PFENet's. The support-feature helpers here are shared with BAM, whose meta learner is PFENet's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.config import ModelConfig
+from fssmeta.episode import Episode, SegOutput
+from fssmeta.models import ops
+from fssmeta.models.backbone import ResNet, build_backbone, freeze_
+
+
+class SupportFeatures(NamedTuple):
+    """Frozen backbone features of the B*S support images, shot-major within each episode."""
+
+    layer2: torch.Tensor  # (B*S, C2, h, w)
+    layer3: torch.Tensor  # (B*S, C3, h, w)
+    layer4: torch.Tensor  # (B*S, C4, h, w), computed from layer3 * mask (the object only)
+    fg_mask: torch.Tensor  # (B*S, H, W) float, 1 = the episode's class
+
+
+def foreground(masks: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) 0/1/255 labels -> float 0/1. As in PFENet, 255 (ignore) counts as not-the-class."""
+    return (masks == 1).float()
+
+
+@torch.no_grad()
+def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> SupportFeatures:
+    """Run the frozen backbone on (B, S, 3, H, W) supports with (B, S, H, W) 0/1/255 masks.
+
+    Layer4 sees only the object: PFENet multiplies layer3 by the mask (bilinear, align_corners) before layer4,
+    so the prior compares the query with object features uncontaminated by the support background.
+    """
+    images = support_imgs.flatten(0, 1)  # (B*S, 3, H, W)
+    fg_mask = foreground(support_masks.flatten(0, 1))  # (B*S, H, W)
+    feat = backbone.layer1(backbone.layer0(images))
+    layer2 = backbone.layer2(feat)
+    layer3 = backbone.layer3(layer2)
+    mask = F.interpolate(fg_mask[:, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+    layer4 = backbone.layer4(layer3 * mask)
+    return SupportFeatures(layer2, layer3, layer4, fg_mask)
+
+
+@torch.no_grad()
+def shot_priors(query_layer4: torch.Tensor, support: SupportFeatures, size: tuple[int, int]) -> torch.Tensor:
+    """One prior mask per shot: (B, C4, h, w) query x (B*S) supports -> (B, S, h', w') at `size`."""
+    shots = support.layer4.shape[0] // query_layer4.shape[0]
+    query = query_layer4.repeat_interleave(shots, dim=0)  # (B*S, C4, h, w), aligned with the supports
+    prior = ops.prior_mask(query, support.layer4, support.fg_mask)  # (B*S, 1, h, w)
+    if prior.shape[-2:] != size:
+        prior = F.interpolate(prior, size=size, mode="bilinear", align_corners=True)
+    return prior.view(-1, shots, *size)
+
+
+def reduce_block(in_dim: int, out_dim: int) -> nn.Sequential:
+    """PFENet's down_query / down_supp: 1x1 conv -> ReLU -> Dropout2d(0.5) (the official constant)."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+
+
+def residual_pair(dim: int) -> nn.Sequential:
+    """Two 3x3 conv + ReLU; callers add the input back (PFENet's beta_conv / res2)."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+    )
+
+
+def classifier(dim: int, dropout: float, classes: int = 2) -> nn.Sequential:
+    """PFENet's cls / inner_cls head: 3x3 conv -> ReLU -> Dropout2d -> 1x1 conv to `classes`."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+        nn.Conv2d(dim, classes, 1),
+    )
+
+
+def scaled_bins(bins: tuple[int, ...], size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Pyramid bins for an (h, w) feature map; `bins[0]` is the feature size they were chosen for.
+
+    Approximate for non-reference sizes (PFENet uses fixed bins at 60x60): bin = max(1, round(b * h / bins[0])).
+    """
+    h, w = size
+    ref = bins[0]
+    return [(max(1, int(b * h / ref + 0.5)), max(1, int(b * w / ref + 0.5))) for b in bins]
+
+
+class PFENet(nn.Module):
+    """Prior-guided feature enrichment network; the backbone is frozen and kept in eval mode."""
+
+    def __init__(self, *, backbone: ResNet, reduce_dim: int = 256, pyramid_bins: tuple[int, ...] = (60, 30, 15, 8),
+                 dropout: float = 0.1, shot: int = 1) -> None:
+        super().__init__()
+        self.backbone = freeze_(backbone)
+        self.pyramid_bins = tuple(pyramid_bins)
+        self.shot = shot  # shots it is trained for; forward averages over however many an episode has
+        mid_dim = backbone.channels["layer3"] + backbone.channels["layer2"]  # 1024 + 512 at ResNet-50
+        self.down_query = reduce_block(mid_dim, reduce_dim)
+        self.down_supp = reduce_block(mid_dim, reduce_dim)
+        # Feature enrichment: per scale, merge [query, prototype, prior]; from the second scale on, also merge
+        # the previous (coarser-to-finer in PFENet's order: 60 -> 8) scale's output.
+        self.init_merge = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
+            for _ in pyramid_bins
+        )
+        self.alpha_conv = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * reduce_dim, reduce_dim, 1, bias=False), nn.ReLU())
+            for _ in pyramid_bins[1:]
+        )
+        self.beta_conv = nn.ModuleList(residual_pair(reduce_dim) for _ in pyramid_bins)
+        self.inner_cls = nn.ModuleList(classifier(reduce_dim, dropout) for _ in pyramid_bins)
+        self.res1 = nn.Sequential(
+            nn.Conv2d(reduce_dim * len(pyramid_bins), reduce_dim, 1, bias=False), nn.ReLU(inplace=True)
+        )
+        self.res2 = residual_pair(reduce_dim)
+        self.cls = classifier(reduce_dim, dropout)
+
+    def train(self, mode: bool = True) -> PFENet:
+        super().train(mode)
+        self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
+        return self
+
+    def forward(self, episode: Episode, memory: object | None = None) -> SegOutput:
+        """`memory` is unused (PFENet has none); accepted for the common model signature."""
+        query_img = episode.query_img  # (B, 3, H, W)
+        B, S = episode.support_imgs.shape[:2]
+        with torch.no_grad():
+            query = self.backbone(query_img)
+        support = support_features(self.backbone, episode.support_imgs, episode.support_masks)
+
+        query_feat = self.down_query(torch.cat([query["layer3"], query["layer2"]], 1))  # (B, D, h, w)
+        size = (query_feat.shape[-2], query_feat.shape[-1])
+        supp_feat = self.down_supp(torch.cat([support.layer3, support.layer2], 1))  # (B*S, D, h, w)
+        prototype = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1).mean(1)  # (B, D)
+        prior = shot_priors(query["layer4"], support, size).mean(1, keepdim=True)  # (B, 1, h, w)
+
+        pyramid: list[torch.Tensor] = []
+        inner_logits: list[torch.Tensor] = []
+        for idx, bin_size in enumerate(scaled_bins(self.pyramid_bins, size)):
+            query_bin = F.adaptive_avg_pool2d(query_feat, bin_size)
+            prototype_bin = prototype[:, :, None, None].expand(-1, -1, *bin_size)
+            prior_bin = F.interpolate(prior, size=bin_size, mode="bilinear", align_corners=True)
+            merged = self.init_merge[idx](torch.cat([query_bin, prototype_bin, prior_bin], 1))  # (B, D, b, b)
+            if idx > 0:
+                previous = F.interpolate(pyramid[-1], size=bin_size, mode="bilinear", align_corners=True)
+                merged = self.alpha_conv[idx - 1](torch.cat([merged, previous], 1)) + merged
+            merged = self.beta_conv[idx](merged) + merged
+            if self.training:  # the per-scale heads only serve deep supervision
+                inner_logits.append(self.inner_cls[idx](merged))
+            pyramid.append(F.interpolate(merged, size=size, mode="bilinear", align_corners=True))
+
+        feat = self.res1(torch.cat(pyramid, 1))  # (B, D, h, w)
+        feat = self.res2(feat) + feat
+        out_size = query_img.shape[-2:]
+        logits = F.interpolate(self.cls(feat), size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)
+        aux = [F.interpolate(x, size=out_size, mode="bilinear", align_corners=True) for x in inner_logits]
+        return SegOutput(logits, aux, {})
+
+
+def build(cfg: ModelConfig, *, base_classes: list[int]) -> PFENet:
+    """PFENet on a frozen deep-stem backbone; `base_classes` is unused (no base learner)."""
+    backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
+    return PFENet(backbone=backbone, reduce_dim=cfg.reduce_dim, pyramid_bins=cfg.pyramid_bins,
+                  dropout=cfg.dropout, shot=cfg.shot)

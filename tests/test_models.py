@@ -1,0 +1,184 @@
+"""Every registered method: shapes at 1 and 5 shots, gradients only where trainable, frozen BN, determinism,
+state-dict round trip, published learnable-parameter counts; plus BAM's base map and the registry helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.config import ModelConfig
+from fssmeta.episode import Episode
+from fssmeta.models import METHODS, build_model, count_learnable, load_base_learner
+from fssmeta.models.pspnet import build_pspnet
+
+PASCAL_FOLD0_BASE = list(range(6, 21))  # fold 0 tests on classes 1-5
+SIZE = 65  # (65 - 1) / 8 + 1 = 9: a 9x9 feature map, hence bins (9, 5, 3, 2)
+
+
+def small_cfg(method: str, shot: int = 1) -> ModelConfig:
+    return ModelConfig(method=method, backbone="small", reduce_dim=32, ppm_dim=32, pyramid_bins=(9, 5, 3, 2),
+                       shot=shot)
+
+
+def make_model(method: str, shot: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(small_cfg(method, shot), base_classes=PASCAL_FOLD0_BASE)
+
+
+def make_episode(shot: int, batch: int = 2, seed: int = 0, class_ids: tuple[int, ...] = (7, 12)) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    support_masks = torch.zeros(batch, shot, SIZE, SIZE, dtype=torch.long)
+    query_mask = torch.zeros(batch, SIZE, SIZE, dtype=torch.long)
+    for b in range(batch):
+        for s in range(shot):
+            top, left = (int(v) for v in torch.randint(0, 30, (2,), generator=g))
+            support_masks[b, s, top : top + 30, left : left + 30] = 1
+            support_masks[b, s, top, left : left + 30] = 255  # an ignore band, as VOC object borders
+        query_mask[b, 10:50, 15:45] = 1
+    query_mask[:, 0] = 255
+    return Episode(
+        support_imgs=torch.randn(batch, shot, 3, SIZE, SIZE, generator=g),
+        support_masks=support_masks,
+        query_img=torch.randn(batch, 3, SIZE, SIZE, generator=g),
+        query_mask=query_mask,
+        class_id=torch.tensor(class_ids[:batch]),
+    )
+
+
+def episode_loss(output, episode: Episode) -> torch.Tensor:
+    """What the training loop computes: CE(logits) + 1.0 * mean CE(aux)."""
+    loss = F.cross_entropy(output.logits, episode.query_mask, ignore_index=255)
+    if output.aux_logits:
+        aux = [F.cross_entropy(a, episode.query_mask, ignore_index=255) for a in output.aux_logits]
+        loss = loss + torch.stack(aux).mean()
+    return loss
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    return [model.base_learner] if hasattr(model, "base_learner") else [model.backbone]
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_forward_backward(method: str, shot: int):
+    model = make_model(method, shot).train()
+    if hasattr(model, "kshot_rw"):
+        # Its two ReLU units both die at some random inits (psi >= 0), as in BAM; keep them live so the
+        # test checks the gradient path rather than the draw.
+        nn.init.constant_(model.kshot_rw[0].bias, 0.5)
+    episode = make_episode(shot)
+    stats = {k: v.clone() for m in frozen_modules(model) for k, v in m.state_dict().items() if "running" in k}
+    assert stats, "the frozen part should have BN running statistics"
+
+    output = model(episode)
+    assert output.logits.shape == (2, 2, SIZE, SIZE)
+    assert output.aux_logits and all(a.shape == (2, 2, SIZE, SIZE) for a in output.aux_logits)
+    loss = episode_loss(output, episode)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    for module in frozen_modules(model):
+        assert not any(p.requires_grad for p in module.parameters())
+        assert not any(m.training for m in module.modules())
+        for k, v in module.state_dict().items():
+            if "running" in k:
+                assert torch.equal(v, stats[k]), f"{k} drifted in a train-mode forward"
+    if method == "bam" and shot > 1:
+        assert any(n.startswith("kshot_rw") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_eval_deterministic_and_state_dict_round_trip(method: str):
+    model = make_model(method, seed=0).eval()
+    episode = make_episode(1, seed=1)
+    with torch.no_grad():
+        first, second = model(episode), model(episode)
+    assert torch.equal(first.logits, second.logits)
+    assert first.aux_logits == [] and first.extra_losses == {}
+
+    fresh = make_model(method, seed=1).eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh(episode).logits, first.logits)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh(episode).logits, first.logits)
+
+
+def test_reference_parameter_counts():
+    """ResNet-50, reduce_dim 256, PASCAL fold 0 (15 base classes): PFENet 10.8M, BAM 4.92M (+27 at 5 shots)."""
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        pfenet = build_model(ModelConfig(method="pfenet", backbone="resnet50"), base_classes=PASCAL_FOLD0_BASE)
+        bam1 = build_model(ModelConfig(method="bam", backbone="resnet50"), base_classes=PASCAL_FOLD0_BASE)
+        bam5 = build_model(ModelConfig(method="bam", backbone="resnet50", shot=5), base_classes=PASCAL_FOLD0_BASE)
+    assert count_learnable(pfenet) == 10_817_034
+    assert abs(count_learnable(pfenet) - 10.8e6) / 10.8e6 < 0.01
+    assert count_learnable(bam1) == 4_917_254
+    assert abs(count_learnable(bam1) - 4.92e6) / 4.92e6 < 0.01
+    assert count_learnable(bam5) - count_learnable(bam1) == 27
+
+
+def test_count_learnable_counts_shared_tensors_once():
+    shared = nn.Linear(3, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert count_learnable(model) == 16
+
+
+def test_bam_excludes_episode_class_from_base_map_only_in_training():
+    model = make_model("bam")
+    episode = make_episode(1, class_ids=(8, 3))  # 8 is base class index 2 (channel 3); 3 is novel
+    with torch.no_grad():
+        layer4 = model.backbone(episode.query_img)["layer4"]
+        prob = model.base_learner.classify(layer4).softmax(1)  # (B, 16, h, w)
+        eval_map = model.eval().base_map(layer4, episode.class_id)
+        train_map = model.train().base_map(layer4, episode.class_id)
+    all_base = prob[:, 1:].sum(1, keepdim=True)
+    torch.testing.assert_close(eval_map, all_base)
+    torch.testing.assert_close(train_map[0], all_base[0] - prob[0, 3:4])
+    torch.testing.assert_close(train_map[1], all_base[1])  # a class outside the base set removes nothing
+    assert not torch.allclose(train_map[0], eval_map[0])
+
+
+def test_bam_rejects_mismatched_shots():
+    model = make_model("bam", shot=5).eval()
+    with pytest.raises(ValueError, match="5 shots"):
+        model(make_episode(3))
+
+
+def test_build_model_unknown_method():
+    with pytest.raises(ValueError, match=r"model\.method.*'nope'.*bam, pfenet"):
+        build_model(ModelConfig(method="nope"), base_classes=PASCAL_FOLD0_BASE)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_load_base_learner(method: str):
+    torch.manual_seed(123)
+    pspnet = build_pspnet(small_cfg(method), 1 + len(PASCAL_FOLD0_BASE)).eval()
+    for m in pspnet.modules():  # non-trivial BN statistics, so a missed buffer would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model = make_model(method).eval()
+    image = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = pspnet.backbone(image)["layer4"]
+        assert not torch.allclose(model.backbone(image)["layer4"], expected)
+        load_base_learner(model, pspnet.state_dict())
+        torch.testing.assert_close(model.backbone(image)["layer4"], expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # still frozen
+
+    state = pspnet.state_dict()
+    state["backbone.conv1.weight"] = state["backbone.conv1.weight"][:, :2]
+    with pytest.raises(ValueError, match=r"backbone\.conv1\.weight" if method == "bam" else r"conv1\.weight"):
+        load_base_learner(model, state)
+    state = pspnet.state_dict()
+    del state["backbone.layer4.0.conv2.weight"]
+    with pytest.raises(ValueError, match="missing.*layer4.0.conv2.weight"):
+        load_base_learner(model, state)
