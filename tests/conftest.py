@@ -7,11 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fssmeta.data.io import voc_palette
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# One intra-op thread: small convolutions on a 2-core machine otherwise spin-wait against other work
+# (seen: 2 s tests taking 25-45 s); the numbers do not change, only the scheduling.
+torch.set_num_threads(1)
 
 
 def box_mask(size: tuple[int, int], boxes: list[tuple[int, int, int, int, int]], band: bool = False) -> np.ndarray:
