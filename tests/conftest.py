@@ -79,3 +79,13 @@ def tiny_voc(tmp_path: Path) -> Path:
         masks[f"va{i:02d}"] = box_mask((64, 64), [(1 + i % 2, 2, 2, 60, 40)])
         val.append(f"va{i:02d}")
     return write_voc(tmp_path / "VOC2012", masks, train, test, val, palette_ids=("te00", "te01"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip on machines without CUDA (every CI machine); they run where a GPU is lent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,66 @@
+"""Integration: on the synthetic data, base learner + BAM trained briefly on CPU lower their loss and beat
+the non-learned prototype baseline on the fixed test episodes; the CLI stages chain."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fssmeta.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    sets = {
+        "synthesize.out": root / "syn", "synthesize.image_size": 96, "synthesize.train_images": 400,
+        "synthesize.test_images": 100, "synthesize.val_images": 60, "synthesize.target_images_per_class": 3,
+        "data.root": root / "syn", "data.prepared": root / "prepared", "data.cache_dir": root / "cache",
+        "data.targets": "{}", "data.min_object_pixels": 600,
+        "episodes.out": root / "episodes", "episodes.folds": "[0]", "episodes.shots": "[1]",
+        "episodes.test_episodes": 120, "episodes.test_seeds": "[0, 1]", "episodes.val_episodes": 40,
+        "transform.crop_size": 97, "eval.test_size": 97, "eval.folds": "[0]", "eval.shots": "[1]",
+        "eval.out": root / "results",
+        "model.pyramid_bins": "[13, 7, 4, 2]", "model.aspp_dilations": "[1, 2, 3]",
+        "train_base.out": root / "runs", "train_base.epochs": 6, "train_base.episodes_per_epoch": 320,
+        "train.out": root / "runs", "train.epochs": 4, "train.episodes_per_epoch": 160,
+        "train.val_episodes": 40,
+    }
+    args = ["--params", "none", "--quiet"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    for stage in ("synthesize", "prepare", "episodes", "train-base", "train"):
+        assert main([stage, *args]) == 0, stage
+    return root, args
+
+
+def test_losses_fall(workspace):
+    root, _ = workspace
+    base = json.loads((root / "runs/fold0/base/history.json").read_text())["history"]
+    assert base[-1]["train_loss"] < 0.7 * base[0]["train_loss"]
+    meta = json.loads((root / "runs/fold0/bam-1shot/history.json").read_text())
+    assert meta["history"][-1]["train_loss"] < meta["history"][0]["train_loss"]
+    assert meta["score_key"] == "val_miou" and 1 <= meta["best_epoch"] <= 4
+    assert (root / "runs/fold0/bam-1shot/best.pt").is_file()
+
+
+def test_bam_beats_the_non_learned_baseline(workspace, capsys):
+    root, args = workspace
+    assert main(["evaluate", *args]) == 0
+    assert main(["evaluate", "--method", "baseline", *args]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU mean +- std over seeds" in out
+    bam = json.loads((root / "results/bam.json").read_text())
+    baseline = json.loads((root / "results/baseline.json").read_text())
+    assert bam["protocol"]["checkpoint_selection"] == "validation list"
+    assert len(bam["results"]["fold0"]["1shot"]["seeds"]) == 2
+    assert bam["mean"]["1shot"]["miou"] > baseline["mean"]["1shot"]["miou"] + 0.03
+
+
+def test_evaluate_without_training_names_the_missing_checkpoint(workspace, capsys):
+    _, args = workspace
+    assert main(["evaluate", "--method", "pfenet", *args]) == 2
+    assert "pfenet-1shot/best.pt: no trained pfenet for fold 0, 1-shot" in capsys.readouterr().err
