@@ -130,7 +130,8 @@ class ModelConfig(Section):
     ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
     pyramid_bins: tuple[int, ...] = (60, 30, 15, 8)  # PFENet feature-enrichment scales at a 473 input
     aspp_dilations: tuple[int, ...] = (6, 12, 18)  # BAM meta-learner ASPP
-    dropout: float = 0.1
+    dropout: float = 0.1  # classifier heads
+    feature_dropout: float = 0.5  # PFENet-family down_query / down_supp (the official constant)
     shot: int = 1  # shots the model is built for (BAM's k-shot weighting MLP exists only when > 1)
 
 
@@ -164,6 +165,29 @@ class TrainConfig(Section):
     log_every: int = 20  # steps between progress-bar metric refreshes
 
 
+class RayConfig(Section):
+    """Ray Train: where the cluster is and how many workers train (fssmeta/integrations/ray_train.py)."""
+
+    address: str = ""  # "" = start a local Ray; "auto" or "ray://host:10001" = an existing cluster
+    num_workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 1} or {CPU: 4, GPU: 1}
+    max_failures: int = 2  # worker / node failures survived by resuming from the last checkpoint
+    storage_path: str = "ray_results"  # made absolute at run time (Ray requires it)
+    num_cpus: int = 0  # CPUs of a local Ray started by fssmeta; 0 = all
+    fail_at_step: int = 0  # fault injection for tests: the first attempt's rank-0 worker dies at this step
+
+
+class MlflowConfig(Section):
+    """Tracking: a sqlite file and an artifact folder in the project by default; a server at scale."""
+
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI in the environment wins
+    artifact_location: str = "mlartifacts"
+    experiment: str = "fssmeta"
+    registered_model: str = "fssmeta"
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -175,6 +199,8 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))
     train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
 
 class _Loader(yaml.SafeLoader):

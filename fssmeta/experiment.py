@@ -128,7 +128,8 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
     index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
     sampler = TrainEpisodeSampler([(k, cs) for k, cs in lists["train"]], tc.shot, seed=tc.seed)
     dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), TrainTransform(cfg.transform),
-                                  length=tc.episodes_per_epoch, rank=distributed.rank())
+                                  length=tc.episodes_per_epoch, rank=distributed.rank(),
+                                  world_size=distributed.world_size(), batch_size=tc.batch_size)
     loader = _loader(dataset, tc)
     optimizer = build_optimizer(model.parameters(), tc.optim)
     scheduler = build_scheduler(optimizer, tc.optim, tc.epochs * len(loader))

@@ -73,10 +73,11 @@ def test_training_episodes_are_seeded_per_epoch_and_rank(prepared):
     sampler = TrainEpisodeSampler(entries, shot=1, seed=0)
     transform = TrainTransform(TransformConfig(crop_size=40))
 
-    def first(rank, epoch):
-        dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), transform, length=3, rank=rank)
+    def first(rank, epoch, world_size=2, batch_size=3):
+        dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), transform, length=3, rank=rank,
+                                      world_size=world_size, batch_size=batch_size)
         dataset.set_epoch(epoch)
-        return next(iter(episode_loader(dataset, batch_size=3)))
+        return next(iter(episode_loader(dataset, batch_size=batch_size)))
 
     a = first(0, 0)
     assert a.support_imgs.shape == (3, 1, 3, 40, 40) and a.query_mask.shape == (3, 40, 40)
@@ -84,3 +85,7 @@ def test_training_episodes_are_seeded_per_epoch_and_rank(prepared):
     assert torch.equal(a.query_img, first(0, 0).query_img)
     assert not torch.equal(a.query_img, first(1, 0).query_img)
     assert not torch.equal(a.query_img, first(0, 1).query_img)
+    # DDP equivalence: the two ranks' batches together are the single-process batch of the global size
+    single = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), transform, length=6)
+    joint = torch.cat([a.query_img, first(1, 0).query_img])
+    assert torch.equal(joint, torch.stack([single[i].query_img for i in range(6)]))

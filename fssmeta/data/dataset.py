@@ -88,12 +88,19 @@ class EpisodeDataset(Dataset):
 
 
 class TrainEpisodeDataset(Dataset):
-    """`length` training episodes per epoch and rank, drawn on the fly by a `TrainEpisodeSampler`."""
+    """`length` training episodes per epoch and rank, drawn on the fly by a `TrainEpisodeSampler`.
+
+    Item `i` of `rank` is global episode `(i // B) * B * W + rank * B + i % B` (B the per-rank batch, W the
+    world size): step s of a W-worker run sees exactly the episodes of step s of a 1-worker run with batch
+    B * W, so DDP with the same global batch and seed reproduces single-process training.
+    """
 
     def __init__(self, sampler: TrainEpisodeSampler, source: PairSource, transform: TrainTransform,
-                 length: int, rank: int = 0) -> None:
+                 length: int, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.sampler, self.source, self.transform = sampler, source, transform
-        self.length, self.rank, self.epoch = length, rank, 0
+        self.length, self.rank, self.world_size, self.batch_size, self.epoch = length, rank, world_size, batch_size, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -101,8 +108,12 @@ class TrainEpisodeDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def global_index(self, i: int) -> int:
+        b = self.batch_size
+        return (i // b) * b * self.world_size + self.rank * b + i % b
+
     def __getitem__(self, i: int) -> Episode:
-        ep, rng = self.sampler.draw(self.epoch, self.rank, i)
+        ep, rng = self.sampler.draw(self.epoch, 0, self.global_index(i))
         c = ep["class_id"]
         pairs = [self.transform(*self.source.load(k, c), rng=int(rng.integers(2**31)))
                  for k in [ep["query"], *ep["supports"]]]

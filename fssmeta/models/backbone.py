@@ -299,9 +299,11 @@ def masked_features(backbone: ResNet, support_img: Tensor, support_mask: Tensor,
     layer; `input`: backbone(img * mask); `hybrid`: where(FM > 0, FM, IM).
     """
     layers = list(layers)
+
     def extract(x: Tensor) -> list[Tensor]:
         feats = backbone(x)
         return [feats[name] for name in layers]
+
     return dict(zip(layers, _masked(extract, support_img, support_mask, mode)))
 
 

@@ -37,7 +37,8 @@ class BAM(nn.Module):
     """Base-and-meta learner; the base learner (and its backbone, BAM's feature extractor) stays frozen."""
 
     def __init__(self, *, base_learner: PSPNet, base_classes: list[int], reduce_dim: int = 256,
-                 aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, shot: int = 1) -> None:
+                 aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, feature_dropout: float = 0.5,
+                 shot: int = 1) -> None:
         super().__init__()
         if len(base_classes) + 1 != base_learner.num_classes:
             raise ValueError(f"BAM: {len(base_classes)} base classes but the base learner predicts "
@@ -48,8 +49,8 @@ class BAM(nn.Module):
         self.shot = shot
         backbone = base_learner.backbone
         mid_dim = backbone.channels["layer3"] + backbone.channels["layer2"]
-        self.down_query = reduce_block(mid_dim, reduce_dim)
-        self.down_supp = reduce_block(mid_dim, reduce_dim)
+        self.down_query = reduce_block(mid_dim, reduce_dim, feature_dropout)
+        self.down_supp = reduce_block(mid_dim, reduce_dim, feature_dropout)
         self.init_merge = nn.Sequential(nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
         self.aspp = ops.ASPP(reduce_dim, reduce_dim, tuple(aspp_dilations))
         aspp_dim = reduce_dim * (2 + len(aspp_dilations))  # image pool + 1x1 + one branch per dilation
@@ -149,4 +150,5 @@ def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
     """BAM around a fresh PSPNet base learner (load the stage-1 weights with `load_base_learner`)."""
     base_learner = build_pspnet(cfg, 1 + len(base_classes))
     return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=cfg.reduce_dim,
-               aspp_dilations=cfg.aspp_dilations, dropout=cfg.dropout, shot=cfg.shot)
+               aspp_dilations=cfg.aspp_dilations, dropout=cfg.dropout, feature_dropout=cfg.feature_dropout,
+               shot=cfg.shot)

@@ -62,9 +62,9 @@ def shot_priors(query_layer4: torch.Tensor, support: SupportFeatures, size: tupl
     return prior.view(-1, shots, *size)
 
 
-def reduce_block(in_dim: int, out_dim: int) -> nn.Sequential:
+def reduce_block(in_dim: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
     """PFENet's down_query / down_supp: 1x1 conv -> ReLU -> Dropout2d(0.5) (the official constant)."""
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
 
 
 def residual_pair(dim: int) -> nn.Sequential:
@@ -97,14 +97,14 @@ class PFENet(nn.Module):
     """Prior-guided feature enrichment network; the backbone is frozen and kept in eval mode."""
 
     def __init__(self, *, backbone: ResNet, reduce_dim: int = 256, pyramid_bins: tuple[int, ...] = (60, 30, 15, 8),
-                 dropout: float = 0.1, shot: int = 1) -> None:
+                 dropout: float = 0.1, feature_dropout: float = 0.5, shot: int = 1) -> None:
         super().__init__()
         self.backbone = freeze_(backbone)
         self.pyramid_bins = tuple(pyramid_bins)
         self.shot = shot  # shots it is trained for; forward averages over however many an episode has
         mid_dim = backbone.channels["layer3"] + backbone.channels["layer2"]  # 1024 + 512 at ResNet-50
-        self.down_query = reduce_block(mid_dim, reduce_dim)
-        self.down_supp = reduce_block(mid_dim, reduce_dim)
+        self.down_query = reduce_block(mid_dim, reduce_dim, feature_dropout)
+        self.down_supp = reduce_block(mid_dim, reduce_dim, feature_dropout)
         # Feature enrichment: per scale, merge [query, prototype, prior]; from the second scale on, also merge
         # the previous (coarser-to-finer in PFENet's order: 60 -> 8) scale's output.
         self.init_merge = nn.ModuleList(
@@ -169,4 +169,4 @@ def build(cfg: ModelConfig, *, base_classes: list[int]) -> PFENet:
     """PFENet on a frozen deep-stem backbone; `base_classes` is unused (no base learner)."""
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
     return PFENet(backbone=backbone, reduce_dim=cfg.reduce_dim, pyramid_bins=cfg.pyramid_bins,
-                  dropout=cfg.dropout, shot=cfg.shot)
+                  dropout=cfg.dropout, feature_dropout=cfg.feature_dropout, shot=cfg.shot)

@@ -1,0 +1,98 @@
+"""Experiment tracking behind a `Tracker` protocol: a null tracker, a JSON tracker for DVC metrics, and the
+run metadata every tracker records. The MLflow tracker lives in `fssmeta/integrations/mlflow.py`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Protocol
+
+from fssmeta.config import Config, config_to_dict
+from fssmeta.data.io import write_json_atomic
+
+
+class Tracker(Protocol):
+    """What the loop and the stages log. Implementations do their own rank-0 check."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Logs nothing (tests, or `mlflow.enabled: false`)."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class JsonTracker(NullTracker):
+    """Keeps the latest metrics in a JSON file (a DVC `metrics:` output) and the history beside it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.history: list[dict[str, Any]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.history.append({"step": step, **metrics})
+        write_json_atomic(self.path, {"step": step, **metrics})
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their JSON text (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+    return out
+
+
+def params_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "validation list") -> dict[str, str]:
+    """The protocol a run used, recorded as tags beside its numbers (PROTOCOL.md)."""
+    d, e = cfg.data, cfg.episodes
+    tags = {
+        "dataset": d.dataset, "fold": fold, "shot": shot, "train_pool": d.train_pool,
+        "exclude_novel_images": d.exclude_novel_images, "coco_split": d.coco_split,
+        "min_object_pixels": d.min_object_pixels, "resolution": cfg.eval.resolution,
+        "test_size": cfg.eval.test_size if cfg.eval.resolution == "original" else cfg.eval.resized_size,
+        "episode_order": cfg.eval.episode_order, "test_episodes": e.test_episodes,
+        "test_seeds": list(e.test_seeds), "val_seeds": list(e.val_seeds), "checkpoint_selection": selection,
+        "method": cfg.model.method, "backbone": cfg.model.backbone,
+        "git_commit": git_commit(), "params_hash": params_hash(cfg),
+    }
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in tags.items()}
