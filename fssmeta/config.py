@@ -165,6 +165,13 @@ class TrainConfig(Section):
     log_every: int = 20  # steps between progress-bar metric refreshes
 
 
+class ReportConfig(Section):
+    """The report stage: tables, metrics and plots."""
+
+    out: str = "report"
+    qualitative_episodes: int = 4
+
+
 class RayConfig(Section):
     """Ray Train: where the cluster is and how many workers train (fssmeta/integrations/ray_train.py)."""
 
@@ -199,6 +206,7 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))
     train: TrainConfig = TrainConfig()
+    report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

@@ -1,0 +1,176 @@
+"""The report: results table (Markdown + JSON metrics), training curves, per-class IoU and a qualitative grid,
+rendered to PNG with matplotlib (imported lazily, Agg backend) so they can be looked at offline."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fssmeta.config import Config
+from fssmeta.data.dataset import EpisodeDataset, IndexSource
+from fssmeta.data.episode_lists import list_path, load_episode_list
+from fssmeta.data.folds import class_names
+from fssmeta.data.io import DataError, atomic_path, read_json, write_json_atomic, write_text_atomic
+from fssmeta.data.prepare import load_index
+from fssmeta.data.transforms import TestTransform, denormalize
+from fssmeta.losses import resize_logits
+
+
+def collect(cfg: Config, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-fold evaluation JSONs (`<eval.out>/fold<k>/<method>.json`) gathered into one dict per method."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        for fold in cfg.eval.folds:
+            path = Path(cfg.eval.out) / f"fold{fold}" / f"{method}.json"
+            report = read_json(path, f"evaluation of {method} (run the evaluate stage)")
+            entry = out.setdefault(method, {"protocol": report["protocol"], "results": {}})
+            entry["results"] |= report["results"]
+    return out
+
+
+def metrics(collected: dict[str, dict[str, Any]], shots: tuple[int, ...]) -> dict[str, Any]:
+    """The `dvc metrics show` view: per method and shot, the fold mean, and per fold the mean and std."""
+    table: dict[str, Any] = {}
+    for method, entry in collected.items():
+        for shot in shots:
+            key = f"{shot}shot"
+            per_fold = {fold: r[key] for fold, r in entry["results"].items()}
+            table.setdefault(method, {})[key] = {
+                "miou": statistics.fmean(r["miou_mean"] for r in per_fold.values()),
+                "fb_iou": statistics.fmean(r["fbiou_mean"] for r in per_fold.values()),
+                **{fold: {"miou": r["miou_mean"], "miou_std": r["miou_std"], "fb_iou": r["fbiou_mean"]}
+                   for fold, r in per_fold.items()},
+            }
+    return table
+
+
+def markdown_table(collected: dict[str, dict[str, Any]], shots: tuple[int, ...]) -> str:
+    """mIoU mean +- std over seeds per fold and shot, the fold mean, FB-IoU; the protocol below it."""
+    folds = sorted(next(iter(collected.values()))["results"])
+    header = "| method | shot | " + " | ".join(folds) + " | mean | FB-IoU |"
+    lines = [header, "|" + "---|" * (len(folds) + 4)]
+    for method, entry in collected.items():
+        for shot in shots:
+            key = f"{shot}shot"
+            cells = [f"{100 * entry['results'][f][key]['miou_mean']:.1f} ± {100 * entry['results'][f][key]['miou_std']:.1f}"
+                     for f in folds]
+            mean = statistics.fmean(entry["results"][f][key]["miou_mean"] for f in folds)
+            fb = statistics.fmean(entry["results"][f][key]["fbiou_mean"] for f in folds)
+            lines.append(f"| {method} | {shot} | " + " | ".join(cells) + f" | **{100 * mean:.1f}** | {100 * fb:.1f} |")
+    protocol = next(iter(collected.values()))["protocol"]
+    lines += ["", "mIoU in %: class-wise accumulated over each list, mean ± std over test seeds.", "",
+              "Protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """Training loss and validation mIoU per epoch, one line per run."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in sorted(histories.items()):
+        epochs = [h["epoch"] for h in history]
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label=name)
+        if all("val_miou" in h for h in history):
+            ax_val.plot(epochs, [100 * h["val_miou"] for h in history], marker="o", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_val.set(xlabel="epoch", ylabel="validation mIoU (%)", title="validation mIoU (checkpoint selection)")
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_per_class(collected: dict[str, dict[str, Any]], shot: int, names: tuple[str, ...], path: Path) -> None:
+    """Per-class IoU (mean over seeds) of every method at `shot`, all folds' novel classes side by side."""
+    plt = _pyplot()
+    per_method: dict[str, dict[int, float]] = {}
+    for method, entry in collected.items():
+        for result in entry["results"].values():
+            seeds = result[f"{shot}shot"]["seeds"]
+            for c in seeds[0]["per_class"]:
+                per_method.setdefault(method, {})[int(c)] = statistics.fmean(s["per_class"][c] for s in seeds)
+    classes = sorted({c for values in per_method.values() for c in values})
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 4))
+    width = 0.8 / max(len(per_method), 1)
+    for i, (method, values) in enumerate(per_method.items()):
+        ax.bar(np.arange(len(classes)) + i * width, [100 * values.get(c, 0.0) for c in classes], width, label=method)
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2)
+    ax.set_xticklabels([names[c - 1] for c in classes], rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="IoU (%)", title=f"per-class IoU, {shot}-shot (novel classes of every fold)")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+@torch.no_grad()
+def plot_qualitative(cfg: Config, model: torch.nn.Module, fold: int, shot: int, path: Path, count: int = 4) -> None:
+    """Support (with its mask), query, prediction and ground truth for the first episodes of the seed-0 list."""
+    plt = _pyplot()
+    episodes = load_episode_list(list_path(cfg.episodes.out, fold, "test", shot, cfg.eval.episode_order,
+                                           cfg.episodes.test_seeds[0]))["episodes"][:count]
+    if not episodes:
+        raise DataError(f"fold {fold}: empty test list, nothing to show")
+    size = cfg.eval.resized_size if cfg.eval.resolution == "resized" else cfg.eval.test_size
+    dataset = EpisodeDataset(episodes, IndexSource(load_index(cfg.data.prepared)), TestTransform("resized", size))
+    device = next(model.parameters()).device
+    fig, axes = plt.subplots(len(episodes), 4, figsize=(10, 2.6 * len(episodes)), squeeze=False)
+    for row, i in enumerate(range(len(episodes))):
+        ep = dataset[i]
+        batch = type(ep)(*(t[None].to(device) for t in ep))
+        logits = resize_logits(model(batch).logits.float(), ep.query_mask.shape[-2:])
+        pred = logits.argmax(1)[0].cpu().numpy()
+        support = denormalize(ep.support_imgs[0])
+        overlay = support.copy()
+        overlay[ep.support_masks[0].numpy() == 1] = (0.5 * overlay[ep.support_masks[0].numpy() == 1] + [0, 127, 0]).astype(np.uint8)
+        truth = ep.query_mask.numpy().astype(float)
+        truth[truth == 255] = 0.5
+        for col, (image, title) in enumerate([(overlay, f"support (class {ep.class_id.item()})"),
+                                              (denormalize(ep.query_img), "query"), (pred, "prediction"),
+                                              (truth, "ground truth")]):
+            axes[row, col].imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+            axes[row, col].set_title(title, fontsize=8)
+            axes[row, col].axis("off")
+    _save(fig, path)
+
+
+def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str, list[dict[str, float]]],
+                 qualitative_model: torch.nn.Module | None) -> dict[str, Any]:
+    """Everything the report stage writes: report.md, metrics.json, plots/*.png. Returns the metrics."""
+    collected = collect(cfg, methods)
+    table = metrics(collected, cfg.eval.shots)
+    protocol = next(iter(collected.values()))["protocol"]
+    write_json_atomic(out / "metrics.json", {"protocol": protocol, **table})
+    write_text_atomic(out / "report.md", "# Results\n\n" + markdown_table(collected, cfg.eval.shots)
+                      + "\n![training curves](plots/training_curves.png)\n![per-class IoU](plots/per_class_iou.png)\n"
+                      + "![qualitative](plots/qualitative.png)\n")
+    plots = out / "plots"
+    plot_training_curves(histories, plots / "training_curves.png")
+    plot_per_class(collected, cfg.eval.shots[0], class_names(cfg.data.dataset), plots / "per_class_iou.png")
+    if qualitative_model is not None:
+        plot_qualitative(cfg, qualitative_model, cfg.eval.folds[0], cfg.eval.shots[0], plots / "qualitative.png",
+                         cfg.report.qualitative_episodes)
+    return table
+
+
+def load_histories(cfg: Config, run_dirs: dict[str, Path]) -> dict[str, list[dict[str, float]]]:
+    return {name: json.loads((d / "history.json").read_text())["history"]
+            for name, d in run_dirs.items() if (d / "history.json").is_file()}
