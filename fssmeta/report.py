@@ -96,7 +96,8 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Pat
     ax_val.set(xlabel="epoch", ylabel="validation mIoU (%)", title="validation mIoU (checkpoint selection)")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     _save(fig, path)
 
 
