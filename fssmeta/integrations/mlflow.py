@@ -1,0 +1,478 @@
+"""MLflow: the run tracker (explicit `MlflowClient` calls, rank 0 only), and the model registry the `register`
+stage writes to (a pyfunc wrapper that rebuilds the model from its checkpoint; no pickled weights)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+import urllib.parse
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fssmeta import distributed
+from fssmeta.config import Config, MlflowConfig, config_to_dict
+from fssmeta.tracking import NullTracker, Tracker, flatten
+
+# MLflow's own limits (mlflow.utils.validation): 100 params or tags per batch, 1000 metrics per batch.
+PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
+MAX_PARAM_LENGTH, MAX_TAG_LENGTH, MAX_KEY_LENGTH = 6000, 8000, 250
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_INVALID_NAME_CHARS = re.compile(r"[^\w./\- ]")  # MLflow allows also ':' but not on Windows
+
+
+def _mlflow() -> Any:
+    """Import MLflow on first use. The project runs offline (clusters, CI): MLflow's usage telemetry is
+    off unless the user has set MLFLOW_DISABLE_TELEMETRY themselves (it is read once, at import)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+def resolve_tracking_uri(cfg: MlflowConfig) -> str:
+    """MLFLOW_TRACKING_URI from the environment wins over `mlflow.tracking_uri`. A relative sqlite file or
+    local folder is made absolute against the current directory, so Ray workers (other CWDs) share it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        path, _, query = uri.removeprefix("sqlite:///").partition("?")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return f"sqlite:///{Path.cwd() / path}" + (f"?{query}" if query else "")
+        return uri
+    if "://" not in uri and not uri.startswith("databricks"):
+        local = uri.removeprefix("file:")
+        return Path(local).absolute().as_uri() if local else uri
+    return uri
+
+
+def resolve_artifact_location(location: str) -> str | None:
+    """A local folder becomes an absolute file URI (else MLflow writes to ./mlruns of whatever CWD runs);
+    a store URI (s3://, gs://, mlflow-artifacts:/...) passes unchanged; "" leaves it to the server."""
+    if not location:
+        return None
+    split = urllib.parse.urlsplit(location)
+    if split.scheme not in ("", "file") and len(split.scheme) > 1:  # one letter: a Windows drive
+        return location
+    local = split.path if split.scheme == "file" else location
+    return Path(local).absolute().as_uri()
+
+
+def resolve_config(cfg: MlflowConfig) -> MlflowConfig:
+    """`cfg` with the tracking URI (environment applied) and artifact location made absolute here: resolve
+    it in the driver before sending it to Ray workers, which may run in other directories or environments."""
+    location = resolve_artifact_location(cfg.artifact_location) or ""
+    return cfg.model_copy(update={"tracking_uri": resolve_tracking_uri(cfg), "artifact_location": location})
+
+
+def valid_name(name: str) -> str:
+    """A metric, param or tag key MLflow accepts: other characters become '_', and no '//', '.' or '..'
+    path segments (MLflow rejects names that a path normalisation would change)."""
+    parts = [p for p in _INVALID_NAME_CHARS.sub("_", str(name)).split("/") if p not in ("", ".")]
+    return ("/".join("__" if p == ".." else p for p in parts) or "_")[:MAX_KEY_LENGTH]
+
+
+def ensure_experiment(client: Any, cfg: MlflowConfig) -> str:
+    """The id of `cfg.experiment`, created with an explicit artifact location if it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        try:
+            return client.create_experiment(cfg.experiment,
+                                            artifact_location=resolve_artifact_location(cfg.artifact_location))
+        except MlflowException as exc:  # another process created it first
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment.lifecycle_stage == "deleted":
+        raise ValueError(f"mlflow.experiment: {cfg.experiment!r} is deleted in {client.tracking_uri}; restore it "
+                         f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or rename it")
+    return experiment.experiment_id
+
+
+class MLflowTracker:
+    """A `Tracker` writing one MLflow run through an explicit client (no global active run), so it is safe
+    in Ray workers and threads. On ranks other than 0 it does nothing and `run_id` is None.
+
+    `run_id` resumes an existing run (a restarted Ray worker): it is set RUNNING again and logging appends.
+    As a context manager, an exception marks the run FAILED (KILLED for Ctrl-C) and propagates.
+    """
+
+    def __init__(self, cfg: MlflowConfig, *, run_name: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None) -> None:
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._client: Any = None
+        if not distributed.is_main_process():
+            return
+        self._client = _mlflow().MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+        if run_id is None:
+            self.experiment_id = ensure_experiment(self._client, cfg)
+            run = self._client.create_run(self.experiment_id, run_name=run_name)
+            self.run_id = run.info.run_id
+        else:
+            run = self._client.get_run(run_id)
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+            self._client.update_run(run_id, status="RUNNING")
+        if tags:
+            self.set_tags(tags)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Nested dicts are flattened (`train.optim.lr`); values are logged as text, at most 6000 chars."""
+        if self._client is None:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(valid_name(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            return
+        items = _metric_entities(metrics, step)
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=items[i : i + METRICS_PER_BATCH], synchronous=True)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's contents, under the run's artifacts (in `artifact_path` if given)."""
+        if self._client is None:
+            return
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(valid_name(k), str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i : i + PARAMS_PER_BATCH], synchronous=True)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with FINISHED, FAILED or KILLED; later calls do nothing."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"MLflowTracker.close: status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+        if self._client is None:
+            return
+        self._client.set_terminated(self.run_id, status=status)
+        self._client = None
+
+    def __enter__(self) -> MLflowTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        else:
+            self.close("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+def _metric_entities(metrics: dict[str, float], step: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(valid_name(k), float(v), now, step) for k, v in metrics.items()]
+
+
+def tracker_from_config(cfg: Config, *, run_name: str, tags: dict[str, str],
+                        run_id: str | None = None) -> Tracker:
+    """An `MLflowTracker` with the whole config logged as params when `mlflow.enabled`, else a `NullTracker`."""
+    if not cfg.mlflow.enabled:
+        return NullTracker()
+    tracker = MLflowTracker(cfg.mlflow, run_name=run_name, tags=tags, run_id=run_id)
+    tracker.log_params(config_to_dict(cfg))
+    return tracker
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+PYFUNC_INPUT = """Input: a pandas DataFrame, one episode per row, with columns
+  query_img      (H, W, 3) uint8 RGB image
+  support_imgs   a list of `shot` such images (sizes may differ from the query's)
+  support_masks  a list of `shot` (h, w) masks of the support images: 1 = the class, 0 = not, 255 = ignore
+each image or mask given as nested lists (JSON arrays) or as a base64-encoded PNG / JPEG string.
+Output: one (H, W) nested list of 0/1 per row, the query's foreground at the query's own size."""
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide URI at `uri` for `pyfunc.log_model` / `load_model`, which read only that;
+    restore it after (MLflow mirrors it into MLFLOW_TRACKING_URI, which `resolve_tracking_uri` reads)."""
+    mlflow = _mlflow()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from this environment; fssmeta itself is not on a package index: serve with `--env-manager
+    local` in an environment where fssmeta is installed."""
+    pins = []
+    for name in ("mlflow", "torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "albumentations",
+                 "opencv-python-headless"):
+        try:
+            pins.append(f"{name}=={metadata.version(name).split('+')[0]}")  # a local tag (+cpu) is no pin
+        except metadata.PackageNotFoundError:  # e.g. opencv-python instead of the headless build
+            continue
+    return pins
+
+
+def load_checkpoint_model(checkpoint: str | Path, info: dict[str, Any]) -> tuple[Any, Config]:
+    """The trained model (eval mode, CPU) and its config, rebuilt from a checkpoint and `info` (fold, shot,
+    base_classes); weights load with `torch.load(weights_only=True)`."""
+    from fssmeta.checkpoint import CheckpointError, load_model_state, read_checkpoint
+    from fssmeta.config import config_from_dict
+    from fssmeta.models import build_model
+
+    payload = read_checkpoint(checkpoint)
+    if not payload["config"]:
+        raise CheckpointError(f"{checkpoint}: the checkpoint stores no config; save it with `config=...`")
+    cfg = config_from_dict(payload["config"], source=f"{checkpoint} (config)")
+    model = build_model(cfg.model.model_copy(update={"shot": info["shot"]}), base_classes=info["base_classes"])
+    load_model_state(model, payload["model"], checkpoint)
+    return model.eval(), cfg
+
+
+def _decode(value: Any, what: str, rgb: bool) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(value, str):
+        image = Image.open(io.BytesIO(base64.b64decode(value)))
+        array = np.asarray(image.convert("RGB") if rgb else image)
+    else:
+        array = np.asarray(value)
+    if array.ndim != (3 if rgb else 2) or (rgb and array.shape[2] != 3):
+        raise ValueError(f"{what}: expected {'(H, W, 3) RGB' if rgb else '(H, W)'}, got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"{what}: values must lie in 0..255")
+    if not rgb and not np.isin(array, (0, 1, 255)).all():
+        raise ValueError(f"{what}: mask values must be 0, 1 or 255 (ignore), got {np.unique(array)[:8].tolist()}")
+    return array.astype(np.uint8)
+
+
+def segment(model: Any, cfg: Config, shot: int, row: Any, where: str) -> list[list[int]]:
+    """One episode (a DataFrame row, see PYFUNC_INPUT) for a `shot`-shot model -> the query's (H, W) 0/1
+    foreground mask."""
+    import numpy as np
+    import torch
+
+    from fssmeta.data.transforms import TestTransform
+    from fssmeta.episode import Episode
+    from fssmeta.losses import resize_logits
+
+    query = _decode(row["query_img"], f"{where} query_img", rgb=True)
+    supports = [_decode(v, f"{where} support_imgs[{i}]", rgb=True) for i, v in enumerate(row["support_imgs"])]
+    masks = [_decode(v, f"{where} support_masks[{i}]", rgb=False) for i, v in enumerate(row["support_masks"])]
+    if len(supports) != shot:
+        raise ValueError(f"{where}: this is a {shot}-shot model: it takes {shot} support image(s), got {len(supports)}")
+    if len(masks) != len(supports):
+        raise ValueError(f"{where}: {len(supports)} support_imgs but {len(masks)} support_masks")
+    for i, (image, mask) in enumerate(zip(supports, masks)):
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"{where}: support_masks[{i}] is {mask.shape}, its image {image.shape[:2]}")
+    size = cfg.eval.test_size if cfg.eval.resolution == "original" else cfg.eval.resized_size
+    transform = TestTransform(cfg.eval.resolution, size)
+    query_img, query_mask = transform(query, np.zeros(query.shape[:2], np.uint8))
+    pairs = [transform(image, mask) for image, mask in zip(supports, masks)]
+    device = next(model.parameters()).device
+    episode = Episode(
+        support_imgs=torch.stack([p[0] for p in pairs])[None].to(device),  # (1, S, 3, s, s)
+        support_masks=torch.stack([p[1] for p in pairs])[None].to(device),  # (1, S, s, s)
+        query_img=query_img[None].to(device),  # (1, 3, s, s)
+        query_mask=query_mask[None].to(device),
+        class_id=torch.tensor([-1], device=device),  # novel: matches no base class
+    )
+    with torch.inference_mode():
+        logits = model(episode).logits.float()  # (1, 2, s, s)
+    height, width = query.shape[:2]
+    if cfg.eval.resolution == "original":
+        # The content sits at the top-left of the square at the same scale (TestTransform.score_mask).
+        side = max(height, width)
+        logits = resize_logits(logits, (side, side))[..., :height, :width]
+    else:
+        logits = resize_logits(logits, (height, width))
+    return logits.argmax(dim=1)[0].to(torch.uint8).tolist()
+
+
+@functools.cache
+def _pyfunc_class() -> type:
+    mlflow = _mlflow()
+    # Recorded and dropped: MLflow's advice to add type hints to `predict` (declined there). A plain
+    # "ignore" filter does not work: MLflow installs its own "once" filter around the check.
+    with warnings.catch_warnings(record=True):
+        return _define_pyfunc_class(mlflow.pyfunc.PythonModel)
+
+
+def _define_pyfunc_class(base: type) -> type:
+    class FssmetaPyfunc(base):
+        __doc__ = "A fssmeta few-shot segmentation model.\n\n" + PYFUNC_INPUT
+
+        def load_context(self, context: Any) -> None:
+            import torch
+
+            info = json.loads(Path(context.artifacts["info"]).read_text())
+            self.shot = info["shot"]
+            self.model, self.cfg = load_checkpoint_model(context.artifacts["checkpoint"], info)
+            if torch.cuda.is_available():
+                self.model.cuda()
+
+        # Deliberately without type hints: MLflow would turn them into an input schema, and none of its
+        # schema types holds "nested lists or a base64 string".
+        def predict(self, context, model_input, params=None):
+            missing = {"query_img", "support_imgs", "support_masks"} - set(model_input.columns)
+            if missing:
+                raise ValueError(f"model input: missing column(s) {', '.join(sorted(missing))}\n{PYFUNC_INPUT}")
+            return [segment(self.model, self.cfg, self.shot, row, f"row {i}")
+                    for i, (_, row) in enumerate(model_input.iterrows())]
+
+    FssmetaPyfunc.__module__, FssmetaPyfunc.__qualname__ = __name__, "FssmetaPyfunc"
+    return FssmetaPyfunc
+
+
+def __getattr__(name: str) -> Any:
+    # `from fssmeta.integrations.mlflow import FssmetaPyfunc` (MODEL_CODE) builds the class on first use,
+    # so importing this module does not import MLflow.
+    if name == "FssmetaPyfunc":
+        return _pyfunc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _base_classes(cfg: Config, checkpoint: Path, fold: int, base_classes: list[int] | None) -> list[int]:
+    if base_classes is not None:
+        return [int(c) for c in base_classes]
+    from fssmeta.data.prepare import load_fold
+
+    fold_file = Path(cfg.data.prepared) / f"fold{fold}.json"
+    if not fold_file.is_file():
+        raise ValueError(f"register_model: {checkpoint}: pass base_classes=... (the fold's base class ids) or "
+                         f"run `fssmeta prepare` so that {fold_file} exists")
+    return [int(c) for c in load_fold(cfg.data.prepared, fold)["base"]]
+
+
+def register_model(cfg: Config, *, checkpoint: str | Path, metrics: dict[str, float], tags: dict[str, str],
+                   fold: int, shot: int, base_classes: list[int] | None = None,
+                   run_id: str | None = None) -> dict[str, Any]:
+    """Log `checkpoint` as a pyfunc model and register it as a new version of `mlflow.registered_model`,
+    tagged with `metrics` (`metric.<name>`), `tags` (the protocol), fold, shot, `checkpoint_sha256` and
+    `status=candidate`; aliases are left alone (promotion moves them).
+
+    Idempotent: a version whose `checkpoint_sha256` equals this checkpoint's is returned, not duplicated.
+    The model goes into run `run_id` (its status is left as it is), or into a new run of
+    `mlflow.experiment` holding `metrics` and `tags`. `base_classes` default to the prepared fold list.
+    Returns {"name", "version", "run_id", "model_uri", "created"}. Call it from one process.
+    """
+    if not distributed.is_main_process():
+        raise RuntimeError("register_model: call it from one process (rank 0), not from every rank")
+    checkpoint = Path(checkpoint)
+    name, uri = cfg.mlflow.registered_model, resolve_tracking_uri(cfg.mlflow)
+    client = _mlflow().MlflowClient(tracking_uri=uri)
+    sha256 = file_sha256(checkpoint)
+    existing = _versions_with_checkpoint(client, name, sha256)
+    if existing:
+        return _version_info(existing[0], created=False)
+
+    info = {"fold": fold, "shot": shot, "base_classes": _base_classes(cfg, checkpoint, fold, base_classes),
+            "checkpoint_sha256": sha256}
+    _, model_cfg = load_checkpoint_model(checkpoint, info)  # a checkpoint that does not load fails here
+    info["method"] = model_cfg.model.method
+    version_tags = {**{valid_name(k): str(v) for k, v in tags.items()},
+                    **{valid_name(f"metric.{k}"): repr(float(v)) for k, v in metrics.items()},
+                    "method": info["method"], "fold": str(fold), "shot": str(shot),
+                    "checkpoint_sha256": sha256, "status": "candidate"}
+    if run_id is not None:
+        client.log_batch(run_id, metrics=_metric_entities(metrics, step=0), synchronous=True)
+        return _log_and_register(client, uri, name, checkpoint, info, version_tags, run_id)
+    with MLflowTracker(cfg.mlflow, run_name=f"register-{info['method']}-fold{fold}-{shot}shot", tags=tags) as run:
+        run.log_metrics(metrics, step=0)
+        return _log_and_register(client, uri, name, checkpoint, info, version_tags, run.run_id)
+
+
+# The pyfunc model is "models from code": MLflow keeps this file and runs it to load the model, so nothing
+# is pickled (weights travel as the checkpoint artifact).
+MODEL_CODE = """# A fssmeta few-shot segmentation model; needs the fssmeta package installed where it is loaded.
+import mlflow
+
+from fssmeta.integrations.mlflow import FssmetaPyfunc
+
+mlflow.models.set_model(FssmetaPyfunc())
+"""
+
+
+def _log_and_register(client: Any, uri: str, name: str, checkpoint: Path, info: dict[str, Any],
+                      version_tags: dict[str, str], run_id: str) -> dict[str, Any]:
+    mlflow = _mlflow()
+    # Created here, in the run's experiment: left to MLflow, a LoggedModel goes to the process's current
+    # experiment (the Default one, artifacts in ./mlruns) whatever run it comes from.
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
+                                       source_run_id=run_id, tags={"checkpoint_sha256": info["checkpoint_sha256"]})
+    with tempfile.TemporaryDirectory() as tmp, _tracking_uri(uri):
+        (Path(tmp) / "fssmeta_model.json").write_text(json.dumps(info, indent=2))
+        (Path(tmp) / "fssmeta_model.py").write_text(MODEL_CODE)
+        # What `mlflow.pyfunc.log_model` calls, with an explicit run and model instead of the process's active
+        # ones; the run's metrics at step 0 (the scores above) become the LoggedModel's metrics too.
+        logged = mlflow.models.Model.log(
+            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
+            step=0, python_model=str(Path(tmp) / "fssmeta_model.py"), pip_requirements=_pip_requirements(),
+            artifacts={"checkpoint": str(checkpoint), "info": str(Path(tmp) / "fssmeta_model.json")})
+    if _registered_model_missing(client, name):
+        client.create_registered_model(name, description="fssmeta few-shot segmentation models")
+    version = client.create_model_version(name, source=logged.model_uri, run_id=run_id, tags=version_tags,
+                                          model_id=logged.model_id)
+    return _version_info(version, created=True)
+
+
+def _version_info(version: Any, *, created: bool) -> dict[str, Any]:
+    return {"name": version.name, "version": str(version.version), "run_id": version.run_id,
+            "model_uri": f"models:/{version.name}/{version.version}", "created": created}
+
+
+def _versions_with_checkpoint(client: Any, name: str, sha256: str) -> list[Any]:
+    versions = client.search_model_versions(f"name = '{name}' and tags.checkpoint_sha256 = '{sha256}'")
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def _registered_model_missing(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return True
+    return False
+
+
+def load_registered(cfg: Config, version_or_alias: str) -> Any:
+    """The registered pyfunc model: a version number ("3") or an alias ("champion", "@champion")."""
+    mlflow = _mlflow()
+    ref = str(version_or_alias)
+    uri = f"models:/{cfg.mlflow.registered_model}" + (f"/{ref}" if ref.isdigit() else f"@{ref.removeprefix('@')}")
+    with _tracking_uri(resolve_tracking_uri(cfg.mlflow)):
+        return mlflow.pyfunc.load_model(uri)

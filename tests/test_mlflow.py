@@ -1,0 +1,231 @@
+"""The MLflow integration against a real MLflow on a sqlite file: tracker runs (params, metrics, tags,
+artifacts, rank 0 only, FAILED on an exception, resume by run id) and the model registry (idempotent
+versions, a pyfunc model that loads and segments)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from fssmeta import distributed, tracking
+from fssmeta.checkpoint import save_checkpoint
+from fssmeta.config import Config, EvalConfig, MlflowConfig, ModelConfig, config_to_dict
+from fssmeta.models import build_model
+from fssmeta.tracking import flatten, protocol_tags
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is imported
+import mlflow  # noqa: E402
+
+from fssmeta.integrations.mlflow import (  # noqa: E402
+    MLflowTracker,
+    load_registered,
+    register_model,
+    resolve_artifact_location,
+    resolve_config,
+    resolve_tracking_uri,
+    tracker_from_config,
+    valid_name,
+)
+
+pytestmark = [pytest.mark.integration,
+              # MLflow's own use of a deprecated SQLAlchemy loader, not ours
+              pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
+
+BASE_CLASSES = list(range(6, 21))
+SIZE = 65
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sqlite file for the module (a new one costs ~1.4 s of migrations); tests use own experiments."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def cfg(store: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Config]:
+    """A config with the default relative paths, run from inside the store folder; no mlruns may appear."""
+    monkeypatch.chdir(store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "git_commit", lambda cwd=".": "0123abc")
+    model = ModelConfig(backbone="small", reduce_dim=16, ppm_dim=16, pyramid_bins=(5, 3, 2, 1),
+                        aspp_dilations=(1, 2, 3))
+    name = request.node.name
+    yield Config(model=model, eval=EvalConfig(test_size=SIZE),
+                 mlflow=MlflowConfig(tracking_uri="sqlite:///mlflow.db", artifact_location="mlartifacts",
+                                     experiment=name, registered_model=f"fss-{name}"))
+    assert not (store / "mlruns").exists(), "artifacts must go to the configured location, not ./mlruns"
+
+
+def client_for(cfg: Config) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg.mlflow))
+
+
+def test_tracker_logs_params_metrics_tags_and_artifacts(cfg: Config, store: Path):
+    params = flatten(config_to_dict(cfg))
+    assert len(params) > 100  # more than one MLflow batch
+    tags = {**protocol_tags(cfg, fold=0, shot=1), "stage": "train_meta"}
+    (store / "history.json").write_text('[{"epoch": 0}]')
+    with tracker_from_config(cfg, run_name="bam fold0 1shot", tags=tags) as tracker:
+        for epoch in range(3):
+            tracker.log_metrics({"train/loss": 1.0 / (epoch + 1), "val_miou": 0.1 * epoch, "lr@group0": 0.05},
+                                step=epoch)
+        tracker.log_artifact(store / "history.json", artifact_path="curves")
+
+    client = client_for(cfg)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    assert experiment.artifact_location == (store / "mlartifacts").as_uri()
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train_meta'")
+    assert run.info.run_id == tracker.run_id and run.info.run_name == "bam fold0 1shot"
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {k: str(v) for k, v in params.items()}
+    assert run.data.params["train.optim.lr"] == "0.05" and run.data.params["eval.shots"] == "[1, 5]"
+    assert tags.items() <= run.data.tags.items()
+    assert run.data.tags["params_hash"] == tracking.params_hash(cfg)
+    history = client.get_metric_history(run.info.run_id, "val_miou")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
+    assert "lr_group0" in run.data.metrics  # '@' is not allowed in an MLflow name
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "curves")] == ["curves/history.json"]
+    assert run.info.artifact_uri == (store / "mlartifacts" / run.info.run_id / "artifacts").as_uri()
+    stored = store / "mlartifacts" / run.info.run_id / "artifacts" / "curves" / "history.json"
+    assert stored.read_text() == '[{"epoch": 0}]'
+
+
+
+def test_other_ranks_log_nothing(cfg: Config, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    with MLflowTracker(cfg.mlflow, run_name="rank1", tags={"a": "b"}) as tracker:
+        tracker.log_params(config_to_dict(cfg))
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.log_artifact(__file__)
+        tracker.set_tags({"c": "d"})
+    assert tracker.run_id is None and tracker.experiment_id is None
+    assert client_for(cfg).get_experiment_by_name(cfg.mlflow.experiment) is None
+
+
+def test_exception_fails_the_run_and_resume_appends(cfg: Config):
+    with pytest.raises(RuntimeError, match="worker died"):
+        with MLflowTracker(cfg.mlflow, run_name="flaky", tags={"attempt": "1"}) as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=0)
+            raise RuntimeError("worker died")
+    client = client_for(cfg)
+    assert client.get_run(tracker.run_id).info.status == "FAILED"
+
+    # as a restarted Ray worker would: the same params again (allowed: same values), appended metrics
+    resumed = tracker_from_config(cfg, run_name="flaky", tags={"attempt": "2"}, run_id=tracker.run_id)
+    assert (resumed.run_id, resumed.experiment_id) == (tracker.run_id, tracker.experiment_id)
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"
+    resumed.log_metrics({"loss": 0.5}, step=1)
+    resumed.close()
+    resumed.close()  # a second close changes nothing
+
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
+    assert run.data.params["model.method"] == "bam"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(0, 1.0), (1, 0.5)]
+    assert len(client.search_runs([tracker.experiment_id])) == 1
+    with pytest.raises(ValueError, match="status must be one of"):
+        resumed.close("DONE")
+
+
+def test_environment_tracking_uri_wins(cfg: Config, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert resolve_tracking_uri(cfg.mlflow) == f"sqlite:///{store / 'mlflow.db'}"  # relative -> absolute
+    env_uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    assert resolve_tracking_uri(cfg.mlflow) == env_uri
+    with MLflowTracker(cfg.mlflow, run_name="env") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=0)
+    assert mlflow.MlflowClient(env_uri).get_run(tracker.run_id).data.metrics == {"loss": 1.0}
+    shipped = resolve_config(cfg.mlflow)  # what a Ray driver sends to its workers
+    assert (shipped.tracking_uri, shipped.artifact_location) == (env_uri, (store / "mlartifacts").as_uri())
+    project = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    assert project.get_experiment_by_name(cfg.mlflow.experiment) is None
+
+
+def test_names_and_locations():
+    assert valid_name("val/mIoU (fold 0)") == "val/mIoU _fold 0_"
+    assert valid_name("a//b/./c/../d:e") == "a/b/c/__/d_e"
+    assert valid_name("/") == "_"
+    assert resolve_artifact_location("s3://bucket/fssmeta") == "s3://bucket/fssmeta"
+    assert resolve_artifact_location("") is None
+    assert resolve_artifact_location("/abs/art") == "file:///abs/art"
+    assert tracker_from_config(Config(mlflow=MlflowConfig(enabled=False)), run_name="x", tags={}).__class__ \
+        is tracking.NullTracker
+
+
+def save_model(cfg: Config, path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, base_classes=BASE_CLASSES)
+    return save_checkpoint(path, model=model, config=config_to_dict(cfg), epoch=3)
+
+
+def episode(seed: int) -> dict[str, list]:
+    rng = np.random.default_rng(seed)
+    support_mask = np.zeros((SIZE, SIZE), np.uint8)
+    support_mask[10:40, 20:50] = 1
+    support_mask[10, 20:50] = 255
+    return {"query_img": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8).tolist(),
+            "support_imgs": [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8).tolist()],
+            "support_masks": [support_mask.tolist()]}
+
+
+def png_base64(array: list) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, tmp_path: Path):
+    checkpoint = save_model(cfg, tmp_path / "best.pt", seed=0)
+    tags = protocol_tags(cfg, fold=0, shot=1)
+    kwargs = {"checkpoint": checkpoint, "tags": tags, "fold": 0, "shot": 1, "base_classes": BASE_CLASSES}
+    first = register_model(cfg, metrics={"miou_mean": 0.41, "fbiou_mean": 0.62}, **kwargs)
+    name = cfg.mlflow.registered_model
+    assert first == {"name": name, "version": "1", "run_id": first["run_id"], "model_uri": f"models:/{name}/1",
+                     "created": True}
+
+    client = client_for(cfg)
+    version = client.get_model_version(name, "1")
+    assert tags.items() <= version.tags.items()
+    assert {"status": "candidate", "metric.miou_mean": "0.41", "fold": "0", "shot": "1",
+            "method": "bam"}.items() <= version.tags.items()
+    assert len(version.tags["checkpoint_sha256"]) == 64
+    assert client.get_registered_model(name).aliases == {}  # promotion moves aliases, not registration
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["miou_mean"] == 0.41
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    assert logged.artifact_location.startswith((store / "mlartifacts").as_uri())
+    assert {m.key: m.value for m in logged.metrics} == {"miou_mean": 0.41, "fbiou_mean": 0.62}
+
+    again = register_model(cfg, metrics={"miou_mean": 0.41}, **kwargs)
+    assert again == {**first, "created": False}
+    save_model(cfg, checkpoint, seed=1)  # retrained: same path, other weights
+    second = register_model(cfg, metrics={"miou_mean": 0.45}, **kwargs)
+    assert (second["version"], second["created"]) == ("2", True)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+    model = load_registered(cfg, "2")
+    rows = [episode(0), episode(0), episode(1)]
+    rows[1] = {key: [png_base64(v) for v in value] if key != "query_img" else png_base64(value)
+               for key, value in rows[1].items()}  # the same episode as base64 PNGs
+    masks = model.predict(pd.DataFrame(rows))
+    assert len(masks) == 3
+    first_mask = np.asarray(masks[0])
+    assert first_mask.shape == (SIZE, SIZE) and set(np.unique(first_mask)) <= {0, 1}
+    assert masks[1] == masks[0]
+    with pytest.raises(ValueError, match="1-shot model"):
+        model.predict(pd.DataFrame([{**episode(0), "support_imgs": episode(0)["support_imgs"] * 2}]))
+
+    client.set_registered_model_alias(name, "champion", "1")
+    champion = load_registered(cfg, "champion")
+    assert np.asarray(champion.predict(pd.DataFrame([episode(0)]))[0]).shape == (SIZE, SIZE)
