@@ -1,0 +1,123 @@
+"""Integration: the real `dvc repro` of the project's dvc.yaml, in a temporary copy of the repository with tiny
+params — end to end, a no-op second run, a partial rerun after an evaluation change, metrics, the registry,
+and a failing stage that keeps earlier outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "synthesize": {"image_size": 96, "train_images": 240, "test_images": 60, "val_images": 30,
+                   "target_images_per_class": 3},
+    "data": {"min_object_pixels": 600, "targets": {}},
+    "episodes": {"folds": [0], "shots": [1], "orders": ["image"], "test_episodes": 20, "test_seeds": [0, 1],
+                 "val_episodes": 10},
+    "transform": {"crop_size": 65},
+    "eval": {"test_size": 65, "folds": [0], "shots": [1], "episodes": 20},
+    "model": {"reduce_dim": 16, "ppm_dim": 16, "pyramid_bins": [9, 5, 3, 2], "aspp_dilations": [1, 2, 3]},
+    "train_base": {"epochs": 1, "episodes_per_epoch": 32},
+    "train": {"epochs": 1, "episodes_per_epoch": 16, "batch_size": 4, "val_episodes": 10},
+    "ray": {"num_workers": 1, "num_cpus": 2},
+    "report": {"qualitative_episodes": 2},
+}
+
+
+def merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) and value else value
+    return base
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git repository holding the project's tracked files (as they are in the working tree) and tiny params."""
+    repo = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo / ".dvc-site-cache"),
+           "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    git = ["git", "-c", "user.name=fssmeta-test", "-c", "user.email=test@fssmeta.invalid"]
+    run(["git", "init", "-q"], repo, env)
+    run([*git, "add", "-A"], repo, env)
+    run([*git, "commit", "-qm", "tiny"], repo, env)
+    first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    return repo, env, first
+
+
+def test_repro_end_to_end(repo):
+    path, env, first = repo
+    assert "Running stage 'register'" in first.stdout
+    for name in ("report/report.md", "report/metrics.json", "report/plots/training_curves.png",
+                 "report/plots/per_class_iou.png", "report/plots/qualitative.png", "report/registered.json",
+                 "runs/fold0/bam-1shot/best.pt", "results/fold0/bam.json", "results/fold0/baseline.json"):
+        assert (path / name).is_file(), name
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], path, env).stdout
+    assert "report/metrics.json" in shown and "bam.1shot.miou" in shown
+
+
+def test_registry_holds_a_tagged_version(repo):
+    path, env, _ = repo
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'fssmeta'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["status"] == "candidate" and tags["fold"] == "0" and tags["shot"] == "1"
+    assert tags["dataset"] == "synthetic" and "metric.miou" in tags
+
+
+def test_second_repro_reruns_nothing(repo):
+    path, env, _ = repo
+    second = run([sys.executable, "-m", "dvc", "repro"], path, env)
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in run([sys.executable, "-m", "dvc", "status"], path, env).stdout
+
+
+def test_eval_change_reruns_only_downstream(repo):
+    path, env, _ = repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["eval"]["baseline_threshold"] = 0.6
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([sys.executable, "-m", "dvc", "repro"], path, env).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"evaluate@0", "report", "register"}
+    versions = [v for v in __import__("json").loads((path / "report/registered.json").read_text())["versions"]]
+    assert versions[0]["created"] is False  # the same checkpoint: the registry is not duplicated
+
+
+def test_failing_stage_keeps_earlier_outputs_and_names_the_problem(repo):
+    path, env, _ = repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["data"]["root"] = "data/missing-dataset"
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run([sys.executable, "-m", "dvc", "repro"], path, env, check=False)
+    assert result.returncode != 0
+    assert "data/missing-dataset" in result.stdout + result.stderr
+    assert (path / "data/synthetic/VOC2012/JPEGImages").is_dir()
+    assert (path / "runs/fold0/bam-1shot/best.pt").is_file()
