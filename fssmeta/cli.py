@@ -106,12 +106,38 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _fold_override(args, "train")
     cfg = _config(args)
+    if args.ray:
+        return _train_ray(cfg, progress=not args.quiet)
     tc = cfg.train
     start = time.perf_counter()
     result = train_meta(cfg, tc.fold, progress=not args.quiet, resume_run=not args.restart)
     print(f"{cfg.model.method} fold {tc.fold} {tc.shot}-shot: {len(result.history)} epochs, {result.step} steps in "
           f"{time.perf_counter() - start:.0f} s; best validation mIoU {100 * result.best_score:.1f} at epoch "
           f"{result.best_epoch}; checkpoints in {meta_dir(cfg, tc.fold, tc.shot)}")
+    return 0
+
+
+def _train_ray(cfg: Config, *, progress: bool) -> int:
+    from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray
+
+    tc = cfg.train
+    start = time.perf_counter()
+    try:
+        result = train_with_ray(cfg, progress=progress)
+    except RayTrainingError as exc:
+        print(f"fssmeta train: error: {exc}", file=sys.stderr)
+        return 1
+    metrics = result.metrics
+    best = "n/a (no validation)" if result.best_val_miou is None else f"{100 * result.best_val_miou:.1f}"
+    print(f"{cfg.model.method} fold {tc.fold} {tc.shot}-shot on Ray ({cfg.ray.num_workers} workers): "
+          f"{int(metrics.get('epoch', 0))} epochs, {int(metrics.get('step', 0))} steps in "
+          f"{time.perf_counter() - start:.0f} s; best validation mIoU {best}")
+    if result.restored_epoch:
+        print(f"  resumed after a failure from epoch {result.restored_epoch}")
+    print(f"  Ray run {result.name}: {result.storage_path}")
+    if result.mlflow_run_id:
+        print(f"  MLflow run {result.mlflow_run_id}")
+    print(f"  checkpoints in {result.meta_dir}")
     return 0
 
 
@@ -157,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="fold (default: train.fold)")
     p.add_argument("--shot", type=int, help="shots (default: train.shot)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
+    p.add_argument("--ray", action="store_true",
+                   help="train under Ray Train with ray.num_workers workers (a new run; `ray` in params)")
     p = add("evaluate", cmd_evaluate, "score trained models on the fixed test episode lists")
     p.add_argument("--method", help="a trained method, or `baseline` (default: model.method)")
     return parser

@@ -35,7 +35,7 @@ from fssmeta.losses import base_losses, episode_losses
 from fssmeta.models import build_model, count_learnable, load_base_learner
 from fssmeta.models.baseline import PrototypeBaseline
 from fssmeta.models.pspnet import build_pspnet
-from fssmeta.train import FitResult, Reporter, build_optimizer, build_scheduler, evaluate, fit
+from fssmeta.train import FitResult, LossFn, Reporter, build_optimizer, build_scheduler, evaluate, fit
 
 
 def default_device() -> torch.device:
@@ -107,6 +107,8 @@ def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
         return None
     path = list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, cfg.episodes.val_seeds[0])
     episodes = load_episode_list(path)["episodes"][: cfg.train.val_episodes]
+    # Under DDP each rank scores its share; `evaluate` sums the IoU counts over ranks, so the score is the same.
+    episodes = episodes[distributed.rank() :: distributed.world_size()]
     index = load_index(cfg.data.prepared)
     dataset = EpisodeDataset(episodes, IndexSource(index), TestTransform(cfg.eval.resolution, _test_size(cfg)))
     return episode_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
@@ -118,9 +120,14 @@ def _test_size(cfg: Config) -> int:
 
 def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,
                device: torch.device | None = None, forward_wrapper: Any = None, reporter: Reporter | None = None,
-               start: dict | None = None, checkpoint_dir: Path | None = None) -> FitResult:
+               start: dict | None = None, checkpoint_dir: Path | None = None,
+               loss_fn: LossFn = episode_losses) -> FitResult:
     """Episodic meta-training of `model.method` on the fold's base classes, validated on the fixed
-    validation list every epoch; `best.pt` keeps the best validation mIoU."""
+    validation list every epoch; `best.pt` keeps the best validation mIoU.
+
+    `start` (a checkpoint payload) is loaded into the raw model before `forward_wrapper` (e.g. DDP) wraps it;
+    `loss_fn` lets a caller observe the steps (the Ray integration's fault injection) without a loop change.
+    """
     device = device or default_device()
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -148,7 +155,7 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
         return {"val_miou": meter.miou(), "val_fbiou": meter.fb_iou()}
 
     forward_model = forward_wrapper(model) if forward_wrapper is not None else model
-    return fit(model, train_loader=loader, loss_fn=episode_losses, optimizer=optimizer, scheduler=scheduler,
+    return fit(model, train_loader=loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                epochs=tc.epochs, validate=validate, checkpoint_dir=run, config=config_to_dict(cfg),
                start=resume_payload, reporter=reporter, forward_model=forward_model, amp=tc.amp,
                grad_clip=tc.grad_clip, progress=progress, desc=f"{cfg.model.method} fold {fold} {tc.shot}-shot")

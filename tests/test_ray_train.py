@@ -1,0 +1,229 @@
+"""Integration: meta-training under real Ray Train on CPU workers — a 2-worker run tracked in MLflow and
+published for `fssmeta evaluate`, DDP equal to one process with the same global batch, a killed worker
+resumed from its checkpoint, a clear error once retries run out, and a lost node replaced mid-run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from fssmeta.checkpoint import read_checkpoint
+from fssmeta.cli import main
+from fssmeta.config import Config, load_config
+from fssmeta.experiment import build_meta_model
+from fssmeta.integrations.ray_train import FAULT_MARKER, RayTrainingError, train_with_ray
+
+pytestmark = pytest.mark.integration
+
+HAS_MLFLOW = importlib.util.find_spec("fssmeta.integrations.mlflow") is not None
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """Ray's session files and the workers' temp folders inside the test's tmp dir (a short path: Ray's
+    socket paths must stay under 108 characters), fast report polling, no auth for the private instances."""
+    tmp = tmp_path_factory.mktemp("r")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RAY_TMPDIR": str(tmp), "TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled",
+                           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        try:
+            yield tmp
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """A tiny synthetic dataset, its fold-0 lists and episodes, and a one-epoch base learner."""
+    root = tmp_path_factory.mktemp("ws")
+    sets: dict[str, Any] = {
+        "synthesize.out": str(root / "syn"), "synthesize.image_size": 96, "synthesize.train_images": 160,
+        "synthesize.test_images": 40, "synthesize.val_images": 30, "synthesize.target_images_per_class": 1,
+        # no 255 band: every pixel carries loss, so a rank's mean loss is exactly its share of the global one
+        "synthesize.boundary_width": 0,
+        "data.root": str(root / "syn"), "data.prepared": str(root / "prepared"), "data.cache_dir": str(root / "cache"),
+        "data.targets": {}, "data.min_object_pixels": 400,
+        "episodes.out": str(root / "episodes"), "episodes.folds": [0], "episodes.shots": [1],
+        "episodes.orders": ["image"], "episodes.test_episodes": 10, "episodes.test_seeds": [0],
+        "episodes.val_episodes": 8,
+        "transform.crop_size": 65, "eval.test_size": 65, "eval.folds": [0], "eval.shots": [1],
+        "model.backbone": "small", "model.reduce_dim": 16, "model.ppm_dim": 16,
+        "model.pyramid_bins": [13, 7, 4, 2], "model.aspp_dilations": [1, 2, 3],
+        "train_base.out": str(root / "runs"), "train_base.epochs": 1, "train_base.episodes_per_epoch": 32,
+        "train.out": str(root / "runs"), "train.epochs": 2, "train.episodes_per_epoch": 8, "train.batch_size": 2,
+        "train.val_episodes": 4, "ray.num_workers": 2, "ray.resources_per_worker": {"CPU": 1.0},
+        "ray.num_cpus": 2, "ray.max_failures": 0, "mlflow.enabled": False,
+    }
+    args = ["--params", "none", "--quiet"]
+    for stage in ("synthesize", "prepare", "episodes", "train-base"):
+        cfg_args = [a for key, value in sets.items() if key.split(".")[0] not in ("ray", "mlflow")
+                    for a in ("--set", f"{key}={_yaml(value)}")]
+        assert main([stage, *args, *cfg_args]) == 0, stage
+    return root, sets
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def make_config(workspace, tmp_path: Path, mlflow: bool = False, **overrides: Any) -> Config:
+    """The workspace's config with this test's own outputs: runs (sharing the base learner), Ray storage, MLflow."""
+    root, sets = workspace
+    runs = tmp_path / "runs"
+    (runs / "fold0").mkdir(parents=True, exist_ok=True)
+    if not (runs / "fold0" / "base").exists():
+        (runs / "fold0" / "base").symlink_to(root / "runs" / "fold0" / "base")
+    values = {**sets, "train.out": str(runs), "ray.storage_path": str(tmp_path / "ray_results")}
+    if mlflow:
+        values |= {"mlflow.enabled": True, "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "mlflow.artifact_location": str(tmp_path / "mlartifacts"), "mlflow.experiment": "ray-test"}
+    return load_config(None, {**values, **overrides})
+
+
+def test_two_workers_train_track_and_publish(workspace, ray_env, tmp_path):
+    cfg = make_config(workspace, tmp_path, mlflow=HAS_MLFLOW)
+    result = train_with_ray(cfg, progress=False)
+    assert not ray.is_initialized()  # it started a local Ray and shut it down
+    assert result.metrics["epoch"] == 2 and result.metrics["step"] == 8 and result.restored_epoch == 0
+    assert 0.0 <= result.best_val_miou <= 1.0
+    assert re.fullmatch(r"bam-fold0-1shot-\d{8}-\d{6}-[0-9a-f]{6}", result.name)
+    assert Path(result.storage_path) == tmp_path / "ray_results" / result.name
+    out = tmp_path / "runs" / "fold0" / "bam-1shot"
+    assert Path(result.meta_dir) == out
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2
+    best = read_checkpoint(out / "best.pt")
+    assert best["extra"]["history"][-1]["val_miou"] == pytest.approx(result.best_val_miou)
+    assert len((out / "history.json").read_text()) > 0
+    if not HAS_MLFLOW:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == result.name
+    assert run.data.params["train.batch_size"] == "2" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.tags["fold"] == "0" and run.data.tags["ray_run"] == result.name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == [4, 8]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch(workspace, ray_env, tmp_path):
+    # Same seed, no dropout and no augmentation that pads or rotates (both add ignored pixels, which make a
+    # rank's mean loss weigh its pixels differently from the global mean): 2 workers x batch 2 and 1 worker
+    # x batch 4 see the same episodes at every step, so DDP's averaged gradients equal the single batch's.
+    same = {"model.dropout": 0.0, "model.feature_dropout": 0.0, "transform.scale_min": 1.0,
+            "transform.scale_max": 1.0, "transform.rotate_degrees": 0.0, "train.epochs": 1, "train.val_episodes": 0}
+    states = {}
+    for workers, batch in ((2, 2), (1, 4)):
+        run = tmp_path / f"w{workers}"
+        cfg = make_config(workspace, run, **same, **{"ray.num_workers": workers, "train.batch_size": batch,
+                                                     "train.episodes_per_epoch": 4 * batch})  # per rank: 4 steps
+        result = train_with_ray(cfg, progress=False)
+        assert result.metrics["step"] == 4
+        states[workers] = read_checkpoint(Path(result.meta_dir) / "last.pt")["model"]
+    torch.manual_seed(cfg.train.seed)  # what train_meta does before building the model
+    initial = build_meta_model(cfg, 0, 1, torch.device("cpu")).state_dict()
+    trained = [k for k in initial if not torch.equal(initial[k], states[1][k])]
+    assert trained, "one epoch changed no parameter: the comparison would prove nothing"
+    for key in initial:
+        assert torch.allclose(states[2][key], states[1][key], atol=1e-5), key
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(workspace, ray_env, tmp_path):
+    # 4 steps per epoch; rank 0 dies at step 10, inside epoch 3. Ray registers a report only at a later poll
+    # of every worker, but a worker's second report waits for its first to be taken: epoch 1's checkpoint is
+    # registered by then (epoch 2's may not be yet).
+    cfg = make_config(workspace, tmp_path, mlflow=HAS_MLFLOW, **{"train.epochs": 3, "ray.max_failures": 2,
+                                                                 "ray.fail_at_step": 10})
+    result = train_with_ray(cfg, progress=False)
+    assert (Path(result.storage_path) / FAULT_MARKER).is_file()  # the failure did happen
+    assert result.metrics["epoch"] == 3 and result.metrics["step"] == 12
+    assert result.restored_epoch >= 1
+    assert read_checkpoint(Path(result.meta_dir) / "last.pt")["epoch"] == 3
+    if HAS_MLFLOW:  # the restarted worker continued the first attempt's MLflow run
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("ray-test").experiment_id])
+        assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+        assert runs[0].info.status == "FINISHED"
+        assert {m.step for m in client.get_metric_history(result.mlflow_run_id, "val_miou")} == {4, 8, 12}
+
+
+def test_without_retries_a_failure_names_the_run(workspace, ray_env, tmp_path):
+    cfg = make_config(workspace, tmp_path, **{"train.epochs": 1, "ray.max_failures": 0, "ray.fail_at_step": 2})
+    with pytest.raises(RayTrainingError) as info:
+        train_with_ray(cfg, progress=False)
+    message = str(info.value)
+    name = re.search(r"run (bam-fold0-1shot-\d{8}-\d{6}-[0-9a-f]{6}) failed", message)
+    assert name, message
+    run_dir = tmp_path / "ray_results" / name.group(1)
+    assert str(run_dir) in message and (run_dir / FAULT_MARKER).is_file()
+    assert "max_failures=0" in message and "Original error" in message
+    assert not ray.is_initialized()
+
+
+def registered_checkpoints(storage: Path) -> list[str]:
+    """Checkpoints Ray's controller has registered (its snapshot), not merely uploaded by a worker."""
+    names = []
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            names += [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (ValueError, KeyError):  # being written
+            pass
+    return names
+
+
+def test_multi_node_run_survives_losing_a_node(workspace, ray_env, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        # 5 epochs of 8 steps: the node goes while most of the run is still ahead
+        cfg = make_config(workspace, tmp_path, **{"train.epochs": 5, "train.episodes_per_epoch": 16,
+                                                  "train.val_episodes": 0, "ray.address": cluster.address,
+                                                  "ray.max_failures": 2})
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = train_with_ray(cfg, progress=False)
+            except BaseException as exc:  # re-raised below, in the test's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not registered_checkpoints(tmp_path / "ray_results"):
+            assert thread.is_alive(), outcome.get("error")
+            assert time.monotonic() < deadline, "no checkpoint registered within 120 s"
+            time.sleep(0.1)
+        # Signals: nodes are removed and added from the main thread, never from the training thread.
+        cluster.remove_node(workers[1], allow_graceful=True)
+        cluster.add_node(num_cpus=1)
+        thread.join(timeout=180)
+        assert not thread.is_alive(), "training did not finish within 180 s of the node loss"
+        if "error" in outcome:
+            raise outcome["error"]
+        result = outcome["result"]
+        assert result.metrics["epoch"] == 5 and result.metrics["step"] == 40 and result.restored_epoch >= 1
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
