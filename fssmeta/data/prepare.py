@@ -130,6 +130,7 @@ def index_fingerprint(cfg: DataConfig) -> str:
 def prepare(cfg: DataConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Validate and index the configured dataset; write `index.json` and `fold<k>.json` under `out`."""
     out = Path(out or cfg.prepared)
+    Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)  # a declared output, empty unless COCO masks render
     n_classes = folds.num_classes(cfg.dataset)
     pools = load_pools(cfg, progress)
     problems = Problems(f"prepare {dataset_root(cfg)}")
