@@ -17,7 +17,7 @@ from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, freeze_
-from fssmeta.models.pfenet import classifier, reduce_block, residual_pair, shot_priors, support_features
+from fssmeta.models.pfenet import classifier, meta_inputs, reduce_block, residual_pair
 from fssmeta.models.pspnet import PSPNet, build_pspnet
 
 # BAM's K-shot reweighting width (`kshot_trans_dim: 2` in every official config): 11 * 2 + shot parameters,
@@ -108,15 +108,9 @@ class BAM(nn.Module):
         """`memory` is unused (BAM has none); accepted for the common model signature."""
         query_img = episode.query_img  # (B, 3, H, W)
         B, S = episode.support_imgs.shape[:2]
-        with torch.no_grad():
-            query = self.backbone(query_img)
-        support = support_features(self.backbone, episode.support_imgs, episode.support_masks)
-
-        query_feat = self.down_query(torch.cat([query["layer3"], query["layer2"]], 1))  # (B, D, h, w)
+        query, support, query_feat, prototypes, priors = meta_inputs(
+            self.backbone, self.down_query, self.down_supp, episode)  # see pfenet.MetaInputs for shapes
         h, w = query_feat.shape[-2:]
-        supp_feat = self.down_supp(torch.cat([support.layer3, support.layer2], 1))  # (B*S, D, h, w)
-        prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
-        priors = shot_priors(query["layer4"], support, (h, w))  # (B, S, h, w)
 
         # psi: how different the query's and each support's low-level (layer2) styles are.
         query_layer2 = query["layer2"].repeat_interleave(S, dim=0)  # (B*S, C2, h, w)

@@ -62,6 +62,29 @@ def shot_priors(query_layer4: torch.Tensor, support: SupportFeatures, size: tupl
     return prior.view(-1, shots, *size)
 
 
+class MetaInputs(NamedTuple):
+    """What every PFENet-family meta learner starts from."""
+
+    query: dict[str, torch.Tensor]  # frozen backbone features of the query, "layer0".."layer4"
+    support: SupportFeatures
+    query_feat: torch.Tensor  # (B, D, h, w) reduced mid-level query feature
+    prototypes: torch.Tensor  # (B, S, D) masked-average support prototype per shot
+    priors: torch.Tensor  # (B, S, h, w) prior mask per shot
+
+
+def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module, episode: Episode) -> MetaInputs:
+    """Frozen features, reduced mid-level features, per-shot prototypes and priors (PFENet, BAM, ...)."""
+    B, S = episode.support_imgs.shape[:2]
+    with torch.no_grad():
+        query = backbone(episode.query_img)
+    support = support_features(backbone, episode.support_imgs, episode.support_masks)
+    query_feat = down_query(torch.cat([query["layer3"], query["layer2"]], 1))  # (B, D, h, w)
+    supp_feat = down_supp(torch.cat([support.layer3, support.layer2], 1))  # (B*S, D, h, w)
+    prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
+    priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))
+    return MetaInputs(query, support, query_feat, prototypes, priors)
+
+
 def reduce_block(in_dim: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
     """PFENet's down_query / down_supp: 1x1 conv -> ReLU -> Dropout2d(0.5) (the official constant)."""
     return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
@@ -131,16 +154,11 @@ class PFENet(nn.Module):
     def forward(self, episode: Episode, memory: object | None = None) -> SegOutput:
         """`memory` is unused (PFENet has none); accepted for the common model signature."""
         query_img = episode.query_img  # (B, 3, H, W)
-        B, S = episode.support_imgs.shape[:2]
-        with torch.no_grad():
-            query = self.backbone(query_img)
-        support = support_features(self.backbone, episode.support_imgs, episode.support_masks)
-
-        query_feat = self.down_query(torch.cat([query["layer3"], query["layer2"]], 1))  # (B, D, h, w)
+        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode)
+        query_feat = inputs.query_feat  # (B, D, h, w)
         size = (query_feat.shape[-2], query_feat.shape[-1])
-        supp_feat = self.down_supp(torch.cat([support.layer3, support.layer2], 1))  # (B*S, D, h, w)
-        prototype = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1).mean(1)  # (B, D)
-        prior = shot_priors(query["layer4"], support, size).mean(1, keepdim=True)  # (B, 1, h, w)
+        prototype = inputs.prototypes.mean(1)  # (B, D): k-shot averages the prototypes ...
+        prior = inputs.priors.mean(1, keepdim=True)  # (B, 1, h, w) ... and the priors
 
         pyramid: list[torch.Tensor] = []
         inner_logits: list[torch.Tensor] = []
