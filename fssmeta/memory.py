@@ -1,0 +1,217 @@
+"""RMT cross-domain meta-memory (Wang et al., CVPR 2022): a bank of source style statistics (channel means
+and stds) with FAISS-indexed top-k reads, similarity-weighted EMA writes and memory-based feature restyling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IndexKind = Literal["flat", "ivf", "torch"]
+
+# Added to the variance before the square root, so constant feature maps give a finite std and f_norm.
+STD_EPS = 1e-5
+
+
+def instance_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) -> per-instance channel mean and std, each (B, C); std = sqrt(biased var + 1e-5)."""
+    mu = feat.mean(dim=(2, 3))
+    sigma = (feat.var(dim=(2, 3), unbiased=False) + STD_EPS).sqrt()
+    return mu, sigma
+
+
+class MetaMemory(nn.Module):
+    """N memory items {m_j, e_j} of C channels: m_j style means, e_j style stds (both buffers).
+
+    Not a submodule of the DDP-wrapped model: the training loop owns the bank, passes it to `forward` (which
+    only reads) and calls `write` once per step with statistics gathered from every rank, so all ranks apply
+    the same update. Items are updated by EMA only, never by gradients.
+
+    Reads: the means and the stds are searched separately (instance mu against the m_j, sigma against the
+    e_j) by cosine similarity. A FAISS inner-product index over the L2-normalised items returns the top_k
+    item ids; the similarities of those items are recomputed in torch, so the softmax weights are exact and
+    differentiable w.r.t. the query (FAISS itself is outside the graph). `index="torch"` computes the full
+    similarity matrix and `torch.topk` instead: the reference the FAISS path is tested against.
+
+    The FAISS indexes are a cache of the buffers, rebuilt lazily whenever the buffers change (a write, a
+    `load_state_dict`, a `.to(device)`, or any other in-place edit: the key is the tensors' identity and
+    version counters), so they never go stale and never enter the state dict.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_items: int,
+        channels: int,
+        momentum: float = 0.9,
+        alpha: float = 0.5,
+        top_k: int = 8,
+        temperature: float = 1.0,
+        index: IndexKind = "flat",
+        nlist: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if index not in ("flat", "ivf", "torch"):
+            raise ValueError(f"index must be 'flat', 'ivf' or 'torch', got {index!r}")
+        if not 0.0 <= momentum <= 1.0 or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"momentum and alpha must lie in [0, 1], got {momentum} and {alpha}")
+        if temperature <= 0 or top_k < 1 or num_items < 1 or nlist < 1:
+            raise ValueError("temperature, top_k, num_items and nlist must be positive")
+        self.num_items, self.channels = num_items, channels
+        self.momentum, self.alpha, self.temperature = momentum, alpha, temperature
+        self.top_k = min(top_k, num_items)
+        self.index_kind: IndexKind = index
+        # IVF needs at least one training point per list; nprobe = nlist keeps the search exhaustive.
+        self.nlist = min(nlist, num_items)
+        self.register_buffer("means", torch.randn(num_items, channels, generator=generator))  # (N, C)
+        # Stds start in [0.5, 1.5): positive, and not all equal so the items are distinguishable.
+        self.register_buffer("stds", torch.rand(num_items, channels, generator=generator) + 0.5)  # (N, C)
+        self._indexes: tuple[faiss.Index, faiss.Index] | None = None
+        self._index_key: tuple | None = None
+        self._gpu_resources: faiss.StandardGpuResources | None = None
+
+    instance_stats = staticmethod(instance_stats)
+
+    def __getstate__(self) -> dict:
+        # SWIG index objects neither pickle nor deepcopy; they are rebuilt from the buffers on the next read.
+        state = self.__dict__.copy()
+        state.update(_indexes=None, _index_key=None, _gpu_resources=None)
+        return state
+
+    # ------------------------------------------------------------------ FAISS index (a cache of the buffers)
+
+    def _buffers_key(self) -> tuple:
+        return tuple((id(t), t._version, t.device, t.dtype) for t in (self.means, self.stds))
+
+    def _build_index(self, items: torch.Tensor) -> faiss.Index:
+        vectors = np.ascontiguousarray(F.normalize(items.detach().float(), dim=1).cpu().numpy())
+        C = vectors.shape[1]
+        if self.index_kind == "ivf":
+            quantizer = faiss.IndexFlatIP(C)
+            index = faiss.IndexIVFFlat(quantizer, C, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.nprobe = self.nlist
+        else:
+            index = faiss.IndexFlatIP(C)
+        index.add(vectors)
+        if items.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, items.device.index or 0, index)
+        return index
+
+    def _current_indexes(self) -> tuple[faiss.Index, faiss.Index]:
+        key = self._buffers_key()
+        if self._indexes is None or key != self._index_key:
+            self._indexes = (self._build_index(self.means), self._build_index(self.stds))
+            self._index_key = key
+        return self._indexes
+
+    # ------------------------------------------------------------------ read
+
+    def _retrieve(self, query: torch.Tensor, items: torch.Tensor, index: faiss.Index | None) -> torch.Tensor:
+        """Softmax-weighted sum of the top_k items most cosine-similar to each query row. (B, C) -> (B, C)."""
+        items = items.to(query.dtype)
+        q = F.normalize(query, dim=1)  # (B, C)
+        keys = F.normalize(items, dim=1)  # (N, C)
+        if index is None:
+            _, ids = (q @ keys.t()).topk(self.top_k, dim=1)  # (B, k)
+        else:
+            q_np = np.ascontiguousarray(q.detach().float().cpu().numpy())
+            _, ids_np = index.search(q_np, self.top_k)
+            if (ids_np < 0).any():
+                raise RuntimeError("FAISS returned fewer than top_k items; is nprobe too small?")
+            ids = torch.from_numpy(ids_np).to(query.device)  # (B, k)
+        sim = (q.unsqueeze(1) * keys[ids]).sum(-1)  # (B, k), recomputed in torch so gradients reach `query`
+        weights = (sim / self.temperature).softmax(dim=1)
+        return (weights.unsqueeze(-1) * items[ids]).sum(1)  # (B, C)
+
+    def read(self, mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory style for each instance: (B, C) mean and std -> (mu_mem, sigma_mem), each (B, C)."""
+        if self.index_kind == "torch":
+            means_index = stds_index = None
+        else:
+            means_index, stds_index = self._current_indexes()
+        return self._retrieve(mu, self.means, means_index), self._retrieve(sigma, self.stds, stds_index)
+
+    # ------------------------------------------------------------------ write
+
+    def _write_weights(self, stats: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B, C) instance stats -> (N, B) write weights, each item's row summing to 1.
+
+        METHODS.md: s^{jb} are "softmax similarity weights of instance b over memory items", so the softmax
+        runs over the items j for each instance b (each instance spreads a unit of mass over the bank). The
+        update then needs each item's weights over the batch to sum to 1, or items would shrink or grow with
+        the batch size; so each item's row is normalised over b. Dense over all N items (no top-k): writes
+        run under no_grad and N is small.
+        """
+        sim = F.normalize(stats, dim=1) @ F.normalize(items, dim=1).t()  # (B, N)
+        s = (sim / self.temperature).softmax(dim=1).t()  # (N, B): softmax over items j, per instance b
+        return s / s.sum(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def write(
+        self,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """EMA update m_j <- lambda m_j + (1 - lambda) sum_b s^{jb} mu_b (and e_j likewise with sigma).
+
+        `mu`, `sigma` are (B, C). `gather` maps a local (B, C) batch to the global (B_total, C) one; under
+        DDP pass an all-gather that concatenates every rank's batch, so every rank writes the same update.
+        The default (identity) is the one-process case. The FAISS indexes follow on the next read.
+        """
+        gather = gather or (lambda t: t)
+        mu = gather(mu.detach()).to(self.means)
+        sigma = gather(sigma.detach()).to(self.stds)
+        lam = self.momentum
+        new_means = lam * self.means + (1 - lam) * self._write_weights(mu, self.means) @ mu
+        new_stds = lam * self.stds + (1 - lam) * self._write_weights(sigma, self.stds) @ sigma
+        # In place, so the buffers' version counters move and the cached indexes are rebuilt.
+        self.means.copy_(new_means)
+        self.stds.copy_(new_stds)
+
+    # ------------------------------------------------------------------ orthogonality and restyling
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """L_orth = 1/(2 N^2) (sum_ij h_M^{ij} + sum_ij h_E^{ij}), h^{ij} = cos(item_i, item_j)^2 for i != j.
+
+        Squared cosine (not |cos|) so the diagonal's constant 1 is left out and the value is 0 exactly for
+        mutually orthogonal items and (N - 1) / N when all items coincide. The items are buffers moved only
+        by the EMA write, so this is a diagnostic to log (no gradient can reach them): it measures the
+        diversity the paper's loss encourages without changing what the write does.
+        """
+        N = self.num_items
+        off_diagonal = ~torch.eye(N, dtype=torch.bool, device=self.means.device)
+        total = self.means.new_zeros(())
+        for items in (self.means, self.stds):
+            keys = F.normalize(items, dim=1)
+            total = total + ((keys @ keys.t()) ** 2)[off_diagonal].sum()
+        return (total / (2 * N * N)).detach()
+
+    def enhance(self, feat: torch.Tensor) -> torch.Tensor:
+        """Memory-based restyling: f_norm * v_mix + mu_mix, (B, C, H, W) -> (B, C, H, W). Reads, never writes.
+
+        mu_mix = alpha mu_b + (1 - alpha) mu_mem and v_mix = alpha sigma_b + (1 - alpha) sigma_mem, with f_norm
+        the instance-normalised feature; alpha = 1 returns the input.
+        """
+        mu, sigma = instance_stats(feat)  # (B, C) each
+        mu_mem, sigma_mem = self.read(mu, sigma)
+        f_norm = (feat - mu[..., None, None]) / sigma[..., None, None]
+        mu_mix = self.alpha * mu + (1 - self.alpha) * mu_mem
+        sigma_mix = self.alpha * sigma + (1 - self.alpha) * sigma_mem
+        return f_norm * sigma_mix[..., None, None] + mu_mix[..., None, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_items={self.num_items}, channels={self.channels}, momentum={self.momentum}, "
+            f"alpha={self.alpha}, top_k={self.top_k}, temperature={self.temperature}, index={self.index_kind!r}"
+        )
