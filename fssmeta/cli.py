@@ -142,9 +142,16 @@ def _train_ray(cfg: Config, *, progress: bool) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fssmeta.experiment import evaluate_method, format_report
+    from fssmeta.experiment import evaluate_method, evaluate_targets, format_report
 
     cfg = _config(args)
+    if args.targets:
+        report = evaluate_targets(cfg, args.method, fold=args.fold, progress=not args.quiet)
+        for name, per_shot in report["results"].items():
+            cells = ", ".join(f"{s}: {100 * r['miou_mean']:.1f} +- {100 * r['miou_std']:.1f}" for s, r in per_shot.items())
+            print(f"{report['method']} (source fold {args.fold}) -> {name}: mIoU {cells}")
+        print("mean over targets: " + ", ".join(f"{s} {100 * v:.1f}" for s, v in report["mean_over_targets"].items()))
+        return 0
     report = evaluate_method(cfg, args.method, progress=not args.quiet)
     print(format_report(report))
     print(f"written to {Path(cfg.eval.out) / (report['method'] + '.json')} in {report['seconds']:.0f} s")
@@ -187,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train under Ray Train with ray.num_workers workers (a new run; `ray` in params)")
     p = add("evaluate", cmd_evaluate, "score trained models on the fixed test episode lists")
     p.add_argument("--method", help="a trained method, or `baseline` (default: model.method)")
+    p.add_argument("--targets", action="store_true",
+                   help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
+    p.add_argument("--fold", type=int, default=0, help="with --targets: the source fold's model (default 0)")
     return parser
 
 

@@ -238,6 +238,48 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     return report
 
 
+def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, shot: int | None = None,
+                     progress: bool = True, device: torch.device | None = None) -> dict[str, Any]:
+    """Cross-domain evaluation (PATNet protocol): the model trained on the source (fold `fold`, selected on
+    source-side validation episodes) scores every configured target's fixed 1-way lists, images and masks
+    at `eval.resized_size` (400). Per target: mIoU over its classes, mean and std over test seeds; and the
+    mean over targets. Written to `<eval.out>/targets/<method>-fold<k>.json`."""
+    from fssmeta.data.dataset import TargetSource
+    from fssmeta.data.episode_lists import target_list_path
+    from fssmeta.data.targets import read_target
+
+    device = device or default_device()
+    method = method or cfg.model.method
+    if not cfg.data.targets:
+        raise DataError("data.targets is empty: configure at least one cross-domain target")
+    shots = (shot,) if shot is not None else cfg.eval.shots
+    transform = TestTransform("resized", cfg.eval.resized_size)
+    results: dict[str, Any] = {}
+    for s in shots:
+        model = evaluation_model(cfg, fold, s, method, device)
+        for name, target in sorted(cfg.data.targets.items()):
+            target_set = read_target(name, target.layout, target.root)
+            source = TargetSource(target_set)
+            scores = []
+            for seed in cfg.episodes.test_seeds:
+                episodes = load_episode_list(target_list_path(cfg.episodes.out, name, s, seed))["episodes"]
+                episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
+                episodes = [{**ep, "class_id": ep["class_id"] + 1} for ep in episodes]  # 1-based ids
+                loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size)
+                meter = evaluate(model, loader, len(target_set.classes), amp=cfg.train.amp, progress=progress,
+                                 desc=f"{method} -> {name} {s}-shot seed {seed}")
+                scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
+                               "per_class": {target_set.classes[c - 1]: v for c, v in meter.per_class_iou().items()}})
+            results.setdefault(name, {})[f"{s}shot"] = _summarise(scores)
+    mean = {f"{s}shot": statistics.fmean(results[n][f"{s}shot"]["miou_mean"] for n in results) for s in shots}
+    report = {"method": method, "source_fold": fold, "protocol": {"resolution": "resized",
+              "size": cfg.eval.resized_size, "test_seeds": list(cfg.episodes.test_seeds),
+              "episodes_per_list": cfg.eval.episodes or "all", "checkpoint_selection": "source validation list"},
+              "results": results, "mean_over_targets": mean}
+    write_json_atomic(Path(cfg.eval.out) / "targets" / f"{method}-fold{fold}.json", report)
+    return report
+
+
 def learnable_parameters(cfg: Config, fold: int = 0) -> int:
     lists = load_fold(cfg.data.prepared, fold)
     return count_learnable(build_model(cfg.model.model_copy(update={"shot": cfg.train.shot}), base_classes=lists["base"]))

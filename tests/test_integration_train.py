@@ -64,3 +64,21 @@ def test_evaluate_without_training_names_the_missing_checkpoint(workspace, capsy
     _, args = workspace
     assert main(["evaluate", "--method", "pfenet", *args]) == 2
     assert "pfenet-1shot/best.pt: no trained pfenet for fold 0, 1-shot" in capsys.readouterr().err
+
+
+def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
+    root, args = workspace
+    targets = (f"data.targets={{gray: {{layout: deepglobe, root: {root}/syn/targets/gray}}, "
+               f"hazy: {{layout: fss1000, root: {root}/syn/targets/hazy}}}}")
+    extra = ["--set", targets, "--set", "episodes.target_episodes=8", "--set", "eval.resized_size=97"]
+    assert main(["episodes", *args, *extra]) == 0
+    for method in ("bam", "baseline"):
+        assert main(["evaluate", "--targets", "--method", method, *args, *extra]) == 0
+    assert "bam (source fold 0) -> gray: mIoU 1shot:" in capsys.readouterr().out
+    report = json.loads((root / "results/targets/bam-fold0.json").read_text())
+    assert set(report["results"]) == {"gray", "hazy"}
+    assert report["protocol"]["checkpoint_selection"] == "source validation list"
+    gray = report["results"]["gray"]["1shot"]
+    assert len(gray["seeds"]) == 2 and gray["seeds"][0]["episodes"] == 8
+    assert set(gray["seeds"][0]["per_class"]) <= {"1", "2", "3", "4"} and 0.0 <= gray["miou_mean"] <= 1.0
+    assert 0.0 < report["mean_over_targets"]["1shot"] <= 1.0

@@ -48,15 +48,18 @@ class IndexSource:
 
 
 class TargetSource:
-    """Samples of a cross-domain `TargetSet`, keyed by sample index; masks are already binary."""
+    """Samples of a cross-domain `TargetSet`, keyed by sample index; masks are already binary.
+
+    Class ids are 1-based like everywhere else in fssmeta (0 is background): id = class_index + 1.
+    """
 
     def __init__(self, target_set: Any) -> None:
         self.target_set = target_set
 
     def load(self, key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
         sample = self.target_set.samples[int(key)]
-        if sample.class_index != class_id:
-            raise DataError(f"target {self.target_set.name}: sample {key} is class {sample.class_index}, "
+        if sample.class_index + 1 != class_id:
+            raise DataError(f"target {self.target_set.name}: sample {key} is class {sample.class_index + 1}, "
                             f"the episode asks for {class_id}")
         return self.target_set.load(int(key))
 
