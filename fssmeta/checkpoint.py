@@ -99,11 +99,10 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state)
 
 
-def resume(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-           scheduler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint into the given objects and return the rest of it (step, epoch, config, extra)."""
-    payload = read_checkpoint(path)
-    load_model_state(model, payload["model"], path)
+def restore(payload: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+            scheduler: Any = None, restore_rng: bool = True, source: str | Path = "<checkpoint>") -> dict[str, Any]:
+    """Load a checkpoint payload (from a file, or one Ray handed back) into the given objects; return it."""
+    load_model_state(model, payload["model"], source)
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
@@ -111,3 +110,10 @@ def resume(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.O
     if restore_rng:
         set_rng_state(payload["rng"])
     return payload
+
+
+def resume(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+           scheduler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Load the checkpoint file at `path` into the given objects and return the rest of it (step, epoch, ...)."""
+    return restore(read_checkpoint(path), model=model, optimizer=optimizer, scheduler=scheduler,
+                   restore_rng=restore_rng, source=path)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fssmeta import distributed
-from fssmeta.checkpoint import read_checkpoint, resume
+from fssmeta.checkpoint import read_checkpoint, restore, resume
 from fssmeta.config import Config, TrainConfig, config_to_dict
 from fssmeta.data import folds
 from fssmeta.data.dataset import (
@@ -32,7 +32,7 @@ from fssmeta.data.prepare import load_fold, load_index
 from fssmeta.data.sampler import TrainEpisodeSampler
 from fssmeta.data.transforms import TestTransform, TrainTransform
 from fssmeta.losses import base_losses, episode_losses
-from fssmeta.models import build_model, count_learnable, load_base_learner
+from fssmeta.models import build_model, load_base_learner
 from fssmeta.models.baseline import PrototypeBaseline
 from fssmeta.models.pspnet import build_pspnet
 from fssmeta.train import FitResult, LossFn, Reporter, build_optimizer, build_scheduler, evaluate, fit
@@ -142,7 +142,8 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
     scheduler = build_scheduler(optimizer, tc.optim, tc.epochs * len(loader))
     run = checkpoint_dir or meta_dir(cfg, fold, tc.shot)
     if start is not None:
-        resume_payload = resume_from(start, model, optimizer, scheduler)
+        # A payload Ray handed back: every rank loads it; each rank keeps its own (seeded) RNG stream.
+        resume_payload = restore(start, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
     else:
         resume_payload = _resume_payload(run, model, optimizer, scheduler, resume_run)
     val_loader = validation_loader(cfg, fold, tc.shot)
@@ -161,20 +162,35 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
                grad_clip=tc.grad_clip, progress=progress, desc=f"{cfg.model.method} fold {fold} {tc.shot}-shot")
 
 
-def resume_from(payload: dict, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    """Load an in-memory checkpoint payload (e.g. one Ray handed back) into the training objects."""
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    return payload
-
-
 def _summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     mious = [s["miou"] for s in scores]
     fbs = [s["fb_iou"] for s in scores]
     # population std over seeds (numpy's default, as the multi-seed papers report it)
     return {"miou_mean": statistics.fmean(mious), "miou_std": statistics.pstdev(mious),
             "fbiou_mean": statistics.fmean(fbs), "fbiou_std": statistics.pstdev(fbs), "seeds": scores}
+
+
+def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], source: Any, transform: TestTransform,
+                 n_classes: int, progress: bool, desc: str, *, id_offset: int = 0,
+                 names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Score `model` on each seed's fixed list (the first `eval.episodes`); one score dict per seed.
+
+    `id_offset` shifts the lists' class ids (target lists count classes from 0, meters from 1); `names`
+    labels per-class IoUs by class name instead of id.
+    """
+    scores = []
+    for seed, path in paths.items():
+        episodes = load_episode_list(path)["episodes"]
+        episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
+        if id_offset:
+            episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
+        loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.eval.num_workers)
+        meter = evaluate(model, loader, n_classes, amp=cfg.train.amp, progress=progress, desc=f"{desc} seed {seed}")
+        per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
+        scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
+                       "per_class": per_class})
+    return scores
 
 
 def evaluation_model(cfg: Config, fold: int, shot: int, method: str, device: torch.device) -> torch.nn.Module:
@@ -211,17 +227,10 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     for fold in cfg.eval.folds:
         for shot in cfg.eval.shots:
             model = evaluation_model(cfg, fold, shot, method, device)
-            scores = []
-            for seed in cfg.episodes.test_seeds:
-                path = list_path(cfg.episodes.out, fold, "test", shot, cfg.eval.episode_order, seed)
-                episodes = load_episode_list(path)["episodes"]
-                episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
-                loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
-                                        num_workers=cfg.eval.num_workers)
-                meter = evaluate(model, loader, n_classes, amp=cfg.train.amp, progress=progress,
-                                 desc=f"{method} fold {fold} {shot}-shot seed {seed}")
-                scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
-                               "per_class": {str(c): v for c, v in meter.per_class_iou().items()}})
+            paths = {seed: list_path(cfg.episodes.out, fold, "test", shot, cfg.eval.episode_order, seed)
+                     for seed in cfg.episodes.test_seeds}
+            scores = _score_lists(cfg, model, paths, source, transform, n_classes, progress,
+                                  f"{method} fold {fold} {shot}-shot")
             results.setdefault(f"fold{fold}", {})[f"{shot}shot"] = _summarise(scores)
     mean = {}
     for shot in cfg.eval.shots:
@@ -260,16 +269,9 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
         for name, target in sorted(cfg.data.targets.items()):
             target_set = read_target(name, target.layout, target.root)
             source = TargetSource(target_set)
-            scores = []
-            for seed in cfg.episodes.test_seeds:
-                episodes = load_episode_list(target_list_path(cfg.episodes.out, name, s, seed))["episodes"]
-                episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
-                episodes = [{**ep, "class_id": ep["class_id"] + 1} for ep in episodes]  # 1-based ids
-                loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size)
-                meter = evaluate(model, loader, len(target_set.classes), amp=cfg.train.amp, progress=progress,
-                                 desc=f"{method} -> {name} {s}-shot seed {seed}")
-                scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
-                               "per_class": {target_set.classes[c - 1]: v for c, v in meter.per_class_iou().items()}})
+            paths = {seed: target_list_path(cfg.episodes.out, name, s, seed) for seed in cfg.episodes.test_seeds}
+            scores = _score_lists(cfg, model, paths, source, transform, len(target_set.classes), progress,
+                                  f"{method} -> {name} {s}-shot", id_offset=1, names=target_set.classes)
             results.setdefault(name, {})[f"{s}shot"] = _summarise(scores)
     mean = {f"{s}shot": statistics.fmean(results[n][f"{s}shot"]["miou_mean"] for n in results) for s in shots}
     report = {"method": method, "source_fold": fold, "protocol": {"resolution": "resized",
@@ -278,11 +280,6 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
               "results": results, "mean_over_targets": mean}
     write_json_atomic(Path(cfg.eval.out) / "targets" / f"{method}-fold{fold}.json", report)
     return report
-
-
-def learnable_parameters(cfg: Config, fold: int = 0) -> int:
-    lists = load_fold(cfg.data.prepared, fold)
-    return count_learnable(build_model(cfg.model.model_copy(update={"shot": cfg.train.shot}), base_classes=lists["base"]))
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ checkpoints and passes their path.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -106,7 +105,8 @@ def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, a
     model.eval()
     device = next(p for p in model.parameters()).device
     meter = IoUMeter(num_classes)
-    total = min(limit, len(loader)) if limit and hasattr(loader, "__len__") else (len(loader) if hasattr(loader, "__len__") else None)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    total = min(limit, total) if limit and total is not None else total
     show = progress and distributed.is_main_process()
     for i, episode in enumerate(tqdm(loader, total=total, desc=desc, disable=not show, unit="ep", leave=False)):
         if limit and i >= limit:
@@ -146,6 +146,7 @@ def fit(model: nn.Module, *, train_loader: Any, loss_fn: LossFn, optimizer: torc
     first_epoch = (start or {}).get("epoch", 0)
     main = distributed.is_main_process()
     steps_per_epoch = len(train_loader)
+    device = next(p for p in model.parameters()).device
     run_start = time.perf_counter()
     for epoch in range(first_epoch, epochs):
         if hasattr(train_loader, "dataset") and hasattr(train_loader.dataset, "set_epoch"):
@@ -155,7 +156,6 @@ def fit(model: nn.Module, *, train_loader: Any, loss_fn: LossFn, optimizer: torc
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),
                    unit="step", leave=False)
         for batch in bar:
-            device = next(p for p in model.parameters()).device
             losses = train_step(forward_model, to_device(batch, device), loss_fn, optimizer, scheduler,
                                 amp=amp, grad_clip=grad_clip)
             result.step += 1
@@ -191,8 +191,3 @@ def fit(model: nn.Module, *, train_loader: Any, loss_fn: LossFn, optimizer: torc
         if reporter is not None:
             reporter(metrics, checkpoint)
     return result
-
-
-def load_history(checkpoint_dir: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else {"history": []}
