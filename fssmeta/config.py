@@ -118,6 +118,37 @@ class EvalConfig(Section):
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
 
 
+class MemoryConfig(Section):
+    """RMT meta-memory (fssmeta/memory.py): restyles the mid-level features of any PFENet-family learner."""
+
+    enabled: bool = False
+    items: int = 64  # N memory items
+    momentum: float = 0.9  # EMA lambda of the writes
+    alpha: float = 0.5  # share of the instance's own style in the restyled feature (1 = no restyling)
+    top_k: int = 8  # items retrieved per read
+    temperature: float = 0.1  # softmax temperature of reads and writes (cosine similarities)
+    index: Literal["flat", "ivf", "torch"] = "flat"  # FAISS exact / IVF, or the torch exact path
+    nlist: int = 16  # IVF lists
+    contrast_weight: float = 0.1  # L_cont (category contrast over memory-restyled views)
+    contrast_temperature: float = 0.1
+
+
+class MiningConfig(Section):
+    """NTRENet non-target mining (fssmeta/mining.py): background and distracting-object elimination.
+
+    `enabled` switches it on for BAM (the flagship); the `ntrenet` method always mines and reads the weights.
+    """
+
+    enabled: bool = False
+    bg_weight: float = 1.0  # BG loss
+    aux_final_weight: float = 0.4  # deep supervision of the final (per-scale) heads
+    aux_initial_weight: float = 0.6  # deep supervision of the initial-prediction heads
+    pcl_weight: float = 0.01  # prototypical contrastive loss
+    pcl_temperature: float = 1.0
+    queue_size: int = 2000  # distractor prototypes kept per class
+    queue_sample: int = 1000  # negatives sampled per anchor
+
+
 class ModelConfig(Section):
     """Which method and backbone, and the sizes that decide its learnable parameters (METHODS.md)."""
 
@@ -133,6 +164,8 @@ class ModelConfig(Section):
     dropout: float = 0.1  # classifier heads
     feature_dropout: float = 0.5  # PFENet-family down_query / down_supp (the official constant)
     shot: int = 1  # shots the model is built for (BAM's k-shot weighting MLP exists only when > 1)
+    memory: MemoryConfig = MemoryConfig()
+    mining: MiningConfig = MiningConfig()
 
 
 class OptimConfig(Section):
