@@ -8,6 +8,13 @@ import torch.nn.functional as F
 from fssmeta.episode import Episode, SegOutput
 
 IGNORE_INDEX = 255  # VOC boundary / padding pixels: no loss, no metric (PROTOCOL.md 4)
+# Loss-dict entries named with this prefix are logged with the losses but never added to the minimised total.
+DIAGNOSTIC_PREFIX = "diag_"
+
+
+def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The minimised sum: every term except the diagnostics."""
+    return sum(v for k, v in losses.items() if not k.startswith(DIAGNOSTIC_PREFIX))
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fssmeta import distributed
+from fssmeta.config import MemoryConfig
+from fssmeta.models.ops import masked_average_pool
+
 IndexKind = Literal["flat", "ivf", "torch"]
 
 # Added to the variance before the square root, so constant feature maps give a finite std and f_norm.
@@ -29,9 +33,9 @@ def instance_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class MetaMemory(nn.Module):
     """N memory items {m_j, e_j} of C channels: m_j style means, e_j style stds (both buffers).
 
-    Not a submodule of the DDP-wrapped model: the training loop owns the bank, passes it to `forward` (which
-    only reads) and calls `write` once per step with statistics gathered from every rank, so all ranks apply
-    the same update. Items are updated by EMA only, never by gradients.
+    A model owns its bank through `MemoryTransfer` (so the items are saved in checkpoints, moved with the model
+    and served with it); in training it writes once per step with statistics gathered from every rank, so all
+    ranks apply the same update. Items are updated by EMA only, never by gradients.
 
     Reads: the means and the stds are searched separately (instance mu against the m_j, sigma against the
     e_j) by cosine similarity. A FAISS inner-product index over the L2-normalised items returns the top_k
@@ -215,3 +219,76 @@ class MetaMemory(nn.Module):
             f"num_items={self.num_items}, channels={self.channels}, momentum={self.momentum}, "
             f"alpha={self.alpha}, top_k={self.top_k}, temperature={self.temperature}, index={self.index_kind!r}"
         )
+
+
+def category_contrast_loss(raw_fg: torch.Tensor, styled_fg: torch.Tensor, raw_bg: torch.Tensor,
+                           styled_bg: torch.Tensor, class_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """RMT's L_cont = 1/(2|B|) sum_i -log(pos(i) / (pos(i) + neg(i))) over both views as anchors.
+
+    Each argument is (B, D) prototypes of the query: its class (fg) and its background (bg), from the raw and
+    the memory-restyled feature. Anchor raw_fg[i]: the positive is styled_fg[i] (same category, other style);
+    the negatives are styled_fg[j] of every episode of another class and styled_bg[i] (so a batch of one still
+    has a negative); then the same with the views swapped. Cosine similarity / temperature.
+    Approximate: the paper gives the form, not which prototypes form the negatives.
+    """
+    B = raw_fg.shape[0]
+    other_class = (class_ids[:, None] != class_ids[None, :]).to(raw_fg.dtype)  # (B, B)
+    terms = []
+    for anchor, fg, bg in ((raw_fg, styled_fg, styled_bg), (styled_fg, raw_fg, raw_bg)):
+        a = F.normalize(anchor, dim=1)
+        pos = (a * F.normalize(fg, dim=1)).sum(1) / temperature  # (B,)
+        cross = a @ F.normalize(fg, dim=1).t() / temperature  # (B, B)
+        own_bg = (a * F.normalize(bg, dim=1)).sum(1) / temperature  # (B,)
+        # log(exp(pos) + sum_neg exp(neg)) over [pos, own bg, other-class fgs]; masked-out pairs get -inf.
+        masked = cross.masked_fill(other_class == 0, float("-inf"))
+        logits = torch.cat([pos[:, None], own_bg[:, None], masked], 1)  # (B, 2 + B)
+        terms.append(torch.logsumexp(logits, dim=1) - pos)
+    return torch.cat(terms).sum() / (2 * B)
+
+
+class MemoryTransfer(nn.Module):
+    """The RMT memory as a model part: restyles mid-level features, writes source statistics in training and
+    computes the category contrastive loss. Any PFENet-family model holds one (or None) as `self.memory`.
+
+    In training every forward writes the instance statistics of the RAW (unstyled) query and support features,
+    gathered over ranks (`distributed.all_gather_cat`), so all DDP ranks hold identical banks. In eval mode the
+    bank is only read: target-domain features are restyled towards the stored source styles.
+    """
+
+    def __init__(self, cfg: MemoryConfig, channels: int) -> None:
+        super().__init__()
+        self.bank = MetaMemory(num_items=cfg.items, channels=channels, momentum=cfg.momentum, alpha=cfg.alpha,
+                               top_k=cfg.top_k, temperature=cfg.temperature, index=cfg.index, nlist=cfg.nlist)
+        self.contrast_weight = cfg.contrast_weight
+        self.contrast_temperature = cfg.contrast_temperature
+
+    def restyle(self, feat: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, C, h, w) memory-restyled (alpha mixing of own and memory styles)."""
+        return self.bank.enhance(feat)
+
+    @torch.no_grad()
+    def observe(self, *feats: torch.Tensor) -> None:
+        """Write the per-instance statistics of (N_i, C, h, w) source features; a no-op in eval mode."""
+        if not self.training:
+            return
+        stats = [instance_stats(f.detach().float()) for f in feats]
+        mu = torch.cat([m for m, _ in stats])
+        sigma = torch.cat([s for _, s in stats])
+        self.bank.write(mu, sigma, gather=distributed.all_gather_cat)
+
+    def contrast_loss(self, raw: torch.Tensor, styled: torch.Tensor, labels: torch.Tensor,
+                      class_ids: torch.Tensor) -> torch.Tensor:
+        """Weighted L_cont from (B, D, h, w) raw / restyled query features and (B, H, W) 0/1/255 labels."""
+        fg, bg = (labels == 1).to(raw.dtype), (labels == 0).to(raw.dtype)
+        loss = category_contrast_loss(masked_average_pool(raw, fg), masked_average_pool(styled, fg),
+                                      masked_average_pool(raw, bg), masked_average_pool(styled, bg),
+                                      class_ids, self.contrast_temperature)
+        return self.contrast_weight * loss
+
+    def orthogonality(self) -> torch.Tensor:
+        return self.bank.orthogonality_loss()
+
+
+def build_memory(cfg: MemoryConfig, channels: int) -> MemoryTransfer | None:
+    """The model's memory part when `model.memory.enabled`, else None."""
+    return MemoryTransfer(cfg, channels) if cfg.enabled else None

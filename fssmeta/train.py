@@ -24,7 +24,7 @@ from fssmeta.checkpoint import save_checkpoint
 from fssmeta.config import OptimConfig
 from fssmeta.data.io import write_json_atomic
 from fssmeta.episode import Episode
-from fssmeta.losses import resize_logits
+from fssmeta.losses import resize_logits, total_loss
 from fssmeta.metrics import IoUMeter
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
@@ -79,7 +79,7 @@ def train_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.o
     device = next(p for p in model.parameters()).device
     with autocast(device, amp):
         losses = loss_fn(model, batch)
-    total = sum(losses.values())
+    total = total_loss(losses)
     if not torch.isfinite(total):
         values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
         raise FloatingPointError(f"non-finite loss ({values}); lower the learning rate (train.optim.lr) "

@@ -9,16 +9,29 @@ Follows chunbolang/BAM `model/BAM.py`. Two deliberate differences, both marked a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fssmeta import memory as rmt
 from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, freeze_
-from fssmeta.models.pfenet import classifier, meta_inputs, reduce_block, residual_pair
+from fssmeta.models.pfenet import (
+    classifier,
+    memory_losses,
+    meta_inputs,
+    mid_channels,
+    reduce_block,
+    residual_pair,
+)
 from fssmeta.models.pspnet import PSPNet, build_pspnet
+
+if TYPE_CHECKING:
+    from fssmeta.memory import MemoryTransfer
 
 # BAM's K-shot reweighting width (`kshot_trans_dim: 2` in every official config): 11 * 2 + shot parameters,
 # i.e. the paper's +27 at 5 shots.
@@ -38,7 +51,7 @@ class BAM(nn.Module):
 
     def __init__(self, *, base_learner: PSPNet, base_classes: list[int], reduce_dim: int = 256,
                  aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, feature_dropout: float = 0.5,
-                 shot: int = 1) -> None:
+                 shot: int = 1, memory: MemoryTransfer | None = None) -> None:
         super().__init__()
         if len(base_classes) + 1 != base_learner.num_classes:
             raise ValueError(f"BAM: {len(base_classes)} base classes but the base learner predicts "
@@ -48,7 +61,8 @@ class BAM(nn.Module):
         self.register_buffer("base_classes", torch.tensor(sorted(base_classes), dtype=torch.long))
         self.shot = shot
         backbone = base_learner.backbone
-        mid_dim = backbone.channels["layer3"] + backbone.channels["layer2"]
+        mid_dim = mid_channels(backbone)
+        self.memory = memory  # RMT feature restyling (fssmeta.memory), or None
         self.down_query = reduce_block(mid_dim, reduce_dim, feature_dropout)
         self.down_supp = reduce_block(mid_dim, reduce_dim, feature_dropout)
         self.init_merge = nn.Sequential(nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
@@ -104,12 +118,11 @@ class BAM(nn.Module):
             prob = prob * (~own).to(prob.dtype)[:, :, None, None]
         return prob.sum(dim=1, keepdim=True)
 
-    def forward(self, episode: Episode, memory: object | None = None) -> SegOutput:
-        """`memory` is unused (BAM has none); accepted for the common model signature."""
+    def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
         B, S = episode.support_imgs.shape[:2]
-        query, support, query_feat, prototypes, priors = meta_inputs(
-            self.backbone, self.down_query, self.down_supp, episode)  # see pfenet.MetaInputs for shapes
+        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
+        query, support, query_feat, prototypes, priors = inputs[:5]  # see pfenet.MetaInputs for shapes
         h, w = query_feat.shape[-2:]
 
         # psi: how different the query's and each support's low-level (layer2) styles are.
@@ -137,7 +150,7 @@ class BAM(nn.Module):
         out_size = query_img.shape[-2:]
         logits = F.interpolate(final, size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)
         aux = [F.interpolate(meta_logits, size=out_size, mode="bilinear", align_corners=True)] if self.training else []
-        return SegOutput(logits, aux, {})
+        return SegOutput(logits, aux, memory_losses(self.memory, inputs.losses))
 
 
 def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
@@ -145,4 +158,4 @@ def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
     base_learner = build_pspnet(cfg, 1 + len(base_classes))
     return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=cfg.reduce_dim,
                aspp_dilations=cfg.aspp_dilations, dropout=cfg.dropout, feature_dropout=cfg.feature_dropout,
-               shot=cfg.shot)
+               shot=cfg.shot, memory=rmt.build_memory(cfg.memory, mid_channels(base_learner.backbone)))

@@ -25,7 +25,7 @@ class PrototypeBaseline(nn.Module):
         self.backbone.eval()  # frozen: BN statistics stay fixed
         return self
 
-    def forward(self, episode: Episode, memory: object = None) -> SegOutput:
+    def forward(self, episode: Episode) -> SegOutput:
         B, S, _, H, W = episode.support_imgs.shape
         query = self.backbone(episode.query_img)["layer4"]  # (B, C, h, w)
         support = self.backbone(episode.support_imgs.flatten(0, 1))["layer4"]  # (B*S, C, h, w)

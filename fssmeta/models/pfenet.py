@@ -8,16 +8,21 @@ are exactly PFENet's. The support-feature helpers here are shared with BAM, whos
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fssmeta import memory as rmt
 from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode, SegOutput
+from fssmeta.losses import DIAGNOSTIC_PREFIX
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
+
+if TYPE_CHECKING:  # fssmeta.memory imports fssmeta.models.ops: a runtime import here would be circular
+    from fssmeta.memory import MemoryTransfer
 
 
 class SupportFeatures(NamedTuple):
@@ -70,19 +75,37 @@ class MetaInputs(NamedTuple):
     query_feat: torch.Tensor  # (B, D, h, w) reduced mid-level query feature
     prototypes: torch.Tensor  # (B, S, D) masked-average support prototype per shot
     priors: torch.Tensor  # (B, S, h, w) prior mask per shot
+    supp_feat: torch.Tensor  # (B*S, D, h, w) reduced mid-level support features, shot-major per episode
+    losses: dict[str, torch.Tensor]  # weighted losses of the memory (training only), else empty
 
 
-def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module, episode: Episode) -> MetaInputs:
-    """Frozen features, reduced mid-level features, per-shot prototypes and priors (PFENet, BAM, ...)."""
+def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module, episode: Episode,
+                memory: MemoryTransfer | None = None) -> MetaInputs:
+    """Frozen features, reduced mid-level features, per-shot prototypes and priors (PFENet, BAM, ...).
+
+    With a `memory` (RMT), the mid-level concat(layer3, layer2) features of query and supports are restyled by
+    the memory before the reduction; in training the raw statistics are written to the bank and the category
+    contrastive loss compares the raw and restyled query views.
+    """
     B, S = episode.support_imgs.shape[:2]
     with torch.no_grad():
         query = backbone(episode.query_img)
     support = support_features(backbone, episode.support_imgs, episode.support_masks)
-    query_feat = down_query(torch.cat([query["layer3"], query["layer2"]], 1))  # (B, D, h, w)
-    supp_feat = down_supp(torch.cat([support.layer3, support.layer2], 1))  # (B*S, D, h, w)
+    query_mid = torch.cat([query["layer3"], query["layer2"]], 1)  # (B, C3 + C2, h, w)
+    supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
+    losses: dict[str, torch.Tensor] = {}
+    if memory is None:
+        query_feat, supp_feat = down_query(query_mid), down_supp(supp_mid)  # (B, D, h, w), (B*S, D, h, w)
+    else:
+        query_feat, supp_feat = down_query(memory.restyle(query_mid)), down_supp(memory.restyle(supp_mid))
+        if memory.training:
+            if memory.contrast_weight > 0:
+                losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
+                                                                 episode.query_mask, episode.class_id)
+            memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
     prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
     priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))
-    return MetaInputs(query, support, query_feat, prototypes, priors)
+    return MetaInputs(query, support, query_feat, prototypes, priors, supp_feat, losses)
 
 
 def reduce_block(in_dim: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
@@ -120,12 +143,14 @@ class PFENet(nn.Module):
     """Prior-guided feature enrichment network; the backbone is frozen and kept in eval mode."""
 
     def __init__(self, *, backbone: ResNet, reduce_dim: int = 256, pyramid_bins: tuple[int, ...] = (60, 30, 15, 8),
-                 dropout: float = 0.1, feature_dropout: float = 0.5, shot: int = 1) -> None:
+                 dropout: float = 0.1, feature_dropout: float = 0.5, shot: int = 1,
+                 memory: MemoryTransfer | None = None) -> None:
         super().__init__()
         self.backbone = freeze_(backbone)
+        self.memory = memory  # RMT feature restyling (fssmeta.memory), or None
         self.pyramid_bins = tuple(pyramid_bins)
         self.shot = shot  # shots it is trained for; forward averages over however many an episode has
-        mid_dim = backbone.channels["layer3"] + backbone.channels["layer2"]  # 1024 + 512 at ResNet-50
+        mid_dim = mid_channels(backbone)
         self.down_query = reduce_block(mid_dim, reduce_dim, feature_dropout)
         self.down_supp = reduce_block(mid_dim, reduce_dim, feature_dropout)
         # Feature enrichment: per scale, merge [query, prototype, prior]; from the second scale on, also merge
@@ -151,10 +176,9 @@ class PFENet(nn.Module):
         self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
         return self
 
-    def forward(self, episode: Episode, memory: object | None = None) -> SegOutput:
-        """`memory` is unused (PFENet has none); accepted for the common model signature."""
+    def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
-        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode)
+        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
         query_feat = inputs.query_feat  # (B, D, h, w)
         size = (query_feat.shape[-2], query_feat.shape[-1])
         prototype = inputs.prototypes.mean(1)  # (B, D): k-shot averages the prototypes ...
@@ -180,11 +204,26 @@ class PFENet(nn.Module):
         out_size = query_img.shape[-2:]
         logits = F.interpolate(self.cls(feat), size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)
         aux = [F.interpolate(x, size=out_size, mode="bilinear", align_corners=True) for x in inner_logits]
-        return SegOutput(logits, aux, {})
+        return SegOutput(logits, aux, memory_losses(self.memory, inputs.losses))
+
+
+def memory_losses(memory: MemoryTransfer | None, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The memory's weighted losses plus its orthogonality as a diagnostic (logged, not minimised)."""
+    if memory is None or not memory.training:
+        return losses
+    return {**losses, DIAGNOSTIC_PREFIX + "memory_orth": memory.orthogonality()}
+
+
+def mid_channels(backbone: ResNet) -> int:
+    """Width of the mid-level concat(layer3, layer2) features: 1024 + 512 at ResNet-50."""
+    return backbone.channels["layer3"] + backbone.channels["layer2"]
 
 
 def build(cfg: ModelConfig, *, base_classes: list[int]) -> PFENet:
     """PFENet on a frozen deep-stem backbone; `base_classes` is unused (no base learner)."""
+    if cfg.mining.enabled:
+        raise ValueError("model.mining.enabled: PFENet with non-target mining is NTRENet; set model.method: ntrenet")
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
     return PFENet(backbone=backbone, reduce_dim=cfg.reduce_dim, pyramid_bins=cfg.pyramid_bins,
-                  dropout=cfg.dropout, feature_dropout=cfg.feature_dropout, shot=cfg.shot)
+                  dropout=cfg.dropout, feature_dropout=cfg.feature_dropout, shot=cfg.shot,
+                  memory=rmt.build_memory(cfg.memory, mid_channels(backbone)))
