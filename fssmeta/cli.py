@@ -142,15 +142,12 @@ def _train_ray(cfg: Config, *, progress: bool) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fssmeta.experiment import evaluate_method, evaluate_targets, format_report
+    from fssmeta.experiment import evaluate_method, evaluate_targets, format_report, format_target_report
 
     cfg = _config(args)
     if args.targets:
-        report = evaluate_targets(cfg, args.method, fold=args.fold, progress=not args.quiet)
-        for name, per_shot in report["results"].items():
-            cells = ", ".join(f"{s}: {100 * r['miou_mean']:.1f} +- {100 * r['miou_std']:.1f}" for s, r in per_shot.items())
-            print(f"{report['method']} (source fold {args.fold}) -> {name}: mIoU {cells}")
-        print("mean over targets: " + ", ".join(f"{s} {100 * v:.1f}" for s, v in report["mean_over_targets"].items()))
+        fold = cfg.eval.target_fold if args.fold is None else args.fold
+        print(format_target_report(evaluate_targets(cfg, args.method, fold=fold, progress=not args.quiet)))
         return 0
     report = evaluate_method(cfg, args.method, progress=not args.quiet)
     print(format_report(report))
@@ -196,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="a trained method, or `baseline` (default: model.method)")
     p.add_argument("--targets", action="store_true",
                    help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
-    p.add_argument("--fold", type=int, default=0, help="with --targets: the source fold's model (default 0)")
+    p.add_argument("--fold", type=int, default=None,
+                   help="with --targets: the source fold's model (default: eval.target_fold)")
     return parser
 
 

@@ -116,6 +116,7 @@ class EvalConfig(Section):
     num_workers: int = 0
     out: str = "results"
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
+    target_fold: int = 0  # cross-domain: the source fold whose models score every data.targets list
 
 
 class MemoryConfig(Section):

@@ -296,3 +296,16 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("cells: mIoU mean +- std over seeds (FB-IoU), in %")
     return "\n".join(lines)
 
+
+
+def format_target_report(report: dict[str, Any]) -> str:
+    """Cross-domain table: per target and shot, mIoU mean +- std over seeds; the mean over targets."""
+    shots = list(report["mean_over_targets"])
+    lines = [f"{report['method']} (source fold {report['source_fold']}) on the targets, "
+             f"{report['protocol']['resolution']} {report['protocol']['size']}",
+             "target    " + "".join(f"{s:>18}" for s in shots)]
+    for name, per_shot in report["results"].items():
+        lines.append(f"{name:<10}" + "".join(f"{100 * r['miou_mean']:>10.1f} +- {100 * r['miou_std']:4.1f}"
+                                              for r in per_shot.values()))
+    lines.append("mean      " + "".join(f"{100 * v:>18.1f}" for v in report["mean_over_targets"].values()))
+    return "\n".join(lines)

@@ -64,7 +64,8 @@ def background_loss(bg_logits: Tensor, labels: Tensor) -> Tensor:
 
     Per image, CE towards "not background" summed over the ground-truth foreground and divided by its area
     (+1e-5), averaged over images; plus 0.5 * CE towards "background" averaged over all non-255 pixels.
-    Logits are resized to the labels first (bilinear, align_corners=True).
+    Logits are resized to the labels first (bilinear, align_corners=True). Approximate: the official
+    "background" term also covers 255 pixels (its targets are all ones, so nothing is ignored).
     """
     logits = resize_logits(bg_logits, labels.shape[-2:]).float()  # (N, 2, H, W)
     log_prob = logits.log_softmax(dim=1)
@@ -97,7 +98,7 @@ def distractor_mask(bg_logits: Tensor, init_logits: Tensor) -> Tensor:
     """
     bg = bg_logits.argmax(dim=1, keepdim=True)
     target = init_logits.argmax(dim=1, keepdim=True)
-    return F.relu(1 - bg - target).to(bg_logits.dtype)
+    return (1 - bg - target).clamp_min(0).to(bg_logits.dtype)
 
 
 class DistractorElimination(nn.Module):

@@ -68,6 +68,39 @@ def markdown_table(collected: dict[str, dict[str, Any]], shots: tuple[int, ...])
     return "\n".join(lines) + "\n"
 
 
+def collect_targets(cfg: Config, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Cross-domain results (`<eval.out>/targets/<method>-fold<eval.target_fold>.json`) of the methods that
+    have them; empty when no target was configured."""
+    found = {}
+    for method in methods:
+        path = Path(cfg.eval.out) / "targets" / f"{method}-fold{cfg.eval.target_fold}.json"
+        if path.is_file():
+            found[method] = read_json(path, f"cross-domain evaluation of {method}")
+    return found
+
+
+def target_metrics(collected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`dvc metrics show` view of the cross-domain results: per method and shot, each target and the mean."""
+    return {method: {shot: {"mean": mean, **{name: r[shot]["miou_mean"] for name, r in report["results"].items()}}
+                     for shot, mean in report["mean_over_targets"].items()}
+            for method, report in collected.items()}
+
+
+def targets_markdown(collected: dict[str, dict[str, Any]]) -> str:
+    """Per target and shot: mIoU mean +- std over seeds, and the mean over targets."""
+    first = next(iter(collected.values()))
+    names = list(first["results"])
+    lines = ["| method | shot | " + " | ".join(names) + " | mean |", "|" + "---|" * (len(names) + 3)]
+    for method, report in collected.items():
+        for shot, mean in report["mean_over_targets"].items():
+            cells = [f"{100 * report['results'][n][shot]['miou_mean']:.1f} ± {100 * report['results'][n][shot]['miou_std']:.1f}"
+                     for n in names]
+            lines.append(f"| {method} | {shot.removesuffix('shot')} | " + " | ".join(cells) + f" | **{100 * mean:.1f}** |")
+    lines += ["", f"Source fold {first['source_fold']}; 1-way episodes per target; protocol: "
+              + ", ".join(f"{k}={v}" for k, v in first["protocol"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -159,17 +192,23 @@ def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str
     collected = collect(cfg, methods)
     table = metrics(collected, cfg.eval.shots)
     protocol = next(iter(collected.values()))["protocol"]
-    write_json_atomic(out / "metrics.json", {"protocol": protocol, **table})
-    write_text_atomic(out / "report.md", "# Results\n\n" + markdown_table(collected, cfg.eval.shots)
-                      + "\n![training curves](plots/training_curves.png)\n![per-class IoU](plots/per_class_iou.png)\n"
-                      + "![qualitative](plots/qualitative.png)\n")
+    targets = collect_targets(cfg, methods)
+    cross = {"cross_domain": target_metrics(targets)} if targets else {}
+    write_json_atomic(out / "metrics.json", {"protocol": protocol, **table, **cross})
+    sections = ["# Results\n\n## In-domain (novel classes of the source dataset)\n\n"
+                + markdown_table(collected, cfg.eval.shots)]
+    if targets:
+        sections.append("## Cross-domain (PATNet protocol)\n\n" + targets_markdown(targets))
+    sections.append("![training curves](plots/training_curves.png)\n![per-class IoU](plots/per_class_iou.png)\n"
+                    "![qualitative](plots/qualitative.png)\n")
+    write_text_atomic(out / "report.md", "\n".join(sections))
     plots = out / "plots"
     plot_training_curves(histories, plots / "training_curves.png")
     plot_per_class(collected, cfg.eval.shots[0], class_names(cfg.data.dataset), plots / "per_class_iou.png")
     if qualitative_model is not None:
         plot_qualitative(cfg, qualitative_model, cfg.eval.folds[0], cfg.eval.shots[0], plots / "qualitative.png",
                          cfg.report.qualitative_episodes)
-    return table
+    return {**table, **cross}
 
 
 def load_histories(cfg: Config, run_dirs: dict[str, Path]) -> dict[str, list[dict[str, float]]]:

@@ -23,9 +23,11 @@ def main() -> None:
     for fold in cfg.eval.folds:
         for shot in cfg.eval.shots:
             scores = table[method][f"{shot}shot"][f"fold{fold}"]
-            info = register_model(cfg, checkpoint=meta_dir(cfg, fold, shot) / "best.pt",
-                                  metrics={"miou": scores["miou"], "miou_std": scores["miou_std"],
-                                           "fb_iou": scores["fb_iou"]},
+            metrics = {"miou": scores["miou"], "miou_std": scores["miou_std"], "fb_iou": scores["fb_iou"]}
+            cross = table.get("cross_domain", {}).get(method, {}).get(f"{shot}shot")
+            if cross and fold == cfg.eval.target_fold:  # the per-domain scores promotion compares
+                metrics |= {f"target_{name}_miou": value for name, value in cross.items()}
+            info = register_model(cfg, checkpoint=meta_dir(cfg, fold, shot) / "best.pt", metrics=metrics,
                                   tags=protocol_tags(cfg, fold=fold, shot=shot), fold=fold, shot=shot,
                                   base_classes=load_fold(cfg.data.prepared, fold)["base"])
             versions.append({"fold": fold, "shot": shot, **info})

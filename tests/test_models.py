@@ -1,5 +1,6 @@
 """Every registered method: shapes at 1 and 5 shots, gradients only where trainable, frozen BN, determinism,
-state-dict round trip, published learnable-parameter counts; plus BAM's base map and the registry helpers."""
+state-dict round trip, published learnable-parameter counts; plus BAM's base map, NTRENet's distractor queue and
+the registry helpers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode
+from fssmeta.losses import DIAGNOSTIC_PREFIX
 from fssmeta.models import METHODS, build_model, count_learnable, load_base_learner
 from fssmeta.models.pspnet import build_pspnet
 
@@ -48,12 +50,12 @@ def make_episode(shot: int, batch: int = 2, seed: int = 0, class_ids: tuple[int,
 
 
 def episode_loss(output, episode: Episode) -> torch.Tensor:
-    """What the training loop computes: CE(logits) + 1.0 * mean CE(aux)."""
+    """What the training loop computes: CE(logits) + 1.0 * mean CE(aux) + the method's own (weighted) losses."""
     loss = F.cross_entropy(output.logits, episode.query_mask, ignore_index=255)
     if output.aux_logits:
         aux = [F.cross_entropy(a, episode.query_mask, ignore_index=255) for a in output.aux_logits]
         loss = loss + torch.stack(aux).mean()
-    return loss
+    return loss + sum(v for k, v in output.extra_losses.items() if not k.startswith(DIAGNOSTIC_PREFIX))
 
 
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
@@ -74,7 +76,9 @@ def test_forward_backward(method: str, shot: int):
 
     output = model(episode)
     assert output.logits.shape == (2, 2, SIZE, SIZE)
-    assert output.aux_logits and all(a.shape == (2, 2, SIZE, SIZE) for a in output.aux_logits)
+    # Deep supervision: aux logits the loop supervises, or (NTRENet) terms the model computes itself.
+    assert output.aux_logits or output.extra_losses
+    assert all(a.shape == (2, 2, SIZE, SIZE) for a in output.aux_logits)
     loss = episode_loss(output, episode)
     assert torch.isfinite(loss)
     loss.backward()
@@ -125,6 +129,37 @@ def test_reference_parameter_counts():
     assert count_learnable(bam5) - count_learnable(bam1) == 27
 
 
+def test_ntrenet_reference_parameter_count():
+    """NTRENet at ResNet-50, reduce_dim 256: the paper's ~20.9M (official layout: 20,846,868)."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(method="ntrenet", backbone="resnet50"), base_classes=PASCAL_FOLD0_BASE)
+    assert count_learnable(model) == 20_846_868
+    assert abs(count_learnable(model) - 20.9e6) / 20.9e6 < 0.02
+
+
+def test_ntrenet_queue_fills_in_training_only():
+    model = make_model("ntrenet")
+    with torch.no_grad():  # "not background" everywhere: every non-target pixel is a distractor
+        model.background.head[-1].bias.copy_(torch.tensor([10.0, -10.0]))
+    episode = make_episode(1)
+    with torch.no_grad():
+        model.eval()(episode)
+    assert len(model.distractor_queue) == 0
+
+    first = model.train()(episode)
+    assert len(model.distractor_queue) == 4  # per episode one query and one support prototype
+    assert first.extra_losses["pcl"] == 0  # the batch is not its own negative: the queue was empty
+    second = model(episode)
+    assert len(model.distractor_queue) == 8
+    assert second.extra_losses["pcl"] > 0
+    assert model.distractor_queue.negatives(7).shape == (4, 32)
+    assert not model.distractor_queue.negatives(7).requires_grad
+    with torch.no_grad():
+        model.eval()(episode)
+    assert len(model.distractor_queue) == 8
+    assert not any("queue" in k for k in model.state_dict())
+
+
 def test_count_learnable_counts_shared_tensors_once():
     shared = nn.Linear(3, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared)
@@ -153,7 +188,7 @@ def test_bam_rejects_mismatched_shots():
 
 
 def test_build_model_unknown_method():
-    with pytest.raises(ValueError, match=r"model\.method.*'nope'.*bam, pfenet"):
+    with pytest.raises(ValueError, match=r"model\.method.*'nope'.*bam, ntrenet, pfenet"):
         build_model(ModelConfig(method="nope"), base_classes=PASCAL_FOLD0_BASE)
 
 

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from fssmeta.config import ModelConfig
-from fssmeta.models import bam, pfenet
+from fssmeta.models import bam, ntrenet, pfenet
 
 # The one list of methods: key = `model.method` in params.yaml, value = the method file's builder.
-METHODS: dict[str, Callable[..., nn.Module]] = {"pfenet": pfenet.build, "bam": bam.build}
+METHODS: dict[str, Callable[..., nn.Module]] = {"pfenet": pfenet.build, "bam": bam.build, "ntrenet": ntrenet.build}
 
 
 def build_model(cfg: ModelConfig, *, base_classes: list[int]) -> nn.Module:

@@ -5,6 +5,12 @@ Follows chunbolang/BAM `model/BAM.py`. Two deliberate differences, both marked a
   CrossEntropyLoss straight to them; softmax(logits) is therefore exactly what BAM's loss and argmax see.
 - the whole base learner is in eval mode; BAM's trainer only fixes BN, leaving the base head's Dropout2d(0.1)
   active while meta-training (our base map is deterministic).
+
+fssmeta's flagship is this BAM with two switches from params (all four combinations are valid):
+`model.memory.enabled` restyles the mid-level features with the RMT meta-memory (fssmeta/memory.py) and
+`model.mining.enabled` inserts NTRENet's non-target mining (fssmeta/mining.py: background mining and
+elimination, an initial prediction, distracting-object elimination, the prototypical contrastive loss)
+between the prior merge and BAM's ASPP. BAM's base-learner ensemble is the third, always-on, piece.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fssmeta import memory as rmt
-from fssmeta.config import ModelConfig
+from fssmeta import mining as ntm
+from fssmeta.config import MiningConfig, ModelConfig
 from fssmeta.episode import Episode, SegOutput
+from fssmeta.losses import cross_entropy
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, freeze_
 from fssmeta.models.pfenet import (
+    MetaInputs,
     classifier,
     memory_losses,
     meta_inputs,
@@ -51,7 +60,7 @@ class BAM(nn.Module):
 
     def __init__(self, *, base_learner: PSPNet, base_classes: list[int], reduce_dim: int = 256,
                  aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, feature_dropout: float = 0.5,
-                 shot: int = 1, memory: MemoryTransfer | None = None) -> None:
+                 shot: int = 1, memory: MemoryTransfer | None = None, mining: MiningConfig | None = None) -> None:
         super().__init__()
         if len(base_classes) + 1 != base_learner.num_classes:
             raise ValueError(f"BAM: {len(base_classes)} base classes but the base learner predicts "
@@ -75,6 +84,16 @@ class BAM(nn.Module):
         self.gram_merge = pass_through_conv()
         # final bg = w0 * meta bg + w1 * base map, starting at the meta bg.
         self.cls_merge = pass_through_conv()
+        # NTRENet's non-target mining on the meta learner (the flagship), or None.
+        self.mining = mining
+        if mining is not None:
+            self.bgmm = ntm.BackgroundMining(reduce_dim, dropout=dropout, feature_dropout=feature_dropout)
+            self.bgem = ntm.BackgroundElimination(reduce_dim)
+            self.init_res = residual_pair(reduce_dim)
+            self.init_cls = classifier(reduce_dim, dropout)
+            self.doem = ntm.DistractorElimination(reduce_dim)
+            self.queue = ntm.DistractorQueue(reduce_dim, mining.queue_size, mining.queue_sample)
+            self._pending_distractors: tuple[torch.Tensor, torch.Tensor] | None = None
         if shot > 1:
             # Scores the sorted per-shot psi values; softmax of the scores weights the shots.
             self.kshot_rw = nn.Sequential(
@@ -133,10 +152,18 @@ class BAM(nn.Module):
         prior = (weights[:, :, None, None] * priors).sum(1, keepdim=True)  # (B, 1, h, w)
         prototype = (weights[:, :, None] * prototypes).sum(1)  # (B, D)
 
-        merged = torch.cat([query_feat, prototype[:, :, None, None].expand(-1, -1, h, w), prior], 1)
-        feat = self.res1_meta(self.aspp(self.init_merge(merged)))  # (B, D, h, w)
+        losses = dict(inputs.losses)
+        tiled_prototype = prototype[:, :, None, None].expand(-1, -1, h, w)
+        if self.mining is None:
+            feat = self.init_merge(torch.cat([query_feat, tiled_prototype, prior], 1))  # (B, D, h, w)
+        else:
+            feat, mining_losses = self._mine(inputs, query_feat, tiled_prototype, prior, episode)
+            losses |= mining_losses
+        feat = self.res1_meta(self.aspp(feat))  # (B, D, h, w)
         feat = self.res2_meta(feat) + feat
         meta_logits = self.cls_meta(feat)  # (B, 2, h, w)
+        if self.mining is not None and self.training and self.mining.pcl_weight > 0:
+            losses["pcl"] = self._contrast(query_feat, meta_logits, prototype, episode.class_id)
 
         # Ensemble at feature size: calibrate the meta probabilities by psi, then let the base learner's
         # "some base class is here" map lower the foreground through the background channel.
@@ -150,7 +177,46 @@ class BAM(nn.Module):
         out_size = query_img.shape[-2:]
         logits = F.interpolate(final, size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)
         aux = [F.interpolate(meta_logits, size=out_size, mode="bilinear", align_corners=True)] if self.training else []
-        return SegOutput(logits, aux, memory_losses(self.memory, inputs.losses))
+        return SegOutput(logits, aux, memory_losses(self.memory, losses))
+
+    def _mine(self, inputs: MetaInputs, query_feat: torch.Tensor, tiled_prototype: torch.Tensor,
+              prior: torch.Tensor, episode: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """NTRENet's non-target mining at BAM's single scale: BGMM -> BGEM -> initial prediction -> DOEM.
+
+        Returns the (B, D, h, w) feature for BAM's ASPP and, in training, the weighted BG and initial-head
+        losses. Approximate: NTRENet mines at every PFENet pyramid scale; BAM's meta learner has one.
+        """
+        bg_logits = self.bgmm(query_feat)  # (B, 2, h, w), channel 1 = background
+        query_clean = self.bgem(query_feat, self.bgmm.prototype())
+        merged = self.init_merge(torch.cat([query_clean, tiled_prototype, prior], 1))
+        merged = self.init_res(merged) + merged
+        init_logits = self.init_cls(merged)  # (B, 2, h, w)
+        do_mask = ntm.distractor_mask(bg_logits, init_logits)  # (B, 1, h, w)
+        feat, do_prototype = self.doem(merged, query_feat, do_mask)
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            cfg = self.mining
+            supp_labels = episode.support_masks.flatten(0, 1)  # (B*S, H, W)
+            bg = (ntm.background_loss(bg_logits, episode.query_mask)
+                  + ntm.background_loss(self.bgmm(inputs.supp_feat), supp_labels)) / 2
+            losses["bg"] = cfg.bg_weight * bg
+            losses["aux_initial"] = cfg.aux_initial_weight * cross_entropy(init_logits, episode.query_mask)
+            self._pending_distractors = (do_prototype.detach(), do_mask.flatten(1).amax(1) > 0)
+        return feat, losses
+
+    def _contrast(self, query_feat: torch.Tensor, meta_logits: torch.Tensor, prototype: torch.Tensor,
+                  class_id: torch.Tensor) -> torch.Tensor:
+        """Weighted PCL: anchor = query prototype under the predicted foreground, positive = the support
+        prototype, negatives = this class's queued distractor prototypes; then this batch's distractors join
+        the queue (after the loss, so an episode is never its own negative)."""
+        predicted = meta_logits.argmax(dim=1).to(query_feat.dtype)  # (B, h, w), no gradient through argmax
+        anchor = ops.masked_average_pool(query_feat, predicted)  # (B, D)
+        negatives = [self.queue.negatives(int(c)) for c in class_id]
+        loss = ntm.prototypical_contrastive_loss(anchor, prototype, negatives, self.mining.pcl_temperature)
+        do_prototype, valid = self._pending_distractors
+        self.queue.push(class_id, do_prototype, valid)
+        self._pending_distractors = None
+        return self.mining.pcl_weight * loss
 
 
 def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
@@ -158,4 +224,5 @@ def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
     base_learner = build_pspnet(cfg, 1 + len(base_classes))
     return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=cfg.reduce_dim,
                aspp_dilations=cfg.aspp_dilations, dropout=cfg.dropout, feature_dropout=cfg.feature_dropout,
-               shot=cfg.shot, memory=rmt.build_memory(cfg.memory, mid_channels(base_learner.backbone)))
+               shot=cfg.shot, memory=rmt.build_memory(cfg.memory, mid_channels(base_learner.backbone)),
+               mining=cfg.mining if cfg.mining.enabled else None)

@@ -1,0 +1,28 @@
+"""DVC stage `evaluate_targets`: cross-domain evaluation (PATNet protocol). The source fold's trained method
+(`eval.target_fold`, checkpoint selected on source-side validation episodes) and the non-learned baseline
+score every `data.targets` list, 1-way, at every `eval.shots`; written to
+`<eval.out>/targets/<method>-fold<k>.json`. With no targets configured the stage records that and succeeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fssmeta.data.io import write_json_atomic
+from fssmeta.experiment import evaluate_targets, format_target_report
+from pipelines.common import config, parser
+
+
+def main() -> None:
+    cfg = config(parser(__doc__).parse_args())
+    out = Path(cfg.eval.out) / "targets"
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.targets:
+        write_json_atomic(out / "none.json", {"targets": {}, "reason": "data.targets is empty in params"})
+        print("data.targets is empty: no cross-domain evaluation")
+        return
+    for method in (cfg.model.method, "baseline"):
+        print(format_target_report(evaluate_targets(cfg, method, fold=cfg.eval.target_fold)))
+
+
+if __name__ == "__main__":
+    main()

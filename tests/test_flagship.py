@@ -1,0 +1,155 @@
+"""The flagship: BAM with the RMT memory and NTRENet mining switched on and off from params (every
+combination builds, trains and evaluates), the memory's losses, and the memory carried by checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.checkpoint import resume, save_checkpoint
+from fssmeta.config import MemoryConfig, MiningConfig, ModelConfig
+from fssmeta.losses import DIAGNOSTIC_PREFIX, episode_losses, total_loss
+from fssmeta.memory import MemoryTransfer, category_contrast_loss
+from fssmeta.models import build_model, count_learnable
+from fssmeta.train import train_step
+from tests.test_models import PASCAL_FOLD0_BASE, make_episode
+
+COMBINATIONS = list(itertools.product([False, True], [False, True]))
+
+
+def flagship_cfg(memory: bool, mining: bool, shot: int = 1, method: str = "bam") -> ModelConfig:
+    return ModelConfig(method=method, backbone="small", reduce_dim=32, ppm_dim=32, pyramid_bins=(9, 5, 3, 2),
+                       shot=shot, memory=MemoryConfig(enabled=memory, items=16, top_k=4),
+                       mining=MiningConfig(enabled=mining))
+
+
+def make_flagship(memory: bool, mining: bool, shot: int = 1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(flagship_cfg(memory, mining, shot), base_classes=PASCAL_FOLD0_BASE)
+    if hasattr(model, "kshot_rw"):
+        nn.init.constant_(model.kshot_rw[0].bias, 0.5)  # keep BAM's tiny k-shot MLP alive (see test_models)
+    return model
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize(("memory", "mining"), COMBINATIONS)
+def test_every_combination_trains_and_evaluates(memory: bool, mining: bool, shot: int):
+    model = make_flagship(memory, mining, shot).train()
+    assert (model.memory is not None) == memory and (model.mining is not None) == mining
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    bank_before = model.memory.bank.means.clone() if memory else None
+    for step in range(3):
+        episode = make_episode(shot, batch=2, seed=step)
+        losses = episode_losses(model, episode)
+        expected = {"ce", "aux"}
+        expected |= {"memory_contrast", DIAGNOSTIC_PREFIX + "memory_orth"} if memory else set()
+        expected |= {"bg", "aux_initial", "pcl"} if mining else set()
+        assert set(losses) == expected
+        assert all(torch.isfinite(v) for v in losses.values())
+        optimizer.zero_grad()
+        total_loss(losses).backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    assert p.grad is not None and p.grad.abs().sum() > 0, name
+        optimizer.step()
+    if memory:
+        assert not torch.equal(model.memory.bank.means, bank_before), "training must write the bank"
+
+    model.eval()
+    episode = make_episode(shot, batch=2, seed=9)
+    frozen_bank = model.memory.bank.means.clone() if memory else None
+    queued = len(model.queue) if mining else 0
+    with torch.no_grad():
+        first, second = model(episode), model(episode)
+    assert first.logits.shape == (2, 2, 65, 65)
+    assert torch.equal(first.logits, second.logits) and first.extra_losses == {} and first.aux_logits == []
+    if memory:
+        assert torch.equal(model.memory.bank.means, frozen_bank), "evaluation must not write the bank"
+    if mining:
+        assert len(model.queue) == queued, "evaluation must not push distractors"
+
+
+def test_switches_change_only_the_expected_parameters():
+    """Memory adds no learnable parameter (EMA buffers); mining adds exactly its heads."""
+    with torch.device("meta"):
+        counts = {combo: count_learnable(build_model(
+            ModelConfig(method="bam", backbone="resnet50", memory=MemoryConfig(enabled=combo[0]),
+                        mining=MiningConfig(enabled=combo[1])), base_classes=PASCAL_FOLD0_BASE))
+            for combo in COMBINATIONS}
+    assert counts[(False, False)] == counts[(True, False)] == 4_917_254  # BAM's published 4.92M
+    assert counts[(False, True)] == counts[(True, True)] == 8_850_698
+
+
+def test_pfenet_takes_the_memory_but_not_the_mining_switch():
+    model = build_model(flagship_cfg(True, False, method="pfenet"), base_classes=PASCAL_FOLD0_BASE).train()
+    assert "memory_contrast" in episode_losses(model, make_episode(1))
+    with pytest.raises(ValueError, match="model.mining.enabled.*ntrenet"):
+        build_model(flagship_cfg(False, True, method="pfenet"), base_classes=PASCAL_FOLD0_BASE)
+
+
+def test_memory_travels_in_checkpoints(tmp_path):
+    model = make_flagship(True, True).train()
+    for step in range(2):
+        episode_losses(model, make_episode(1, seed=step))
+    path = save_checkpoint(tmp_path / "last.pt", model=model, step=2, epoch=1)
+    fresh = make_flagship(True, True, seed=5)
+    assert not torch.equal(fresh.memory.bank.means, model.memory.bank.means)
+    resume(path, model=fresh, restore_rng=False)
+    assert torch.equal(fresh.memory.bank.means, model.memory.bank.means)
+    assert torch.equal(fresh.memory.bank.stds, model.memory.bank.stds)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        episode = make_episode(1, seed=7)
+        assert torch.equal(model(episode).logits, fresh(episode).logits)
+
+
+def test_diagnostics_are_logged_but_not_minimised():
+    model = make_flagship(True, False).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    logged = train_step(model, make_episode(1), episode_losses, optimizer)
+    minimised = sum(v for k, v in logged.items() if k != "loss" and not k.startswith(DIAGNOSTIC_PREFIX))
+    assert logged[DIAGNOSTIC_PREFIX + "memory_orth"] > 0
+    assert logged["loss"] == pytest.approx(minimised, rel=1e-6)
+
+
+def test_category_contrast_prefers_matching_views():
+    g = torch.Generator().manual_seed(0)
+    fg, bg = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    classes = torch.tensor([1, 2, 3, 4])
+    aligned = category_contrast_loss(fg, fg.clone(), bg, bg.clone(), classes, 0.1)
+    shuffled = category_contrast_loss(fg, fg.roll(1, 0), bg, bg.roll(1, 0), classes, 0.1)
+    assert aligned < shuffled
+    # Same-class episodes are not negatives of each other: two copies of one class cost less than two classes.
+    twin = torch.cat([fg[:1], fg[:1]])
+    same = category_contrast_loss(twin, twin.clone(), bg[:2], bg[:2].clone(), torch.tensor([1, 1]), 0.1)
+    different = category_contrast_loss(twin, twin.clone(), bg[:2], bg[:2].clone(), torch.tensor([1, 2]), 0.1)
+    assert same < different
+    # One episode still has a negative (its own background); the loss reaches the anchors.
+    anchor = fg[:1].clone().requires_grad_(True)
+    single = category_contrast_loss(anchor, fg[:1] + 0.1, bg[:1], bg[:1], classes[:1], 0.1)
+    single.backward()
+    assert torch.isfinite(single) and single > 0 and anchor.grad.abs().sum() > 0
+
+
+def test_memory_transfer_reads_in_eval_and_writes_in_training():
+    transfer = MemoryTransfer(MemoryConfig(enabled=True, items=8, top_k=4, alpha=0.25), channels=6)
+    feat = torch.rand(3, 6, 5, 5) * 3 + 1
+    before = transfer.bank.means.clone()
+    transfer.eval()
+    restyled = transfer.restyle(feat)
+    transfer.observe(feat)
+    assert torch.equal(transfer.bank.means, before)
+    # alpha = 0.25: the restyled channel means sit 3/4 of the way to the memory's read.
+    mu_mem, _ = transfer.bank.read(feat.mean((2, 3)), (feat.var((2, 3), unbiased=False) + 1e-5).sqrt())
+    assert torch.allclose(restyled.mean((2, 3)), 0.25 * feat.mean((2, 3)) + 0.75 * mu_mem, atol=1e-5)
+    transfer.train()
+    transfer.observe(feat)
+    assert not torch.equal(transfer.bank.means, before)
+    loss = transfer.contrast_loss(F.relu(torch.randn(2, 4, 5, 5)), F.relu(torch.randn(2, 4, 5, 5)),
+                                  torch.randint(0, 2, (2, 20, 20)), torch.tensor([1, 2]))
+    assert torch.isfinite(loss) and loss > 0
