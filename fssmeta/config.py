@@ -204,6 +204,7 @@ class ReportConfig(Section):
 
     out: str = "report"
     qualitative_episodes: int = 4
+    ablation: str = "benchmarks/results/ablation.json"  # benchmarks/ablation.py's output, rendered when present
 
 
 class RayConfig(Section):

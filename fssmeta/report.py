@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fssmeta.config import Config
+from fssmeta.config import Config, ModelConfig
 from fssmeta.data.dataset import EpisodeDataset, IndexSource
 from fssmeta.data.episode_lists import list_path, load_episode_list
 from fssmeta.data.folds import class_names
@@ -98,6 +99,49 @@ def targets_markdown(collected: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {method} | {shot.removesuffix('shot')} | " + " | ".join(cells) + f" | **{100 * mean:.1f}** |")
     lines += ["", f"Source fold {first['source_fold']}; 1-way episodes per target; protocol: "
               + ", ".join(f"{k}={v}" for k, v in first["protocol"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _switches(method: str, memory: bool, mining: bool) -> Callable[[ModelConfig], dict[str, Any]]:
+    def update(model: ModelConfig) -> dict[str, Any]:
+        return {"method": method, "memory": model.memory.model_copy(update={"enabled": memory}),
+                "mining": model.mining.model_copy(update={"enabled": mining})}
+
+    return update
+
+
+# The ablation rows (benchmarks/ablation.py): name -> the model-config update that makes it.
+ABLATION_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
+    "bam": _switches("bam", False, False),
+    "bam+memory": _switches("bam", True, False),
+    "bam+mining": _switches("bam", False, True),
+    "flagship": _switches("bam", True, True),
+    "ntrenet": _switches("ntrenet", False, False),
+}
+
+
+def ablation_markdown(results: dict[str, Any]) -> str:
+    """The ablation table: per variant and shot, in-domain mIoU, each target's mIoU and their mean."""
+    variants = results.get("variants", {})
+    if not variants:
+        return "No ablation results.\n"
+    targets = sorted({t for v in variants.values() for t in v.get("targets", {})})
+    lines = ["| variant | shot | in-domain | " + " | ".join(targets) + " | cross-domain mean |",
+             "|" + "---|" * (len(targets) + 4)]
+
+    def cell(score: dict[str, float] | None) -> str:
+        return "—" if score is None else f"{100 * score['miou']:.1f} ± {100 * score['std']:.1f}"
+
+    for name, entry in variants.items():
+        for shot in entry["in_domain"]:
+            cross = [cell(entry.get("targets", {}).get(t, {}).get(shot)) for t in targets]
+            mean = entry.get("targets_mean", {}).get(shot)
+            mean_cell = "—" if mean is None else f"**{100 * mean:.1f}**"
+            lines.append(f"| {name} | {shot.removesuffix('shot')} | {cell(entry['in_domain'][shot])} | "
+                         + " | ".join(cross) + f" | {mean_cell} |")
+    lines += ["", f"Source fold {results['source_fold']}; mIoU in %, mean ± std over test seeds "
+              f"{results['test_seeds']} ({results['episodes_per_list']} episodes per list); training "
+              f"{results['train']}; {results['machine']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +243,10 @@ def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str
                 + markdown_table(collected, cfg.eval.shots)]
     if targets:
         sections.append("## Cross-domain (PATNet protocol)\n\n" + targets_markdown(targets))
+    ablation = Path(cfg.report.ablation)
+    if cfg.report.ablation and ablation.is_file():
+        sections.append(f"## Ablation of the flagship ({ablation}, from benchmarks/ablation.py)\n\n"
+                        + ablation_markdown(read_json(ablation, "ablation results")))
     sections.append("![training curves](plots/training_curves.png)\n![per-class IoU](plots/per_class_iou.png)\n"
                     "![qualitative](plots/qualitative.png)\n")
     write_text_atomic(out / "report.md", "\n".join(sections))

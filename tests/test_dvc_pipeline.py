@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "synthesize": {"image_size": 96, "train_images": 240, "test_images": 60, "val_images": 30,
                    "target_images_per_class": 3},
-    "data": {"min_object_pixels": 600, "targets": {}},
+    "data": {"min_object_pixels": 600, "targets": {"gray": {"layout": "deepglobe", "root": "data/synthetic/targets/gray"}}},
     "episodes": {"folds": [0], "shots": [1], "orders": ["image"], "test_episodes": 20, "test_seeds": [0, 1],
                  "val_episodes": 10},
     "transform": {"crop_size": 65},
-    "eval": {"test_size": 65, "folds": [0], "shots": [1], "episodes": 20},
+    "eval": {"test_size": 65, "resized_size": 97, "folds": [0], "shots": [1], "episodes": 20},
     "model": {"reduce_dim": 16, "ppm_dim": 16, "pyramid_bins": [9, 5, 3, 2], "aspp_dilations": [1, 2, 3]},
     "train_base": {"epochs": 1, "episodes_per_epoch": 32},
     "train": {"epochs": 1, "episodes_per_epoch": 16, "batch_size": 4, "val_episodes": 10},
@@ -74,10 +74,13 @@ def test_repro_end_to_end(repo):
     assert "Running stage 'register'" in first.stdout
     for name in ("report/report.md", "report/metrics.json", "report/plots/training_curves.png",
                  "report/plots/per_class_iou.png", "report/plots/qualitative.png", "report/registered.json",
-                 "runs/fold0/bam-1shot/best.pt", "results/fold0/bam.json", "results/fold0/baseline.json"):
+                 "runs/fold0/bam-1shot/best.pt", "results/fold0/bam.json", "results/fold0/baseline.json",
+                 "results/targets/bam-fold0.json", "results/targets/baseline-fold0.json"):
         assert (path / name).is_file(), name
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], path, env).stdout
     assert "report/metrics.json" in shown and "bam.1shot.miou" in shown
+    assert "cross_domain.bam.1shot.gray" in shown and "cross_domain.baseline.1shot.mean" in shown
+    assert "## Cross-domain (PATNet protocol)" in (path / "report/report.md").read_text()
 
 
 def test_registry_holds_a_tagged_version(repo):
@@ -90,6 +93,7 @@ def test_registry_holds_a_tagged_version(repo):
     tags = versions[0].tags
     assert tags["status"] == "candidate" and tags["fold"] == "0" and tags["shot"] == "1"
     assert tags["dataset"] == "synthetic" and "metric.miou" in tags
+    assert 0.0 <= float(tags["metric.target_gray_miou"]) <= 1.0  # the per-domain score promotion compares
 
 
 def test_second_repro_reruns_nothing(repo):
@@ -106,7 +110,7 @@ def test_eval_change_reruns_only_downstream(repo):
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([sys.executable, "-m", "dvc", "repro"], path, env).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"evaluate@0", "report", "register"}
+    assert ran == {"evaluate@0", "evaluate_targets", "report", "register"}
     versions = [v for v in __import__("json").loads((path / "report/registered.json").read_text())["versions"]]
     assert versions[0]["created"] is False  # the same checkpoint: the registry is not duplicated
 

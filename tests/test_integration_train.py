@@ -74,7 +74,8 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     assert main(["episodes", *args, *extra]) == 0
     for method in ("bam", "baseline"):
         assert main(["evaluate", "--targets", "--method", method, *args, *extra]) == 0
-    assert "bam (source fold 0) -> gray: mIoU 1shot:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bam (source fold 0) on the targets, resized 97" in printed and "\ngray " in printed
     report = json.loads((root / "results/targets/bam-fold0.json").read_text())
     assert set(report["results"]) == {"gray", "hazy"}
     assert report["protocol"]["checkpoint_selection"] == "source validation list"

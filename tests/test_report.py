@@ -69,3 +69,63 @@ def test_plots_are_images(tmp_path):
     collected = {"m": {"results": {"fold0": {"1shot": {"seeds": [{"per_class": {"1": 0.5, "2": 0.25}}]}}}}}
     plot_per_class(collected, 1, ("one", "two"), tmp_path / "p.png")
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def fake_targets(root, method, gray, tiles):
+    def entry(m):
+        return {"miou_mean": m, "miou_std": 0.01, "fbiou_mean": m, "fbiou_std": 0.0, "seeds": []}
+
+    report = {"method": method, "source_fold": 0, "protocol": {"resolution": "resized", "size": 400},
+              "results": {"gray": {"1shot": entry(gray)}, "tiles": {"1shot": entry(tiles)}},
+              "mean_over_targets": {"1shot": (gray + tiles) / 2}}
+    path = root / "targets" / f"{method}-fold0.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
+
+
+def test_cross_domain_section_and_metrics(cfg, tmp_path):
+    write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)
+    assert "Cross-domain" not in (tmp_path / "report" / "report.md").read_text()  # no targets evaluated
+    fake_targets(tmp_path / "results", "bam", 0.4, 0.2)
+    fake_targets(tmp_path / "results", "baseline", 0.3, 0.1)
+    table = write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)
+    assert table["cross_domain"]["bam"]["1shot"] == pytest.approx({"mean": 0.3, "gray": 0.4, "tiles": 0.2})
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["cross_domain"]["baseline"]["1shot"]["mean"] == pytest.approx(0.2)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Cross-domain (PATNet protocol)" in text
+    assert "| bam | 1 | 40.0 ± 1.0 | 20.0 ± 1.0 | **30.0** |" in text
+
+
+def test_target_stage_without_targets_records_why(tmp_path, monkeypatch):
+    from pipelines import evaluate_targets
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data: {{targets: {{}}}}\neval: {{out: {tmp_path / 'results'}}}\n")
+    monkeypatch.setattr("sys.argv", ["evaluate_targets", "--params", str(params)])
+    evaluate_targets.main()
+    saved = json.loads((tmp_path / "results" / "targets" / "none.json").read_text())
+    assert saved == {"targets": {}, "reason": "data.targets is empty in params"}
+
+
+def test_ablation_table_and_report_section(cfg, tmp_path):
+    from fssmeta.report import ABLATION_VARIANTS, ablation_markdown
+
+    assert list(ABLATION_VARIANTS) == ["bam", "bam+memory", "bam+mining", "flagship", "ntrenet"]
+    flagship = cfg.model.model_copy(update=ABLATION_VARIANTS["flagship"](cfg.model))
+    assert flagship.method == "bam" and flagship.memory.enabled and flagship.mining.enabled
+    assert not cfg.model.model_copy(update=ABLATION_VARIANTS["ntrenet"](cfg.model)).memory.enabled
+    results = {"source_fold": 0, "test_seeds": [0, 1], "episodes_per_list": 100, "machine": "test box",
+               "train": {"epochs": 5}, "variants": {
+                   "bam": {"in_domain": {"1shot": {"miou": 0.5, "std": 0.01}},
+                           "targets": {"gray": {"1shot": {"miou": 0.25, "std": 0.02}}},
+                           "targets_mean": {"1shot": 0.25}},
+                   "flagship": {"in_domain": {"1shot": {"miou": 0.55, "std": 0.0}}}}}
+    text = ablation_markdown(results)
+    assert "| bam | 1 | 50.0 ± 1.0 | 25.0 ± 2.0 | **25.0** |" in text
+    assert "| flagship | 1 | 55.0 ± 0.0 | — | — |" in text and "test box" in text
+    path = tmp_path / "ablation.json"
+    path.write_text(json.dumps(results))
+    cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"ablation": str(path)})})
+    write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)
+    assert "## Ablation of the flagship" in (tmp_path / "report" / "report.md").read_text()
