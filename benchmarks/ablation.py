@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/ablation", help="checkpoints and per-variant results")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
+    parser.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                        help="params override for one variant (recorded in the results), e.g. ntrenet:train.epochs=15")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -100,9 +102,17 @@ def main() -> None:
         start = time.perf_counter()
         train_base(base_cfg, args.fold, progress=False, resume_run=False)
         print(f"base learner fold {args.fold}: {time.perf_counter() - start:.0f} s")
+    overrides: dict[str, list[str]] = {}
+    for item in args.variant_set:
+        variant, _, assignment = item.partition(":")
+        if variant not in ABLATION_VARIANTS or "=" not in assignment:
+            parser.error(f"--variant-set {item!r}: expected VARIANT:KEY=VALUE with VARIANT in {list(ABLATION_VARIANTS)}")
+        overrides.setdefault(variant, []).append(assignment)
     for variant in args.variants:
         start = time.perf_counter()
-        results["variants"][variant] = run_variant(variant_config(cfg, variant, workdir), args.fold, args.shots, base)
+        variant_cfg = load_config(args.params, [*args.set, *overrides.get(variant, [])])
+        entry = run_variant(variant_config(variant_cfg, variant, workdir), args.fold, args.shots, base)
+        results["variants"][variant] = {**entry, "overrides": overrides.get(variant, [])}
         write_json_atomic(out, results)
         print(f"{variant}: done in {time.perf_counter() - start:.0f} s")
     print(ablation_markdown(results))

@@ -122,20 +122,19 @@ class MetaMemory(nn.Module):
 
     def _retrieve(self, query: torch.Tensor, items: torch.Tensor, index: faiss.Index | None) -> torch.Tensor:
         """Softmax-weighted sum of the top_k items most cosine-similar to each query row. (B, C) -> (B, C)."""
-        items = items.to(query.dtype)
         q = F.normalize(query, dim=1)  # (B, C)
-        keys = F.normalize(items, dim=1)  # (N, C)
         if index is None:
-            _, ids = (q @ keys.t()).topk(self.top_k, dim=1)  # (B, k)
+            _, ids = (q @ F.normalize(items.to(query.dtype), dim=1).t()).topk(self.top_k, dim=1)  # (B, k)
         else:
             q_np = np.ascontiguousarray(q.detach().float().cpu().numpy())
             _, ids_np = index.search(q_np, self.top_k)
             if (ids_np < 0).any():
                 raise RuntimeError("FAISS returned fewer than top_k items; is nprobe too small?")
             ids = torch.from_numpy(ids_np).to(query.device)  # (B, k)
-        sim = (q.unsqueeze(1) * keys[ids]).sum(-1)  # (B, k), recomputed in torch so gradients reach `query`
+        picked = items[ids].to(query.dtype)  # (B, k, C): only the retrieved rows are touched
+        sim = (q.unsqueeze(1) * F.normalize(picked, dim=-1)).sum(-1)  # (B, k), in torch: gradients reach `query`
         weights = (sim / self.temperature).softmax(dim=1)
-        return (weights.unsqueeze(-1) * items[ids]).sum(1)  # (B, C)
+        return (weights.unsqueeze(-1) * picked).sum(1)  # (B, C)
 
     def read(self, mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory style for each instance: (B, C) mean and std -> (mu_mem, sigma_mem), each (B, C)."""

@@ -137,7 +137,8 @@ def ablation_markdown(results: dict[str, Any]) -> str:
             cross = [cell(entry.get("targets", {}).get(t, {}).get(shot)) for t in targets]
             mean = entry.get("targets_mean", {}).get(shot)
             mean_cell = "—" if mean is None else f"**{100 * mean:.1f}**"
-            lines.append(f"| {name} | {shot.removesuffix('shot')} | {cell(entry['in_domain'][shot])} | "
+            label = name + "".join(f" ({o})" for o in entry.get("overrides", []))
+            lines.append(f"| {label} | {shot.removesuffix('shot')} | {cell(entry['in_domain'][shot])} | "
                          + " | ".join(cross) + f" | {mean_cell} |")
     lines += ["", f"Source fold {results['source_fold']}; mIoU in %, mean ± std over test seeds "
               f"{results['test_seeds']} ({results['episodes_per_list']} episodes per list); training "
