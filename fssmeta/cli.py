@@ -141,6 +141,32 @@ def _train_ray(cfg: Config, *, progress: bool) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from fssmeta.integrations.promotion import PromotionRefused, promote, rollback, score_version
+
+    cfg = _config(args)
+    name = args.model or cfg.mlflow.registered_model
+    try:
+        if args.rollback:
+            print(f"{name}@champion-{args.domain} -> version {rollback(cfg, domain=args.domain, name=name)} (rolled back)")
+            return 0
+        version = args.version
+        if version is None:
+            from fssmeta.integrations.mlflow import _mlflow, resolve_tracking_uri
+
+            client = _mlflow().MlflowClient(tracking_uri=resolve_tracking_uri(cfg.mlflow))
+            version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+        decision = promote(cfg, domain=args.domain, version=version, name=name,
+                           score=lambda v: score_version(cfg, version=v, domain=args.domain, name=name))
+    except PromotionRefused as exc:
+        print(f"fssmeta promote: refused: {exc}", file=sys.stderr)
+        return 3
+    verdict = "promoted" if decision.promoted else "not promoted"
+    print(f"{name} version {decision.challenger} on {args.domain}: {verdict} ({decision.reason}); challenger "
+          f"{decision.challenger_score:.4f}, champion {decision.champion or '-'} {decision.champion_score}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fssmeta.experiment import evaluate_method, evaluate_targets, format_report, format_target_report
 
@@ -195,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
     p.add_argument("--fold", type=int, default=None,
                    help="with --targets: the source fold's model (default: eval.target_fold)")
+    p = add("promote", cmd_promote, "move champion-<domain> to a registered version if it wins on that domain")
+    p.add_argument("--model", help="registered model name (default: mlflow.registered_model)")
+    p.add_argument("--domain", required=True, help="`source` or a data.targets name")
+    p.add_argument("--version", help="the challenger version (default: the latest)")
+    p.add_argument("--rollback", action="store_true", help="give the alias back to the previous champion")
     return parser
 
 

@@ -230,6 +230,12 @@ class MlflowConfig(Section):
     registered_model: str = "fssmeta"
 
 
+class RegistryConfig(Section):
+    """Per-domain promotion in the MLflow registry (fssmeta/integrations/promotion.py)."""
+
+    min_improvement: float = 0.005  # mIoU a challenger must gain over the champion to take its alias
+
+
 class Config(Section):
     """The whole params.yaml."""
 
@@ -244,6 +250,7 @@ class Config(Section):
     report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
 
 
 class _Loader(yaml.SafeLoader):

@@ -282,6 +282,33 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     return report
 
 
+def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
+                 progress: bool = False) -> float:
+    """Mean mIoU over seeds of `model` on one domain's fixed episodes, for comparing models on the SAME
+    episodes (promotion): `source` = the fold's validation list(s), never the test lists; a `data.targets`
+    name = its 1-way target lists (PATNet protocol, `eval.resized_size`)."""
+    from fssmeta.data.dataset import TargetSource
+    from fssmeta.data.episode_lists import target_list_path
+    from fssmeta.data.targets import read_target
+
+    if domain == "source":
+        paths = {seed: list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, seed)
+                 for seed in cfg.episodes.val_seeds}
+        source, transform = IndexSource(load_index(cfg.data.prepared)), TestTransform(cfg.eval.resolution, _test_size(cfg))
+        scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
+                              f"source fold {fold}")
+    elif domain in cfg.data.targets:
+        target = cfg.data.targets[domain]
+        target_set = read_target(domain, target.layout, target.root)
+        paths = {seed: target_list_path(cfg.episodes.out, domain, shot, seed) for seed in cfg.episodes.test_seeds}
+        scores = _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
+                              len(target_set.classes), progress, domain, id_offset=1, names=target_set.classes)
+    else:
+        known = ", ".join(["source", *sorted(cfg.data.targets)])
+        raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")
+    return statistics.fmean(s["miou"] for s in scores)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A readable table: mIoU (mean +- std over seeds) and FB-IoU per fold and shot, and the fold mean."""
     shots = list(report["mean"])

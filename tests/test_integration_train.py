@@ -83,3 +83,21 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     assert len(gray["seeds"]) == 2 and gray["seeds"][0]["episodes"] == 8
     assert set(gray["seeds"][0]["per_class"]) <= {"1", "2", "3", "4"} and 0.0 <= gray["miou_mean"] <= 1.0
     assert 0.0 < report["mean_over_targets"]["1shot"] <= 1.0
+
+
+def test_score_domain_uses_fixed_validation_episodes(workspace):
+    """What promotion compares: a trained model on a domain's fixed episodes, the same number twice."""
+    import torch
+
+    from fssmeta.config import load_config
+    from fssmeta.data.io import DataError
+    from fssmeta.experiment import evaluation_model, score_domain
+
+    _, args = workspace
+    sets = [a for i, a in enumerate(args) if i and args[i - 1] == "--set"]
+    cfg = load_config(None, sets)
+    model = evaluation_model(cfg, 0, 1, "bam", torch.device("cpu"))
+    first = score_domain(cfg, model, "source", fold=0, shot=1)
+    assert 0.0 < first <= 1.0 and score_domain(cfg, model, "source", fold=0, shot=1) == first
+    with pytest.raises(DataError, match="domain 'mars': not `source` nor a data.targets name"):
+        score_domain(cfg, model, "mars", fold=0, shot=1)

@@ -229,3 +229,45 @@ def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, t
     client.set_registered_model_alias(name, "champion", "1")
     champion = load_registered(cfg, "champion")
     assert np.asarray(champion.predict(pd.DataFrame([episode(0)]))[0]).shape == (SIZE, SIZE)
+
+
+def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path):
+    from fssmeta.integrations.promotion import PromotionRefused, promote, rollback
+
+    name = cfg.mlflow.registered_model
+    for seed in range(3):
+        register_model(cfg, checkpoint=save_model(cfg, tmp_path / f"v{seed}.pt", seed=seed), metrics={"miou": 0.1},
+                       tags={}, fold=0, shot=1, base_classes=BASE_CLASSES)
+    scores = {"1": 0.40, "2": 0.50, "3": 0.503}  # min_improvement 0.005: version 3 wins by too little
+    client = client_for(cfg)
+
+    def champion(domain: str) -> str:
+        return str(client.get_model_version_by_alias(name, f"champion-{domain}").version)
+
+    first = promote(cfg, domain="gray", version="1", score=scores.__getitem__)
+    assert first.promoted and first.reason == "no champion yet" and champion("gray") == "1"
+    better = promote(cfg, domain="gray", version="2", score=scores.__getitem__)
+    assert better.promoted and (better.champion, better.champion_score) == ("1", 0.40) and champion("gray") == "2"
+    within = promote(cfg, domain="gray", version="3", score=scores.__getitem__)
+    assert not within.promoted and "< min_improvement 0.005" in within.reason and champion("gray") == "2"
+    tags = client.get_model_version(name, "3").tags
+    assert tags["promotion.gray.decision"] == "rejected" and tags["promotion.gray.score"] == "0.503"
+    assert (tags["promotion.gray.champion_version"], tags["promotion.gray.champion_score"]) == ("2", "0.5")
+    worse = promote(cfg, domain="gray", version="1", score=scores.__getitem__)
+    assert not worse.promoted and champion("gray") == "2"
+
+    scores["3"] = float("nan")
+    with pytest.raises(PromotionRefused, match="challenger's score is nan"):
+        promote(cfg, domain="gray", version="3", score=scores.__getitem__)
+    assert champion("gray") == "2" and client.get_model_version(name, "3").tags["promotion.gray.decision"] == "refused"
+    scores.update({"2": float("nan"), "3": 0.9})  # a champion that can no longer be scored: refused as well
+    with pytest.raises(PromotionRefused, match="champion's score is nan"):
+        promote(cfg, domain="gray", version="3", score=scores.__getitem__)
+    assert champion("gray") == "2"
+
+    assert promote(cfg, domain="hazy", version="3", score=scores.__getitem__).promoted  # domains are separate
+    assert (champion("hazy"), champion("gray")) == ("3", "2")
+    assert rollback(cfg, domain="gray") == "1" and champion("gray") == "1"
+    with pytest.raises(PromotionRefused, match="no previous champion-gray"):
+        rollback(cfg, domain="gray")
+    assert champion("gray") == "1"

@@ -1,0 +1,164 @@
+"""Per-domain promotion in the MLflow model registry: a version (the challenger) takes the alias
+`champion-<domain>` only if it beats the current champion on the SAME fixed episodes of that domain by at
+least `registry.min_improvement`; every decision and both scores are recorded as version tags, and the
+alias history (kept as a registered-model tag) makes `rollback` restore the previous champion.
+
+A missing or NaN score refuses the promotion (PromotionRefused, nothing moved). Domains: `source` (the
+version's own fold, scored on its fixed VALIDATION list) or a name in `data.targets` (its fixed 1-way lists,
+PATNet protocol). Works against any tracking URI: the sqlite default or an MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fssmeta.config import Config
+from fssmeta.integrations.mlflow import _mlflow, _tracking_uri, resolve_tracking_uri
+
+ScoreFn = Callable[[str], float]
+
+
+class PromotionRefused(RuntimeError):
+    """A promotion that must not happen (a score missing or not finite, an unknown version); nothing moved."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One promotion decision, as recorded on the challenger version."""
+
+    domain: str
+    challenger: str
+    champion: str | None
+    challenger_score: float
+    champion_score: float | None
+    min_improvement: float
+    promoted: bool
+    reason: str
+
+
+def alias_for(domain: str) -> str:
+    return f"champion-{domain}"
+
+
+def _history_key(domain: str) -> str:
+    return f"champion_history.{domain}"
+
+
+def decide(challenger_score: float | None, champion_score: float | None, *, has_champion: bool,
+           min_improvement: float) -> tuple[bool, str]:
+    """The rule, with no registry: (promote?, why). Raises PromotionRefused on a missing / NaN score."""
+    if challenger_score is None or not math.isfinite(challenger_score):
+        raise PromotionRefused(f"the challenger's score is {challenger_score!r}: refusing to promote")
+    if not has_champion:
+        return True, "no champion yet"
+    if champion_score is None or not math.isfinite(champion_score):
+        raise PromotionRefused(f"the champion's score is {champion_score!r}: refusing to compare")
+    gain = challenger_score - champion_score
+    if gain >= min_improvement:
+        return True, f"wins by {gain:+.4f} >= {min_improvement}"
+    return False, f"gain {gain:+.4f} < min_improvement {min_improvement}"
+
+
+def _client(cfg: Config) -> Any:
+    return _mlflow().MlflowClient(tracking_uri=resolve_tracking_uri(cfg.mlflow))
+
+
+def current_champion(client: Any, name: str, domain: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias_for(domain)).version)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        return None
+
+
+def _history(client: Any, name: str, domain: str) -> list[str]:
+    tags = client.get_registered_model(name).tags
+    return json.loads(tags.get(_history_key(domain), "[]"))
+
+
+def _record(client: Any, name: str, decision: Decision) -> None:
+    prefix = f"promotion.{decision.domain}"
+    tags = {f"{prefix}.decision": "promoted" if decision.promoted else "rejected",
+            f"{prefix}.reason": decision.reason,
+            f"{prefix}.score": repr(decision.challenger_score),
+            f"{prefix}.champion_version": decision.champion or "",
+            f"{prefix}.champion_score": "" if decision.champion_score is None else repr(decision.champion_score),
+            f"{prefix}.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, decision.challenger, key, value)
+
+
+def promote(cfg: Config, *, domain: str, version: str, score: ScoreFn, name: str | None = None) -> Decision:
+    """Score the challenger `version` and the current `champion-<domain>` with `score` (same episodes),
+    apply `decide`, record it on the challenger, and move the alias only when it wins."""
+    name = name or cfg.mlflow.registered_model
+    client = _client(cfg)
+    version = str(client.get_model_version(name, str(version)).version)  # an unknown version fails here
+    champion = current_champion(client, name, domain)
+    if champion == version:
+        return Decision(domain, version, champion, math.nan, math.nan, cfg.registry.min_improvement, False,
+                        "already the champion")
+    challenger_score = score(version)
+    champion_score = score(champion) if champion is not None else None
+    try:
+        promoted, reason = decide(challenger_score, champion_score, has_champion=champion is not None,
+                                  min_improvement=cfg.registry.min_improvement)
+    except PromotionRefused as exc:
+        prefix = f"promotion.{domain}"
+        client.set_model_version_tag(name, version, f"{prefix}.decision", "refused")
+        client.set_model_version_tag(name, version, f"{prefix}.reason", str(exc))
+        raise
+    decision = Decision(domain, version, champion, challenger_score, champion_score,
+                        cfg.registry.min_improvement, promoted, reason)
+    _record(client, name, decision)
+    if promoted:
+        history = _history(client, name, domain)
+        if champion is not None:
+            history.append(champion)
+        client.set_registered_model_tag(name, _history_key(domain), json.dumps(history))
+        client.set_registered_model_alias(name, alias_for(domain), version)
+    return decision
+
+
+def rollback(cfg: Config, *, domain: str, name: str | None = None) -> str:
+    """Give `champion-<domain>` back to the previous champion; returns its version. Refused (nothing moved)
+    when there is no previous champion."""
+    name = name or cfg.mlflow.registered_model
+    client = _client(cfg)
+    history = _history(client, name, domain)
+    if not history:
+        raise PromotionRefused(f"{name}: no previous {alias_for(domain)} to roll back to")
+    previous = history.pop()
+    current = current_champion(client, name, domain)
+    client.set_registered_model_alias(name, alias_for(domain), previous)
+    client.set_registered_model_tag(name, _history_key(domain), json.dumps(history))
+    if current is not None:
+        client.set_model_version_tag(name, current, f"promotion.{domain}.decision", f"rolled back to {previous}")
+    return previous
+
+
+def score_version(cfg: Config, *, version: str, domain: str, name: str | None = None) -> float:
+    """mIoU of a registered version on `domain`'s fixed episodes (mean over seeds): `source` = the version's
+    fold VALIDATION list, a target name = its 1-way target lists at `eval.resized_size`."""
+    from fssmeta.experiment import score_domain
+    from fssmeta.predict import load_checkpoint_model
+
+    name = name or cfg.mlflow.registered_model
+    with _tracking_uri(resolve_tracking_uri(cfg.mlflow)):
+        local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    info = json.loads(next(local.rglob("fssmeta_model.json")).read_text())
+    model, _ = load_checkpoint_model(next(p for p in local.rglob("*.pt")), info)
+    return score_domain(cfg, model, domain, fold=int(info["fold"]), shot=int(info["shot"]))
+
+
+def decision_dict(decision: Decision) -> dict[str, Any]:
+    return asdict(decision)
