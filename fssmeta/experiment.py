@@ -253,25 +253,16 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     source-side validation episodes) scores every configured target's fixed 1-way lists, images and masks
     at `eval.resized_size` (400). Per target: mIoU over its classes, mean and std over test seeds; and the
     mean over targets. Written to `<eval.out>/targets/<method>-fold<k>.json`."""
-    from fssmeta.data.dataset import TargetSource
-    from fssmeta.data.episode_lists import target_list_path
-    from fssmeta.data.targets import read_target
-
     device = device or default_device()
     method = method or cfg.model.method
     if not cfg.data.targets:
         raise DataError("data.targets is empty: configure at least one cross-domain target")
     shots = (shot,) if shot is not None else cfg.eval.shots
-    transform = TestTransform("resized", cfg.eval.resized_size)
     results: dict[str, Any] = {}
     for s in shots:
         model = evaluation_model(cfg, fold, s, method, device)
-        for name, target in sorted(cfg.data.targets.items()):
-            target_set = read_target(name, target.layout, target.root)
-            source = TargetSource(target_set)
-            paths = {seed: target_list_path(cfg.episodes.out, name, s, seed) for seed in cfg.episodes.test_seeds}
-            scores = _score_lists(cfg, model, paths, source, transform, len(target_set.classes), progress,
-                                  f"{method} -> {name} {s}-shot", id_offset=1, names=target_set.classes)
+        for name in sorted(cfg.data.targets):
+            scores = _target_scores(cfg, model, name, s, progress, f"{method} -> {name} {s}-shot")
             results.setdefault(name, {})[f"{s}shot"] = _summarise(scores)
     mean = {f"{s}shot": statistics.fmean(results[n][f"{s}shot"]["miou_mean"] for n in results) for s in shots}
     report = {"method": method, "source_fold": fold, "protocol": {"resolution": "resized",
@@ -282,15 +273,25 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     return report
 
 
+def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
+                   desc: str) -> list[dict[str, Any]]:
+    """One score dict per test seed of `model` on target `name`'s fixed 1-way lists (PATNet protocol)."""
+    from fssmeta.data.dataset import TargetSource
+    from fssmeta.data.episode_lists import target_list_path
+    from fssmeta.data.targets import read_target
+
+    target = cfg.data.targets[name]
+    target_set = read_target(name, target.layout, target.root)
+    paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed) for seed in cfg.episodes.test_seeds}
+    return _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
+                        len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
+
+
 def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
                  progress: bool = False) -> float:
     """Mean mIoU over seeds of `model` on one domain's fixed episodes, for comparing models on the SAME
     episodes (promotion): `source` = the fold's validation list(s), never the test lists; a `data.targets`
     name = its 1-way target lists (PATNet protocol, `eval.resized_size`)."""
-    from fssmeta.data.dataset import TargetSource
-    from fssmeta.data.episode_lists import target_list_path
-    from fssmeta.data.targets import read_target
-
     if domain == "source":
         paths = {seed: list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, seed)
                  for seed in cfg.episodes.val_seeds}
@@ -298,11 +299,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int,
         scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
                               f"source fold {fold}")
     elif domain in cfg.data.targets:
-        target = cfg.data.targets[domain]
-        target_set = read_target(domain, target.layout, target.root)
-        paths = {seed: target_list_path(cfg.episodes.out, domain, shot, seed) for seed in cfg.episodes.test_seeds}
-        scores = _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
-                              len(target_set.classes), progress, domain, id_offset=1, names=target_set.classes)
+        scores = _target_scores(cfg, model, domain, shot, progress, domain)
     else:
         known = ", ".join(["source", *sorted(cfg.data.targets)])
         raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")
@@ -322,7 +319,6 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("mean    " + "".join(f"{100 * m['miou']:>18.1f} ({100 * m['fb_iou']:4.1f})" for m in report["mean"].values()))
     lines.append("cells: mIoU mean +- std over seeds (FB-IoU), in %")
     return "\n".join(lines)
-
 
 
 def format_target_report(report: dict[str, Any]) -> str:
