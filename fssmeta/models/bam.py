@@ -93,7 +93,6 @@ class BAM(nn.Module):
             self.init_cls = classifier(reduce_dim, dropout)
             self.doem = ntm.DistractorElimination(reduce_dim)
             self.queue = ntm.DistractorQueue(reduce_dim, mining.queue_size, mining.queue_sample)
-            self._pending_distractors: tuple[torch.Tensor, torch.Tensor] | None = None
         if shot > 1:
             # Scores the sorted per-shot psi values; softmax of the scores weights the shots.
             self.kshot_rw = nn.Sequential(
@@ -157,13 +156,13 @@ class BAM(nn.Module):
         if self.mining is None:
             feat = self.init_merge(torch.cat([query_feat, tiled_prototype, prior], 1))  # (B, D, h, w)
         else:
-            feat, mining_losses = self._mine(inputs, query_feat, tiled_prototype, prior, episode)
+            feat, mining_losses, distractors = self._mine(inputs, query_feat, tiled_prototype, prior, episode)
             losses |= mining_losses
         feat = self.res1_meta(self.aspp(feat))  # (B, D, h, w)
         feat = self.res2_meta(feat) + feat
         meta_logits = self.cls_meta(feat)  # (B, 2, h, w)
         if self.mining is not None and self.training and self.mining.pcl_weight > 0:
-            losses["pcl"] = self._contrast(query_feat, meta_logits, prototype, episode.class_id)
+            losses["pcl"] = self._contrast(query_feat, meta_logits, prototype, episode.class_id, distractors)
 
         # Ensemble at feature size: calibrate the meta probabilities by psi, then let the base learner's
         # "some base class is here" map lower the foreground through the background channel.
@@ -180,11 +179,12 @@ class BAM(nn.Module):
         return SegOutput(logits, aux, memory_losses(self.memory, losses))
 
     def _mine(self, inputs: MetaInputs, query_feat: torch.Tensor, tiled_prototype: torch.Tensor,
-              prior: torch.Tensor, episode: Episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              prior: torch.Tensor, episode: Episode,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """NTRENet's non-target mining at BAM's single scale: BGMM -> BGEM -> initial prediction -> DOEM.
 
-        Returns the (B, D, h, w) feature for BAM's ASPP and, in training, the weighted BG and initial-head
-        losses. Approximate: NTRENet mines at every PFENet pyramid scale; BAM's meta learner has one.
+        Returns the (B, D, h, w) feature for BAM's ASPP, in training the weighted BG and initial-head losses,
+        and this batch's distractors ((B, D) detached DO prototypes, (B,) non-empty) for the PCL queue. Approximate: NTRENet mines at every PFENet pyramid scale; BAM's meta learner has one.
         """
         bg_logits = self.bgmm(query_feat)  # (B, 2, h, w), channel 1 = background
         query_clean = self.bgem(query_feat, self.bgmm.prototype())
@@ -201,11 +201,10 @@ class BAM(nn.Module):
                   + ntm.background_loss(self.bgmm(inputs.supp_feat), supp_labels)) / 2
             losses["bg"] = cfg.bg_weight * bg
             losses["aux_initial"] = cfg.aux_initial_weight * cross_entropy(init_logits, episode.query_mask)
-            self._pending_distractors = (do_prototype.detach(), do_mask.flatten(1).amax(1) > 0)
-        return feat, losses
+        return feat, losses, (do_prototype.detach(), do_mask.flatten(1).amax(1) > 0)
 
     def _contrast(self, query_feat: torch.Tensor, meta_logits: torch.Tensor, prototype: torch.Tensor,
-                  class_id: torch.Tensor) -> torch.Tensor:
+                  class_id: torch.Tensor, distractors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Weighted PCL: anchor = query prototype under the predicted foreground, positive = the support
         prototype, negatives = this class's queued distractor prototypes; then this batch's distractors join
         the queue (after the loss, so an episode is never its own negative)."""
@@ -213,9 +212,7 @@ class BAM(nn.Module):
         anchor = ops.masked_average_pool(query_feat, predicted)  # (B, D)
         negatives = [self.queue.negatives(int(c)) for c in class_id]
         loss = ntm.prototypical_contrastive_loss(anchor, prototype, negatives, self.mining.pcl_temperature)
-        do_prototype, valid = self._pending_distractors
-        self.queue.push(class_id, do_prototype, valid)
-        self._pending_distractors = None
+        self.queue.push(class_id, *distractors)
         return self.mining.pcl_weight * loss
 
 

@@ -33,6 +33,7 @@ from fssmeta.losses import cross_entropy, resize_logits
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
 from fssmeta.models.pfenet import (
+    FrozenBackboneModel,
     classifier,
     foreground,
     memory_losses,
@@ -60,7 +61,7 @@ def label_distractor_mask(bg_logits: torch.Tensor, masks: torch.Tensor) -> torch
     return mining.distractor_mask(bg_logits, target_logits)
 
 
-class NTRENet(nn.Module):
+class NTRENet(FrozenBackboneModel):
     """Non-target region eliminating network; the backbone is frozen and kept in eval mode.
 
     `distractor_queue` (PCL's negatives) is a plain attribute, not state: see mining.DistractorQueue.
@@ -98,18 +99,12 @@ class NTRENet(nn.Module):
         self.cls = classifier(reduce_dim, dropout)
         self.distractor_queue = mining.DistractorQueue(reduce_dim, mining_cfg.queue_size, mining_cfg.queue_sample)
 
-    def train(self, mode: bool = True) -> NTRENet:
-        super().train(mode)
-        self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
-        return self
-
     def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
         inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
         query_feat = inputs.query_feat  # (B, D, h, w)
         size = (query_feat.shape[-2], query_feat.shape[-1])
-        prototype = inputs.prototypes.mean(1)  # (B, D): k-shot averages the prototypes ...
-        prior = inputs.priors.mean(1, keepdim=True)  # (B, 1, h, w) ... and the priors
+        prototype, prior = inputs.shot_average()  # (B, D), (B, 1, h, w), as PFENet
         bg_logits = self.background(query_feat)  # (B, 2, h, w), channel 1 = background
         bg_prototype = self.background.prototype()  # (D,)
 

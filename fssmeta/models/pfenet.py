@@ -78,6 +78,10 @@ class MetaInputs(NamedTuple):
     supp_feat: torch.Tensor  # (B*S, D, h, w) reduced mid-level support features, shot-major per episode
     losses: dict[str, torch.Tensor]  # weighted losses of the memory (training only), else empty
 
+    def shot_average(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PFENet's k-shot rule: the mean prototype (B, D) and the mean prior (B, 1, h, w) over shots."""
+        return self.prototypes.mean(1), self.priors.mean(1, keepdim=True)
+
 
 def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module, episode: Episode,
                 memory: MemoryTransfer | None = None) -> MetaInputs:
@@ -139,7 +143,18 @@ def scaled_bins(bins: tuple[int, ...], size: tuple[int, int]) -> list[tuple[int,
     return [(max(1, int(b * h / ref + 0.5)), max(1, int(b * w / ref + 0.5))) for b in bins]
 
 
-class PFENet(nn.Module):
+class FrozenBackboneModel(nn.Module):
+    """Base of the meta learners over a frozen `self.backbone`: `train()` keeps it in eval mode."""
+
+    backbone: nn.Module
+
+    def train(self, mode: bool = True) -> FrozenBackboneModel:
+        super().train(mode)
+        self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
+        return self
+
+
+class PFENet(FrozenBackboneModel):
     """Prior-guided feature enrichment network; the backbone is frozen and kept in eval mode."""
 
     def __init__(self, *, backbone: ResNet, reduce_dim: int = 256, pyramid_bins: tuple[int, ...] = (60, 30, 15, 8),
@@ -171,18 +186,12 @@ class PFENet(nn.Module):
         self.res2 = residual_pair(reduce_dim)
         self.cls = classifier(reduce_dim, dropout)
 
-    def train(self, mode: bool = True) -> PFENet:
-        super().train(mode)
-        self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
-        return self
-
     def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
         inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
         query_feat = inputs.query_feat  # (B, D, h, w)
         size = (query_feat.shape[-2], query_feat.shape[-1])
-        prototype = inputs.prototypes.mean(1)  # (B, D): k-shot averages the prototypes ...
-        prior = inputs.priors.mean(1, keepdim=True)  # (B, 1, h, w) ... and the priors
+        prototype, prior = inputs.shot_average()  # (B, D), (B, 1, h, w)
 
         pyramid: list[torch.Tensor] = []
         inner_logits: list[torch.Tensor] = []
