@@ -1,4 +1,5 @@
-"""`fssmeta ...` subcommands: show-config, folds, synthesize, prepare, episodes, train-base, train, evaluate."""
+"""`fssmeta ...` subcommands: show-config, folds, synthesize, prepare, episodes, train-base, tune, train, evaluate,
+promote, predict."""
 
 from __future__ import annotations
 
@@ -101,11 +102,26 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fssmeta.integrations.ray_tune import SweepError, main_summary, run_sweep
+
+    try:
+        result = run_sweep(_config(args), progress=not args.quiet)
+    except SweepError as exc:
+        print(f"fssmeta tune: {exc}", file=sys.stderr)
+        return 1
+    print(main_summary(result))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from fssmeta.config import load_tuned, with_overrides
     from fssmeta.experiment import meta_dir, train_meta
 
     _fold_override(args, "train")
     cfg = _config(args)
+    if args.tuned:
+        cfg = with_overrides(cfg, load_tuned(args.tuned), f"{args.tuned} (tuned overrides)")
     if args.ray:
         return _train_ray(cfg, progress=not args.quiet)
     tc = cfg.train
@@ -181,6 +197,68 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from fssmeta.data.io import write_json_atomic
+    from fssmeta.predict import (
+        RequestError,
+        check_supports,
+        load_training_checkpoint,
+        read_image_file,
+        save_prediction,
+        segment_arrays,
+    )
+
+    pairs = []
+    for value in args.support:
+        image, sep, mask = value.rpartition(":")
+        if not sep or not image or not mask:
+            raise RequestError(f"--support {value}: expected IMAGE:MASK (the support image and its mask file)")
+        pairs.append((Path(image), Path(mask)))
+    supports = [read_image_file(image, "support image") for image, _ in pairs]
+    masks = [read_image_file(mask, "support mask", mask=True) for _, mask in pairs]
+    queries = [Path(q) for q in args.query]
+    for query in queries:  # read one at a time below; missing ones fail before any work
+        if not query.is_file():
+            raise RequestError(f"query image {query}: file not found")
+    if len({q.stem for q in queries}) != len(queries):
+        raise RequestError(f"--query: two queries share a file name stem ({', '.join(args.query)}); their outputs "
+                           "would overwrite each other")
+    scheme, is_uri, _ = args.model.partition(":/")
+    if is_uri and len(scheme) > 1 and "/" not in scheme:  # models:/, runs:/, s3://...; not C:/ nor a path
+        if args.shot is not None or args.fold is not None:
+            raise ValueError("--shot / --fold apply to a checkpoint file; a logged model records its own")
+        from fssmeta.integrations.mlflow import load_logged_model
+
+        model, model_cfg, info = load_logged_model(_config(args).mlflow, args.model)
+    else:
+        model, model_cfg, info = load_training_checkpoint(args.model, shot=args.shot, fold=args.fold)
+    shot = int(info["shot"])
+    check_supports(shot, supports, masks, names=[f"support mask {mask}" for _, mask in pairs])
+    if torch.cuda.is_available():
+        model.to("cuda")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, path in enumerate(queries):
+        start = time.perf_counter()
+        query = read_image_file(path, "query image")
+        prob = segment_arrays(model, model_cfg, shot, query, supports, masks)
+        results.append({"query": str(path), **save_prediction(out, path.stem, query, prob)})
+        if not args.quiet:
+            print(f"[{i + 1}/{len(queries)}] {path} ({query.shape[1]}x{query.shape[0]}): foreground "
+                  f"{100 * results[-1]['foreground_fraction']:.1f}% -> {out / results[-1]['files']['mask']} "
+                  f"({time.perf_counter() - start:.2f} s)")
+    write_json_atomic(out / "predictions.json", {
+        "model": args.model, "method": info.get("method", model_cfg.model.method), "fold": info["fold"],
+        "shot": shot, "supports": [{"image": str(image), "mask": str(mask)} for image, mask in pairs],
+        "queries": results}, indent=2)
+    print(f"wrote {len(results)} prediction(s) to {out} ({out / 'predictions.json'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-base", cmd_train_base, "train the PSPNet base learner of a fold (BAM stage 1)")
     p.add_argument("--fold", type=int, help="fold (default: train_base.fold)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
+    add("tune", cmd_tune, "Ray Tune sweep (tune.*) on the validation episodes; best values to tune.out/best.yaml")
     p = add("train", cmd_train, "episodic meta-training of model.method on a fold")
+    p.add_argument("--tuned", help="a sweep's best.yaml: its values on top of params (as the train_meta stage)")
     p.add_argument("--fold", type=int, help="fold (default: train.fold)")
     p.add_argument("--shot", type=int, help="shots (default: train.shot)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
@@ -226,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True, help="`source` or a data.targets name")
     p.add_argument("--version", help="the challenger version (default: the latest)")
     p.add_argument("--rollback", action="store_true", help="give the alias back to the previous champion")
+    p = add("predict", cmd_predict, "segment query images from support images and masks with a trained model")
+    p.add_argument("--model", required=True, metavar="URI|CHECKPOINT",
+                   help="a logged model (models:/fssmeta@champion-source, models:/fssmeta/3, runs:/...) or a .pt "
+                        "checkpoint written by training")
+    p.add_argument("--support", action="append", required=True, metavar="IMG:MASK",
+                   help="a support image and its mask (0 background, other values foreground; 255 = ignore "
+                        "beside other values); once per shot")
+    p.add_argument("--query", action="append", required=True, metavar="IMG", help="a query image; repeatable")
+    p.add_argument("--out", required=True, help="output folder: <stem>_mask/_probability/_overlay.png per query, "
+                                                 "predictions.json")
+    p.add_argument("--shot", type=int, help="checkpoint only: shots (default: its train.shot)")
+    p.add_argument("--fold", type=int, help="checkpoint only: fold (default: its train.fold)")
     return parser
 
 

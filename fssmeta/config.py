@@ -234,6 +234,70 @@ class RegistryConfig(Section):
     """Per-domain promotion in the MLflow registry (fssmeta/integrations/promotion.py)."""
 
     min_improvement: float = 0.005  # mIoU a challenger must gain over the champion to take its alias
+    promote: bool = True  # the register stage promotes the `eval.target_fold` / `shot` version per domain
+    shot: int = 1  # which shot's version the register stage promotes (aliases compare equal shots only)
+    domains: tuple[str, ...] = ()  # () = `source` and every data.targets name
+
+
+SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None}  # kind -> number of arguments
+TUNABLE_SECTIONS = ("train", "model", "transform")  # what a trial trains with
+
+
+class TuneConfig(Section):
+    """A Ray Tune sweep before meta-training (fssmeta/integrations/ray_tune.py): Optuna search, ASHA early
+    stopping, scored on the VALIDATION episodes. The best values go to `<out>/best.yaml`, which the
+    train_meta stage applies on top of params.yaml; 0 trials = params pass through unchanged.
+
+    `search_space` maps a dotted key of train / model / transform to `[kind, args...]`: `[loguniform, lo, hi]`,
+    `[uniform, lo, hi]`, `[randint, lo, hi]` (hi exclusive) or `[choice, a, b, ...]`. `trial_overrides`
+    (dotted key -> value) is the trials' short schedule, not written to best.yaml.
+    """
+
+    trials: int = 0
+    fold: int = 0
+    shot: int = 1
+    search_space: dict[str, tuple[Any, ...]] = {}
+    trial_overrides: dict[str, Any] = {}
+    max_concurrent_trials: int = 2
+    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = 2  # ASHA: 1 / reduction_factor of the trials go on at each rung
+    seed: int = 0  # Optuna's sampler
+    num_workers: int = 1  # Ray Train workers per trial: 1 = a function trainable; > 1 = a TorchTrainer per trial
+    cpus_per_trial: float = 1.0  # a single-worker trial's CPUs (several workers: ray.resources_per_worker each)
+    out: str = "runs/tune"  # best.yaml and trials.json
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_lists(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("search_space"), dict):
+            data = {**data, "search_space": {k: tuple(v) if isinstance(v, list) else v
+                                             for k, v in data["search_space"].items()}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        if self.trials < 0 or self.max_concurrent_trials < 1 or self.num_workers < 1:
+            raise ValueError("trials must be >= 0, max_concurrent_trials and num_workers >= 1")
+        if self.trials and not self.search_space:
+            raise ValueError("search_space is empty: declare at least one key to search (or set trials: 0)")
+        for key, spec in self.search_space.items():
+            kind = spec[0] if spec else None
+            if kind not in SEARCH_KINDS:
+                raise ValueError(f"search_space.{key}: expected [kind, args...] with kind one of "
+                                 f"{', '.join(SEARCH_KINDS)}, got {list(spec)!r}")
+            args = spec[1:]
+            if kind == "choice":
+                if not args:
+                    raise ValueError(f"search_space.{key}: [choice, ...] needs at least one value")
+                continue
+            numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+            if len(args) != 2 or not numeric or not args[0] < args[1]:
+                raise ValueError(f"search_space.{key}: [{kind}, lo, hi] needs two numbers with lo < hi, got {list(args)!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"search_space.{key}: loguniform needs lo > 0, got {args[0]!r}")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ValueError(f"search_space.{key}: randint needs integer bounds, got {list(args)!r}")
+        return self
 
 
 class Config(Section):
@@ -251,6 +315,25 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _tune_keys(self) -> Config:
+        # A swept or overridden key must name a real setting of what a trial trains with.
+        data = self.model_dump(mode="json")
+        for field in ("search_space", "trial_overrides"):
+            for key in getattr(self.tune, field):
+                if key.split(".")[0] not in TUNABLE_SECTIONS:
+                    raise ValueError(f"tune.{field}.{key}: only keys of {', '.join(TUNABLE_SECTIONS)} "
+                                     "change what a trial trains")
+                node: Any = data
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        raise ValueError(f"tune.{field}.{key}: no such setting")
+                    node = node[part]
+                if isinstance(node, dict):
+                    raise ValueError(f"tune.{field}.{key}: is a section; name one of its settings")
+        return self
 
 
 class _Loader(yaml.SafeLoader):
@@ -276,6 +359,10 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "value_error":  # a validator's own message names the key and the value
+            message = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {path}: {message}" if path else f"  {message}")
+            continue
         got = err.get("input")
         got_text = "" if err["type"] in ("extra_forbidden", "missing") else f", got {type(got).__name__} {got!r}"
         lines.append(f"  {path}: {_expected(err)}{got_text}")
@@ -336,6 +423,33 @@ def _split_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key.path=value")
     key, value = text.split("=", 1)
     return key.strip(), parse_value(value)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    """`cfg` with dotted-key `overrides` applied and validated again. A float setting takes an int value
+    (a sampled `2` for `lr`); the error names `source`."""
+    data = config_to_dict(cfg)
+    for key, value in overrides.items():
+        node: Any = data
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        current = node.get(key.split(".")[-1]) if isinstance(node, dict) else None
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        apply_override(data, key, value)
+    return config_from_dict(data, source)
+
+
+def load_tuned(path: str | Path) -> dict[str, Any]:
+    """The `overrides` mapping of a sweep's best.yaml (fssmeta/integrations/ray_tune.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no tuned params file (run the tune stage: `dvc repro tune` or `fssmeta tune`)")
+    loaded = yaml.load(path.read_text(), Loader=_Loader) or {}
+    overrides = loaded.get("overrides") if isinstance(loaded, dict) else None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: expected a mapping `overrides: {{dotted.key: value}}`")
+    return overrides
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

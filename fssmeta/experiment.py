@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from fssmeta import distributed
 from fssmeta.checkpoint import read_checkpoint, restore, resume
-from fssmeta.config import Config, TrainConfig, config_to_dict
+from fssmeta.config import Config, ModelConfig, TrainConfig, config_to_dict
 from fssmeta.data import folds
 from fssmeta.data.dataset import (
     BaseSegmentationDataset,
@@ -203,13 +203,17 @@ def evaluation_model(cfg: Config, fold: int, shot: int, method: str, device: tor
             raise DataError(f"{base}: the baseline uses the fold's stage-1 backbone; run `fssmeta train-base` first")
         pspnet.load_state_dict(read_checkpoint(base)["model"])
         return PrototypeBaseline(backbone=pspnet.backbone, threshold=cfg.eval.baseline_threshold).to(device).eval()
-    model = build_model(cfg.model.model_copy(update={"method": method, "shot": shot}),
-                        base_classes=load_fold(cfg.data.prepared, fold)["base"])
     best = meta_dir(cfg, fold, shot, method) / "best.pt"
     if not best.is_file():
         raise DataError(f"{best}: no trained {method} for fold {fold}, {shot}-shot; run "
                         f"`fssmeta train --set train.fold={fold} --set train.shot={shot}` first")
-    resume(best, model=model, restore_rng=False)
+    payload = read_checkpoint(best)
+    # The model as it was trained (tuned values included), not as params.yaml describes it now.
+    stored = payload["config"].get("model") if payload["config"] else None
+    model_cfg = ModelConfig.model_validate(stored) if stored else cfg.model
+    model = build_model(model_cfg.model_copy(update={"method": method, "shot": shot}),
+                        base_classes=load_fold(cfg.data.prepared, fold)["base"])
+    restore(payload, model=model, restore_rng=False, source=best)
     return model.to(device).eval()
 
 

@@ -1,21 +1,31 @@
 """DVC stage `register`: every (fold, shot) best checkpoint becomes a version of the registered model
-`mlflow.registered_model`, tagged with its metrics and protocol (status=candidate; no alias is moved —
-promotion gates decide that). Idempotent: a checkpoint already registered returns its version."""
+`mlflow.registered_model`, tagged with its metrics and protocol (status=candidate). Idempotent: a checkpoint
+already registered returns its version.
+
+Then, with `registry.promote`, the version of (`eval.target_fold`, `registry.shot`) challenges each domain's
+`champion-<domain>` alias (`registry.domains`; default `source` and every data.targets name): both are scored
+on that domain's SAME fixed episodes and the alias moves only on a win by `registry.min_improvement`. A refused
+promotion (a NaN score, versions not comparable) is recorded and reported; it moves nothing."""
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
+from fssmeta.config import Config
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold
 from fssmeta.experiment import meta_dir
 from fssmeta.integrations.mlflow import register_model
+from fssmeta.integrations.promotion import PromotionRefused, decision_dict, promote, score_version
 from fssmeta.tracking import protocol_tags
 from pipelines.common import config, parser
 
 
 def main() -> None:
     cfg = config(parser(__doc__).parse_args())
+    domains = check_promotion(cfg)
     out = Path(cfg.report.out)
     table = read_json(out / "metrics.json", "report metrics (run the report stage)")
     method = cfg.model.method
@@ -25,7 +35,7 @@ def main() -> None:
             scores = table[method][f"{shot}shot"][f"fold{fold}"]
             metrics = {"miou": scores["miou"], "miou_std": scores["miou_std"], "fb_iou": scores["fb_iou"]}
             cross = table.get("cross_domain", {}).get(method, {}).get(f"{shot}shot")
-            if cross and fold == cfg.eval.target_fold:  # the per-domain scores promotion compares
+            if cross and fold == cfg.eval.target_fold:  # the per-domain test scores, for the record
                 metrics |= {f"target_{name}_miou": value for name, value in cross.items()}
             info = register_model(cfg, checkpoint=meta_dir(cfg, fold, shot) / "best.pt", metrics=metrics,
                                   tags=protocol_tags(cfg, fold=fold, shot=shot), fold=fold, shot=shot,
@@ -33,7 +43,53 @@ def main() -> None:
             versions.append({"fold": fold, "shot": shot, **info})
             state = "registered" if info["created"] else "already registered"
             print(f"register: {info['name']} version {info['version']} ({method}, fold {fold}, {shot}-shot) {state}")
-    write_json_atomic(out / "registered.json", {"registered_model": cfg.mlflow.registered_model, "versions": versions})
+    challenger = next((v for v in versions if (v["fold"], v["shot"]) == (cfg.eval.target_fold, cfg.registry.shot)),
+                      None)
+    promotions = promote_everywhere(cfg, challenger["version"], domains) if challenger and domains else []
+    write_json_atomic(out / "registered.json", {"registered_model": cfg.mlflow.registered_model, "versions": versions,
+                                                "promotions": promotions})
+
+
+def check_promotion(cfg: Config) -> list[str]:
+    """The domains to promote on (none when `registry.promote` is off); a wrong setting stops here, first."""
+    if not cfg.registry.promote:
+        return []
+    if cfg.eval.target_fold not in cfg.eval.folds or cfg.registry.shot not in cfg.eval.shots:
+        sys.exit(f"register: registry.shot {cfg.registry.shot} / eval.target_fold {cfg.eval.target_fold} must be "
+                 f"among eval.shots {list(cfg.eval.shots)} / eval.folds {list(cfg.eval.folds)} (or registry.promote: false)")
+    known = ["source", *sorted(cfg.data.targets)]
+    domains = list(cfg.registry.domains) or known
+    unknown = [d for d in domains if d not in known]
+    if unknown:
+        sys.exit(f"register: registry.domains {unknown} are not `source` nor data.targets names ({', '.join(known)})")
+    return domains
+
+
+def promote_everywhere(cfg: Config, version: str, domains: list[str]) -> list[dict]:
+    """One promotion decision per domain for `version`; scores are computed once per (version, domain)."""
+    name = cfg.mlflow.registered_model
+    scores: dict[tuple[str, str], float] = {}
+
+    def score(domain: str):
+        def of(v: str) -> float:
+            if (v, domain) not in scores:
+                scores[(v, domain)] = score_version(cfg, version=v, domain=domain, name=name)
+            return scores[(v, domain)]
+        return of
+
+    decisions = []
+    for domain in domains:
+        try:
+            decision = decision_dict(promote(cfg, domain=domain, version=version, score=score(domain), name=name))
+            decision = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in decision.items()}
+        except PromotionRefused as exc:
+            print(f"register: {name} version {version} on {domain}: promotion refused: {exc}", file=sys.stderr)
+            decisions.append({"domain": domain, "challenger": version, "promoted": False, "reason": f"refused: {exc}"})
+            continue
+        verdict = "promoted" if decision["promoted"] else "not promoted"
+        print(f"register: {name}@champion-{domain}: version {version} {verdict} ({decision['reason']})")
+        decisions.append(decision)
+    return decisions
 
 
 if __name__ == "__main__":

@@ -89,3 +89,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+from tests.ray_workspace import ray_env, workspace  # noqa: E402, F401  (module-scoped Ray fixtures)

@@ -4,6 +4,7 @@ and a failing stage that keeps earlier outputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.integration
@@ -29,6 +31,8 @@ TINY = {
     "train_base": {"epochs": 1, "episodes_per_epoch": 32},
     "train": {"epochs": 1, "episodes_per_epoch": 16, "batch_size": 4, "val_episodes": 10},
     "ray": {"num_workers": 1, "num_cpus": 2},
+    "tune": {"trials": 2, "max_concurrent_trials": 1,
+             "trial_overrides": {"train.epochs": 1, "train.episodes_per_epoch": 8, "train.val_episodes": 5}},
     "report": {"qualitative_episodes": 2},
 }
 
@@ -82,6 +86,13 @@ def test_repro_end_to_end(repo):
     assert "report/metrics.json" in shown and "bam.1shot.miou" in shown
     assert "cross_domain.bam.1shot.hazy" in shown and "cross_domain.baseline.1shot.mean" in shown
     assert "## Cross-domain (PATNet protocol)" in (path / "report/report.md").read_text()
+    # the sweep ran before training, and training used its best values
+    best = yaml.safe_load((path / "runs/tune/best.yaml").read_text())
+    assert set(best["overrides"]) == {"train.optim.lr", "model.memory.alpha"} and best["trials"] == 2
+    trained = torch.load(path / "runs/fold0/bam-1shot/best.pt", weights_only=True)["config"]
+    assert trained["train"]["optim"]["lr"] == best["overrides"]["train.optim.lr"]
+    assert trained["model"]["memory"]["alpha"] == best["overrides"]["model.memory.alpha"]
+    assert trained["train"]["epochs"] == TINY["train"]["epochs"]  # not the trials' short schedule
 
 
 def test_registry_holds_a_tagged_version(repo):
@@ -94,7 +105,15 @@ def test_registry_holds_a_tagged_version(repo):
     tags = versions[0].tags
     assert tags["status"] == "candidate" and tags["fold"] == "0" and tags["shot"] == "1"
     assert tags["dataset"] == "synthetic" and "metric.miou" in tags
-    assert 0.0 <= float(tags["metric.target_hazy_miou"]) <= 1.0  # the per-domain score promotion compares
+    assert 0.0 <= float(tags["metric.target_hazy_miou"]) <= 1.0
+    # the first version becomes every domain's champion, each decision recorded with its score
+    for domain in ("source", "hazy"):
+        assert client.get_model_version_by_alias("fssmeta", f"champion-{domain}").version == versions[0].version
+        assert tags[f"promotion.{domain}.decision"] == "promoted"
+        assert 0.0 <= float(tags[f"promotion.{domain}.score"]) <= 1.0
+    promotions = json.loads((path / "report/registered.json").read_text())["promotions"]
+    assert [(p["domain"], p["promoted"], p["reason"]) for p in promotions] == [
+        ("source", True, "no champion yet"), ("hazy", True, "no champion yet")]
 
 
 def test_second_repro_reruns_nothing(repo):
@@ -112,8 +131,9 @@ def test_eval_change_reruns_only_downstream(repo):
     out = run([sys.executable, "-m", "dvc", "repro"], path, env).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"evaluate@0", "evaluate_targets", "report", "register"}
-    versions = [v for v in __import__("json").loads((path / "report/registered.json").read_text())["versions"]]
-    assert versions[0]["created"] is False  # the same checkpoint: the registry is not duplicated
+    registered = json.loads((path / "report/registered.json").read_text())
+    assert registered["versions"][0]["created"] is False  # the same checkpoint: the registry is not duplicated
+    assert {p["reason"] for p in registered["promotions"]} == {"already the champion"}
 
 
 def test_failing_stage_keeps_earlier_outputs_and_names_the_problem(repo):

@@ -4,26 +4,22 @@ versions, a pyfunc model that loads and segments)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import os
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from PIL import Image
 
 from fssmeta import distributed, tracking
-from fssmeta.checkpoint import save_checkpoint
-from fssmeta.config import Config, EvalConfig, MlflowConfig, ModelConfig, config_to_dict
-from fssmeta.models import build_model
+from fssmeta.config import Config, MlflowConfig, config_to_dict
 from fssmeta.tracking import flatten, protocol_tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is imported
 import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from fssmeta.integrations.mlflow import (  # noqa: E402
     MLflowTracker,
@@ -35,13 +31,18 @@ from fssmeta.integrations.mlflow import (  # noqa: E402
     tracker_from_config,
     valid_name,
 )
+from tests.mlflow_helpers import (  # noqa: E402
+    BASE_CLASSES,
+    SIZE,
+    decode_png,
+    request_row,
+    save_model,
+    tiny_config,
+)
 
 pytestmark = [pytest.mark.integration,
               # MLflow's own use of a deprecated SQLAlchemy loader, not ours
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
-
-BASE_CLASSES = list(range(6, 21))
-SIZE = 65
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,9 @@ def cfg(store: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReq
     monkeypatch.chdir(store)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(tracking, "git_commit", lambda cwd=".": "0123abc")
-    model = ModelConfig(backbone="small", reduce_dim=16, ppm_dim=16, pyramid_bins=(5, 3, 2, 1),
-                        aspp_dilations=(1, 2, 3))
     name = request.node.name
-    yield Config(model=model, eval=EvalConfig(test_size=SIZE),
-                 mlflow=MlflowConfig(tracking_uri="sqlite:///mlflow.db", artifact_location="mlartifacts",
-                                     experiment=name, registered_model=f"fss-{name}"))
+    yield tiny_config(mlflow=MlflowConfig(tracking_uri="sqlite:///mlflow.db", artifact_location="mlartifacts",
+                                          experiment=name, registered_model=f"fss-{name}"))
     assert not (store / "mlruns").exists(), "artifacts must go to the configured location, not ./mlruns"
 
 
@@ -162,28 +160,6 @@ def test_names_and_locations():
         is tracking.NullTracker
 
 
-def save_model(cfg: Config, path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, base_classes=BASE_CLASSES)
-    return save_checkpoint(path, model=model, config=config_to_dict(cfg), epoch=3)
-
-
-def episode(seed: int) -> dict[str, list]:
-    rng = np.random.default_rng(seed)
-    support_mask = np.zeros((SIZE, SIZE), np.uint8)
-    support_mask[10:40, 20:50] = 1
-    support_mask[10, 20:50] = 255
-    return {"query_img": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8).tolist(),
-            "support_imgs": [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8).tolist()],
-            "support_masks": [support_mask.tolist()]}
-
-
-def png_base64(array: list) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, tmp_path: Path):
     checkpoint = save_model(cfg, tmp_path / "best.pt", seed=0)
     tags = protocol_tags(cfg, fold=0, shot=1)
@@ -215,20 +191,26 @@ def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, t
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
     model = load_registered(cfg, "2")
-    rows = [episode(0), episode(0), episode(1)]
-    rows[1] = {key: [png_base64(v) for v in value] if key != "query_img" else png_base64(value)
-               for key, value in rows[1].items()}  # the same episode as base64 PNGs
-    masks = model.predict(pd.DataFrame(rows))
-    assert len(masks) == 3
-    first_mask = np.asarray(masks[0])
-    assert first_mask.shape == (SIZE, SIZE) and set(np.unique(first_mask)) <= {0, 1}
-    assert masks[1] == masks[0]
-    with pytest.raises(ValueError, match="1-shot model"):
-        model.predict(pd.DataFrame([{**episode(0), "support_imgs": episode(0)["support_imgs"] * 2}]))
+    rows = [request_row(0), request_row(0), request_row(1, query_shape=(SIZE, 40))]
+    wrapped = "\n".join(textwrap.wrap(rows[0]["query_img"], 76))  # as `base64` prints it, in a data URL
+    rows[1]["query_img"] = f"data:image/png;base64,{wrapped}"
+    outputs = model.predict(pd.DataFrame(rows))
+    assert len(outputs) == 3
+    assert outputs[1] == outputs[0]  # the same episode -> the same output
+    mask = np.asarray(decode_png(outputs[0]["mask"]))
+    assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
+    assert (outputs[0]["height"], outputs[0]["width"]) == (50, 70)
+    assert outputs[0]["foreground_fraction"] == pytest.approx((mask == 255).mean())
+    assert np.asarray(decode_png(outputs[2]["foreground_probability"])).shape == (SIZE, 40)
+    two_supports = {**rows[0], "support_imgs": rows[0]["support_imgs"] * 2,
+                    "support_masks": rows[0]["support_masks"] * 2}
+    with pytest.raises(MlflowException, match="1-shot model") as failure:
+        model.predict(pd.DataFrame([two_supports]))
+    assert failure.value.error_code == "INVALID_PARAMETER_VALUE"
 
     client.set_registered_model_alias(name, "champion", "1")
     champion = load_registered(cfg, "champion")
-    assert np.asarray(champion.predict(pd.DataFrame([episode(0)]))[0]).shape == (SIZE, SIZE)
+    assert champion.predict(pd.DataFrame([rows[0]]))[0]["height"] == 50
 
 
 def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path):

@@ -20,7 +20,14 @@ from typing import Any
 
 from fssmeta import distributed
 from fssmeta.config import Config, MlflowConfig, config_to_dict
-from fssmeta.predict import PYFUNC_INPUT, load_checkpoint_model, segment
+from fssmeta.predict import (
+    PYFUNC_INPUT,
+    REQUEST_COLUMNS,
+    RequestError,
+    load_checkpoint_model,
+    max_image_pixels,
+    segment_record,
+)
 from fssmeta.tracking import NullTracker, Tracker, flatten
 
 # MLflow's own limits (mlflow.utils.validation): 100 params or tags per batch, 1000 metrics per batch.
@@ -249,23 +256,57 @@ def _define_pyfunc_class(base: type) -> type:
         def load_context(self, context: Any) -> None:
             import torch
 
+            max_image_pixels()  # a bad FSSMETA_MAX_IMAGE_PIXELS stops the server at start, not every request
             info = json.loads(Path(context.artifacts["info"]).read_text())
             self.shot = info["shot"]
             self.model, self.cfg = load_checkpoint_model(context.artifacts["checkpoint"], info)
             if torch.cuda.is_available():
                 self.model.to("cuda")
 
-        # Deliberately without type hints: MLflow would turn them into an input schema, and none of its
-        # schema types holds "nested lists or a base64 string".
+        # Deliberately without type hints: MLflow would derive a schema from them; the logged signature
+        # (`model_signature`) describes the input instead.
         def predict(self, context, model_input, params=None):
-            missing = {"query_img", "support_imgs", "support_masks"} - set(model_input.columns)
-            if missing:
-                raise ValueError(f"model input: missing column(s) {', '.join(sorted(missing))}\n{PYFUNC_INPUT}")
-            return [segment(self.model, self.cfg, self.shot, row, f"row {i}")
-                    for i, (_, row) in enumerate(model_input.iterrows())]
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            # A bad request is the client's error: MlflowException(INVALID_PARAMETER_VALUE) makes the scoring
+            # server answer 400 with this message (any other exception: 400 with a generic message).
+            try:
+                return [segment_record(self.model, self.cfg, self.shot, record, f"row {i}")
+                        for i, record in enumerate(_records(model_input))]
+            except (RequestError, KeyError) as exc:
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
     FssmetaPyfunc.__module__, FssmetaPyfunc.__qualname__ = __name__, "FssmetaPyfunc"
     return FssmetaPyfunc
+
+
+def _records(model_input: Any) -> list[dict[str, Any]]:
+    """The request rows of a DataFrame (or a list of dicts / a dict of columns), every column present."""
+    import pandas as pd
+
+    if not isinstance(model_input, pd.DataFrame):
+        try:
+            model_input = pd.DataFrame(model_input)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"model input: expected a table with columns {', '.join(REQUEST_COLUMNS)} "
+                               f"({exc})") from None
+    missing = [c for c in REQUEST_COLUMNS if c not in model_input.columns]
+    if missing:
+        raise RequestError(f"model input: missing column(s) {', '.join(missing)}")
+    return model_input.to_dict("records")
+
+
+def model_signature() -> Any:
+    """The logged signature: base64 strings in (lists of them for the supports), the output dict's fields out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "query_img"), ColSpec(Array("string"), "support_imgs"),
+                     ColSpec(Array("string"), "support_masks")])
+    outputs = Schema([ColSpec("string", "mask"), ColSpec("string", "foreground_probability"),
+                      ColSpec("double", "foreground_fraction"), ColSpec("long", "height"), ColSpec("long", "width")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def __getattr__(name: str) -> Any:
@@ -344,7 +385,10 @@ def _log_and_register(client: Any, uri: str, name: str, checkpoint: Path, info: 
     # experiment (the Default one, artifacts in ./mlruns) whatever run it comes from.
     model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
                                        source_run_id=run_id, tags={"checkpoint_sha256": info["checkpoint_sha256"]})
-    with tempfile.TemporaryDirectory() as tmp, _tracking_uri(uri):
+    with tempfile.TemporaryDirectory() as tmp, _tracking_uri(uri), warnings.catch_warnings():
+        # Declined: with an input example MLflow loads and runs the model at every registration; the
+        # signature and PYFUNC_INPUT (the class docstring) describe the request instead.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         (Path(tmp) / "fssmeta_model.json").write_text(json.dumps(info, indent=2))
         (Path(tmp) / "fssmeta_model.py").write_text(MODEL_CODE)
         # What `mlflow.pyfunc.log_model` calls, with an explicit run and model instead of the process's active
@@ -352,11 +396,14 @@ def _log_and_register(client: Any, uri: str, name: str, checkpoint: Path, info: 
         logged = mlflow.models.Model.log(
             artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
             step=0, python_model=str(Path(tmp) / "fssmeta_model.py"), pip_requirements=_pip_requirements(),
+            signature=model_signature(),
             artifacts={"checkpoint": str(checkpoint), "info": str(Path(tmp) / "fssmeta_model.json")})
     if _registered_model_missing(client, name):
         client.create_registered_model(name, description="fssmeta few-shot segmentation models")
-    version = client.create_model_version(name, source=logged.model_uri, run_id=run_id, tags=version_tags,
-                                          model_id=logged.model_id)
+    # A sqlite registry looks the LoggedModel up through the process-wide tracking URI, not the client's.
+    with _tracking_uri(uri):
+        version = client.create_model_version(name, source=logged.model_uri, run_id=run_id, tags=version_tags,
+                                              model_id=logged.model_id)
     return _version_info(version, created=True)
 
 
@@ -389,3 +436,36 @@ def load_registered(cfg: Config, version_or_alias: str) -> Any:
     uri = f"models:/{cfg.mlflow.registered_model}" + (f"/{ref}" if ref.isdigit() else f"@{ref.removeprefix('@')}")
     with _tracking_uri(resolve_tracking_uri(cfg.mlflow)):
         return mlflow.pyfunc.load_model(uri)
+
+
+def download_model(cfg: MlflowConfig, model_uri: str, dst: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Download a logged fssmeta model (any URI MLflow resolves: `models:/name@alias`, `models:/name/3`,
+    `runs:/...`) into `dst`; returns its checkpoint file and its info (fold, shot, base_classes, ...).
+    A URI MLflow cannot resolve is a ValueError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(cfg)
+    with _tracking_uri(uri):
+        try:
+            local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        except MlflowException as exc:
+            raise ValueError(f"{model_uri}: {exc.message} (tracking URI {uri})") from None
+    import yaml
+
+    # The pyfunc flavour in MLmodel names both artifacts (the checkpoint keeps its training file name).
+    spec = next(local.rglob("MLmodel"), None)
+    flavor = yaml.safe_load(spec.read_text()).get("flavors", {}).get("python_function", {}) if spec else {}
+    artifacts = flavor.get("artifacts") or {}
+    if not {"checkpoint", "info"} <= artifacts.keys():
+        raise ValueError(f"{model_uri}: not a fssmeta model (no MLmodel naming `checkpoint` and `info` artifacts)")
+    info = json.loads((spec.parent / artifacts["info"]["path"]).read_text())
+    return spec.parent / artifacts["checkpoint"]["path"], info
+
+
+def load_logged_model(cfg: MlflowConfig, model_uri: str) -> tuple[Any, Config, dict[str, Any]]:
+    """The model behind `model_uri` (eval mode, CPU), its training config and its info, loaded from its
+    checkpoint artifact with `load_checkpoint_model` (no pickled code runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, info = download_model(cfg, model_uri, tmp)
+        model, model_cfg = load_checkpoint_model(checkpoint, info)
+    return model, model_cfg, info

@@ -15,11 +15,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from fssmeta.config import Config
-from fssmeta.integrations.mlflow import _mlflow, _tracking_uri, resolve_tracking_uri
+from fssmeta.integrations.mlflow import _mlflow, load_logged_model, resolve_tracking_uri
 
 ScoreFn = Callable[[str], float]
 
@@ -104,6 +103,8 @@ def promote(cfg: Config, *, domain: str, version: str, score: ScoreFn, name: str
     client = _client(cfg)
     version = str(client.get_model_version(name, str(version)).version)  # an unknown version fails here
     champion = current_champion(client, name, domain)
+    if champion is not None and champion != version:
+        _check_comparable(client, name, domain, version, champion)
     if champion == version:
         return Decision(domain, version, champion, math.nan, math.nan, cfg.registry.min_improvement, False,
                         "already the champion")
@@ -129,6 +130,19 @@ def promote(cfg: Config, *, domain: str, version: str, score: ScoreFn, name: str
     return decision
 
 
+def _check_comparable(client: Any, name: str, domain: str, challenger: str, champion: str) -> None:
+    """Both versions must be scored on the same episodes: the same shot (the lists differ per shot) and, on
+    `source`, the same fold (each fold has its own validation list)."""
+    tags = {v: client.get_model_version(name, v).tags for v in (challenger, champion)}
+    keys = ("shot", "fold") if domain == "source" else ("shot",)
+    for key in keys:
+        mine, theirs = tags[challenger].get(key), tags[champion].get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise PromotionRefused(
+                f"{name} version {challenger} ({key} {mine}) and {alias_for(domain)} version {champion} ({key} "
+                f"{theirs}) would not be scored on the same {domain} episodes; promote a version with {key} {theirs}")
+
+
 def rollback(cfg: Config, *, domain: str, name: str | None = None) -> str:
     """Give `champion-<domain>` back to the previous champion; returns its version. Refused (nothing moved)
     when there is no previous champion."""
@@ -150,13 +164,9 @@ def score_version(cfg: Config, *, version: str, domain: str, name: str | None = 
     """mIoU of a registered version on `domain`'s fixed episodes (mean over seeds): `source` = the version's
     fold VALIDATION list, a target name = its 1-way target lists at `eval.resized_size`."""
     from fssmeta.experiment import score_domain
-    from fssmeta.predict import load_checkpoint_model
 
     name = name or cfg.mlflow.registered_model
-    with _tracking_uri(resolve_tracking_uri(cfg.mlflow)):
-        local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
-    info = json.loads(next(local.rglob("fssmeta_model.json")).read_text())
-    model, _ = load_checkpoint_model(next(p for p in local.rglob("*.pt")), info)
+    model, _, info = load_logged_model(cfg.mlflow, f"models:/{name}/{version}")
     return score_domain(cfg, model, domain, fold=int(info["fold"]), shot=int(info["shot"]))
 
 

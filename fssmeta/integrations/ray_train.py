@@ -81,26 +81,13 @@ def train_with_ray(cfg: Config, *, fold: int | None = None, shot: int | None = N
     run_dir = storage / name
     tags = protocol_tags(cfg, fold=fold, shot=shot) | {"trainer": "ray_train", "ray_run": name,
                                                         "ray_workers": str(rc.num_workers)}
-    # Without validation, fit keeps the lowest training loss as "best"; Ray must rank the same way.
-    score, order = ("val_miou", "max") if cfg.train.val_episodes > 0 else ("train_loss", "min")
+    score, order = selection(cfg)
     base = base_dir(cfg, fold) / "last.pt"
     if not rc.address and not base.is_file():  # say it here, not once per worker and restart
         raise DataError(f"{base}: no base learner for fold {fold}; run `fssmeta train-base --fold {fold}` first")
-    loop_config = {"config": config_to_dict(cfg), "fold": fold, "name": name, "run_dir": str(run_dir),
-                   "cwd": os.getcwd(), "tags": tags, "progress": progress}
-    started = _start_ray(cfg, progress)
+    started = start_ray(cfg, progress)
     try:
-        trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu,
-                                         resources_per_worker=dict(rc.resources_per_worker) or None),
-            torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
-            run_config=RunConfig(name=name, storage_path=str(storage),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score,
-                                                                    checkpoint_score_order=order),
-                                 failure_config=FailureConfig(max_failures=rc.max_failures),
-                                 # Ray's per-report INFO lines repeat every metric; the epoch lines say it once
-                                 logging_config=LoggingConfig(log_level="WARNING")))
+        trainer = build_trainer(cfg, fold=fold, name=name, storage=storage, tags=tags, progress=progress)
         try:
             result = trainer.fit()
         except TrainingFailedError as exc:
@@ -127,8 +114,37 @@ def train_with_ray(cfg: Config, *, fold: int | None = None, shot: int | None = N
                         restored_epoch=(result.return_value or {}).get("restored_epoch", 0))
 
 
-def _start_ray(cfg: Config, progress: bool) -> bool:
-    """Connect to or start Ray; True when this call initialised it (and so must shut it down)."""
+def selection(cfg: Config) -> tuple[str, str]:
+    """The checkpoint-selection metric and order: validation mIoU, or (no validation) the training loss,
+    as `fit` keeps its best.pt."""
+    return ("val_miou", "max") if cfg.train.val_episodes > 0 else ("train_loss", "min")
+
+
+def build_trainer(cfg: Config, *, fold: int, name: str, storage: Path, tags: dict[str, str], progress: bool,
+                  callbacks: tuple[Any, ...] = ()) -> TorchTrainer:
+    """The TorchTrainer of one run `name` under `storage` (absolute): `ray.num_workers` workers running
+    `train_loop_per_worker` on `cfg.train` (fold and shot already set). A name that exists resumes that run."""
+    rc = cfg.ray
+    score, order = selection(cfg)
+    loop_config = {"config": config_to_dict(cfg), "fold": fold, "name": name, "run_dir": str(storage / name),
+                   "cwd": os.getcwd(), "tags": tags, "progress": progress}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu,
+                                     resources_per_worker=dict(rc.resources_per_worker) or None),
+        torch_config=TorchConfig(backend="nccl" if rc.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score,
+                                                                checkpoint_score_order=order),
+                             failure_config=FailureConfig(max_failures=rc.max_failures),
+                             # Ray's per-report INFO lines repeat every metric; the epoch lines say it once
+                             logging_config=LoggingConfig(log_level="WARNING")))
+
+
+def start_ray(cfg: Config, progress: bool, *, dashboard: bool = False) -> bool:
+    """Connect to or start Ray; True when this call initialised it (and so must shut it down). A local Ray
+    runs without its dashboard unless `dashboard`: the State API it serves is what lets Train V2 clean up
+    the placement group of a run whose driver was stopped (a Tune trial ASHA ends)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Each report waits for the controller's next poll (2 s by default); Ray passes this on to its workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -140,7 +156,7 @@ def _start_ray(cfg: Config, progress: bool) -> bool:
         ray.init(address=cfg.ray.address, log_to_driver=progress, runtime_env=runtime_env)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance; token auth is the default
-        ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=progress,
+        ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=dashboard, log_to_driver=progress,
                  object_store_memory=OBJECT_STORE_BYTES, runtime_env=runtime_env)
         _check_resources(cfg)
     return True
