@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fssmeta.config import Config, ModelConfig
 from fssmeta.data.dataset import EpisodeDataset, IndexSource
@@ -146,6 +147,24 @@ def ablation_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(trials: dict[str, Any], best: dict[str, Any]) -> str:
+    """The tune stage's trials (values, epochs run, best validation mIoU, status) and the values it chose."""
+    rows = trials.get("trials") or []
+    if not rows:
+        return f"No sweep: {best.get('note', 'tune.trials is 0')}; training used params.yaml as it is.\n"
+    keys = list(rows[0]["config"])
+    lines = ["| trial | " + " | ".join(f"`{k}`" for k in keys) + " | epochs | best val mIoU | status |",
+             "|---|" + "---|" * len(keys) + "---|---|---|"]
+    for t in rows:
+        values = " | ".join(f"{t['config'][k]:.4g}" if isinstance(t["config"][k], float) else str(t["config"][k])
+                            for k in keys)
+        score = "-" if t["score"] is None else f"{100 * t['score']:.1f}"
+        lines.append(f"| {t['trial']} | {values} | {t['epochs']} | {score} | {t['status']} |")
+    chosen = ", ".join(f"`{k}` = {v:.4g}" if isinstance(v, float) else f"`{k}` = {v}" for k, v in best["overrides"].items())
+    return (f"Trials on fold {best['fold']}, {best['shot']}-shot, scored on its validation episodes "
+            f"({best['sweep']}).\n\n" + "\n".join(lines) + f"\n\nTraining used: {chosen}.\n")
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -244,6 +263,11 @@ def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str
                 + markdown_table(collected, cfg.eval.shots)]
     if targets:
         sections.append("## Cross-domain (PATNet protocol)\n\n" + targets_markdown(targets))
+    tuned = Path(cfg.tune.out)
+    if (tuned / "trials.json").is_file() and (tuned / "best.yaml").is_file():
+        best = yaml.safe_load((tuned / "best.yaml").read_text())
+        sections.append("## Hyperparameter sweep (tune stage)\n\n"
+                        + sweep_markdown(read_json(tuned / "trials.json", "sweep trials"), best))
     ablation = Path(cfg.report.ablation)
     if cfg.report.ablation and ablation.is_file():
         sections.append(f"## Ablation of the flagship ({ablation}, from benchmarks/ablation.py)\n\n"

@@ -85,7 +85,8 @@ def test_repro_end_to_end(repo):
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], path, env).stdout
     assert "report/metrics.json" in shown and "bam.1shot.miou" in shown
     assert "cross_domain.bam.1shot.hazy" in shown and "cross_domain.baseline.1shot.mean" in shown
-    assert "## Cross-domain (PATNet protocol)" in (path / "report/report.md").read_text()
+    report = (path / "report/report.md").read_text()
+    assert "## Cross-domain (PATNet protocol)" in report and "## Hyperparameter sweep (tune stage)" in report
     # the sweep ran before training, and training used its best values
     best = yaml.safe_load((path / "runs/tune/best.yaml").read_text())
     assert set(best["overrides"]) == {"train.optim.lr", "model.memory.alpha"} and best["trials"] == 2

@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from PIL import Image
 
 from fssmeta.config import load_config
 from fssmeta.data.io import DataError
-from fssmeta.report import markdown_table, metrics, plot_per_class, plot_training_curves, write_report
+from fssmeta.report import (
+    markdown_table,
+    metrics,
+    plot_per_class,
+    plot_training_curves,
+    sweep_markdown,
+    write_report,
+)
 
 
 def fake_eval(root, fold, method, mious):
@@ -129,3 +137,24 @@ def test_ablation_table_and_report_section(cfg, tmp_path):
     cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"ablation": str(path)})})
     write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)
     assert "## Ablation of the flagship" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_sweep_section_lists_the_trials_and_the_chosen_values(cfg, tmp_path):
+    trials = [{"trial": "t2", "config": {"train.optim.lr": 0.0919735, "model.memory.alpha": 0.5}, "score": 0.445,
+               "epochs": 3, "status": "terminated", "error": None},
+              {"trial": "t1", "config": {"train.optim.lr": 0.0265, "model.memory.alpha": 0.75}, "score": None,
+               "epochs": 0, "status": "error", "error": "FloatingPointError: non-finite loss"}]
+    tune = tmp_path / "tune"
+    tune.mkdir()
+    (tune / "trials.json").write_text(json.dumps({"metric": "val_miou", "trials": trials}))
+    (tune / "best.yaml").write_text(yaml.safe_dump({"overrides": trials[0]["config"], "fold": 0, "shot": 1,
+                                                    "sweep": "/x/tune-bam", "score": 0.445}, sort_keys=False))
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"out": str(tune)})})
+    write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, qualitative_model=None)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Hyperparameter sweep (tune stage)" in text
+    assert "| trial | `train.optim.lr` | `model.memory.alpha` | epochs | best val mIoU | status |" in text
+    assert "| t2 | 0.09197 | 0.5 | 3 | 44.5 | terminated |" in text and "| t1 | 0.0265 | 0.75 | 0 | - | error |" in text
+    assert "Training used: `train.optim.lr` = 0.09197, `model.memory.alpha` = 0.5." in text
+    assert sweep_markdown({"trials": []}, {"note": "tune.trials is 0: params pass through unchanged"}) == (
+        "No sweep: tune.trials is 0: params pass through unchanged; training used params.yaml as it is.\n")
