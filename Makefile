@@ -8,7 +8,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc-site-cache
 export RAY_USAGE_STATS_ENABLED := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test test-unit lint pipeline data benchmark clean
+.PHONY: setup test test-unit test-infra lint pipeline data benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -21,15 +21,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-test: setup
-	$(BIN)/ruff check fssmeta tests benchmarks pipelines
+test: setup lint
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not gpu and not integration"
 
+# shellcheck (Debian's package; .ci/run installs it) checks the infra/local scripts when present.
 lint: setup
 	$(BIN)/ruff check fssmeta tests benchmarks pipelines
+	@if command -v shellcheck >/dev/null; then shellcheck -x infra/local/*.sh; \
+	else echo "shellcheck not installed: infra/local/*.sh not checked (apt-get install shellcheck)"; fi
+
+# infra/ alone: the `ray up` config against Ray's schema, the KubeRay / compose files, the scripts, and a
+# 2-node Ray cluster + PostgreSQL-backed MLflow server with a training run on them (also part of `make test`).
+test-infra: setup
+	$(BIN)/python -m pytest -q tests/test_infra.py
 
 # The main job: every stage of dvc.yaml on params.yaml (the embedded defaults: synthetic data, local Ray,
 # MLflow on a sqlite file). DVC runs `python -m pipelines.<stage>`, so the venv goes first on PATH.

@@ -178,8 +178,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"fssmeta promote: refused: {exc}", file=sys.stderr)
         return 3
     verdict = "promoted" if decision.promoted else "not promoted"
+    champion = "-" if decision.champion_score is None else f"{decision.champion_score:.4f}"
     print(f"{name} version {decision.challenger} on {args.domain}: {verdict} ({decision.reason}); challenger "
-          f"{decision.challenger_score:.4f}, champion {decision.champion or '-'} {decision.champion_score}")
+          f"{decision.challenger_score:.4f}, champion version {decision.champion or '-'} {champion}")
     return 0
 
 

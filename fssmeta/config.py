@@ -219,6 +219,14 @@ class RayConfig(Section):
     num_cpus: int = 0  # CPUs of a local Ray started by fssmeta; 0 = all
     fail_at_step: int = 0  # fault injection for tests: the first attempt's rank-0 worker dies at this step
 
+    @model_validator(mode="after")
+    def _local_storage(self) -> RayConfig:
+        # The driver reads the run's files through the local filesystem: a URI would become a local folder.
+        if "://" in self.storage_path:
+            raise ValueError(f"storage_path: must be a local path every node shares (NFS, EFS, a RWX volume); "
+                             f"URIs such as {self.storage_path!r} are not supported")
+        return self
+
 
 class MlflowConfig(Section):
     """Tracking: a sqlite file and an artifact folder in the project by default; a server at scale."""

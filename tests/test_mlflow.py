@@ -253,3 +253,12 @@ def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path)
     with pytest.raises(PromotionRefused, match="no previous champion-gray"):
         rollback(cfg, domain="gray")
     assert champion("gray") == "1"
+
+    # versions of another shot (or, on `source`, another fold) are scored on other episodes: refused
+    shot5 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"shot": 5})})
+    register_model(shot5, checkpoint=save_model(shot5, tmp_path / "v5.pt", seed=5), metrics={}, tags={}, fold=0,
+                   shot=5, base_classes=BASE_CLASSES)
+    scores["4"] = 0.99
+    with pytest.raises(PromotionRefused, match="would not be scored on the same gray episodes"):
+        promote(cfg, domain="gray", version="4", score=scores.__getitem__)
+    assert champion("gray") == "1" and client.get_model_version(name, "4").tags["promotion.gray.decision"] == "refused"

@@ -103,14 +103,14 @@ def promote(cfg: Config, *, domain: str, version: str, score: ScoreFn, name: str
     client = _client(cfg)
     version = str(client.get_model_version(name, str(version)).version)  # an unknown version fails here
     champion = current_champion(client, name, domain)
-    if champion is not None and champion != version:
-        _check_comparable(client, name, domain, version, champion)
     if champion == version:
         return Decision(domain, version, champion, math.nan, math.nan, cfg.registry.min_improvement, False,
                         "already the champion")
-    challenger_score = score(version)
-    champion_score = score(champion) if champion is not None else None
     try:
+        if champion is not None:
+            _check_comparable(client, name, domain, version, champion)
+        challenger_score = score(version)
+        champion_score = score(champion) if champion is not None else None
         promoted, reason = decide(challenger_score, champion_score, has_champion=champion is not None,
                                   min_improvement=cfg.registry.min_improvement)
     except PromotionRefused as exc:
