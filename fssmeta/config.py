@@ -267,7 +267,7 @@ class TuneConfig(Section):
     search_space: dict[str, tuple[Any, ...]] = {}
     trial_overrides: dict[str, Any] = {}
     max_concurrent_trials: int = 2
-    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
+    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped (capped at the trials' epochs)
     reduction_factor: int = 2  # ASHA: 1 / reduction_factor of the trials go on at each rung
     seed: int = 0  # Optuna's sampler
     num_workers: int = 1  # Ray Train workers per trial: 1 = a function trainable; > 1 = a TorchTrainer per trial

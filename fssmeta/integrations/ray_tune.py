@@ -194,7 +194,8 @@ def _tuner(cfg: Config, base: Config, path: Path, parent: str | None, restored: 
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=MODE, num_samples=tc.trials, max_concurrent_trials=tc.max_concurrent_trials,
             search_alg=OptunaSearch(seed=tc.seed),
-            scheduler=ASHAScheduler(max_t=base.train.epochs, grace_period=tc.grace_period,
+            # a grace period longer than the trials themselves just means no early stop
+            scheduler=ASHAScheduler(max_t=base.train.epochs, grace_period=min(tc.grace_period, base.train.epochs),
                                     reduction_factor=tc.reduction_factor)),
         run_config=RunConfig(name=path.name, storage_path=str(path.parent), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=1 if progress else 0))
