@@ -230,7 +230,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if is_uri and len(scheme) > 1 and "/" not in scheme:  # models:/, runs:/, s3://...; not C:/ nor a path
         if args.shot is not None or args.fold is not None:
             raise ValueError("--shot / --fold apply to a checkpoint file; a logged model records its own")
-        from fssmeta.integrations.mlflow import load_logged_model
+        from fssmeta.integrations.mlflow_model import load_logged_model
 
         model, model_cfg, info = load_logged_model(_config(args).mlflow, args.model)
     else:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fssmeta.config import Config
-from fssmeta.integrations.mlflow import _mlflow, load_logged_model, resolve_tracking_uri
+from fssmeta.integrations.mlflow import _mlflow, resolve_tracking_uri
+from fssmeta.integrations.mlflow_model import load_logged_model
 
 ScoreFn = Callable[[str], float]
 

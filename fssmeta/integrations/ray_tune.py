@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -402,7 +401,3 @@ def main_summary(result: SweepResult) -> str:
     if result.mlflow_run_id:
         lines.append(f"MLflow sweep run {result.mlflow_run_id}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - use `fssmeta tune` or the tune stage
-    sys.exit("use `fssmeta tune` or `python -m pipelines.tune`")
