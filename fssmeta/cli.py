@@ -115,13 +115,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fssmeta.config import load_tuned, with_overrides
+    from fssmeta.config import apply_tuned
     from fssmeta.experiment import meta_dir, train_meta
 
     _fold_override(args, "train")
     cfg = _config(args)
     if args.tuned:
-        cfg = with_overrides(cfg, load_tuned(args.tuned), f"{args.tuned} (tuned overrides)")
+        cfg, _ = apply_tuned(cfg, args.tuned)
     if args.ray:
         return _train_ray(cfg, progress=not args.quiet)
     tc = cfg.train

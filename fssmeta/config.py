@@ -460,6 +460,12 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
     return overrides
 
 
+def apply_tuned(cfg: Config, path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """`cfg` with a sweep's best values (`load_tuned(path)`) applied, and those values."""
+    tuned = load_tuned(path)
+    return with_overrides(cfg, tuned, f"{path} (tuned overrides)"), tuned
+
+
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable dict (tuples become lists) that `config_from_dict` reads back."""
     return cfg.model_dump(mode="json")

@@ -291,6 +291,11 @@ def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, pr
                         len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
 
 
+def domains(cfg: Config) -> list[str]:
+    """The domains a model is scored and promoted on: `source` and every data.targets name."""
+    return ["source", *sorted(cfg.data.targets)]
+
+
 def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
                  progress: bool = False) -> float:
     """Mean mIoU over seeds of `model` on one domain's fixed episodes, for comparing models on the SAME
@@ -305,7 +310,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int,
     elif domain in cfg.data.targets:
         scores = _target_scores(cfg, model, domain, shot, progress, domain)
     else:
-        known = ", ".join(["source", *sorted(cfg.data.targets)])
+        known = ", ".join(domains(cfg))
         raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")
     return statistics.fmean(s["miou"] for s in scores)
 

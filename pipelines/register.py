@@ -16,6 +16,7 @@ from pathlib import Path
 from fssmeta.config import Config
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold
+from fssmeta.experiment import domains as all_domains
 from fssmeta.experiment import meta_dir
 from fssmeta.integrations.mlflow import register_model
 from fssmeta.integrations.promotion import PromotionRefused, decision_dict, promote, score_version
@@ -57,7 +58,7 @@ def check_promotion(cfg: Config) -> list[str]:
     if cfg.eval.target_fold not in cfg.eval.folds or cfg.registry.shot not in cfg.eval.shots:
         sys.exit(f"register: registry.shot {cfg.registry.shot} / eval.target_fold {cfg.eval.target_fold} must be "
                  f"among eval.shots {list(cfg.eval.shots)} / eval.folds {list(cfg.eval.folds)} (or registry.promote: false)")
-    known = ["source", *sorted(cfg.data.targets)]
+    known = all_domains(cfg)
     domains = list(cfg.registry.domains) or known
     unknown = [d for d in domains if d not in known]
     if unknown:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fssmeta.config import load_tuned, with_overrides  # noqa: E402
+from fssmeta.config import apply_tuned  # noqa: E402
 from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray  # noqa: E402
 from pipelines.common import config, parser  # noqa: E402
 
@@ -23,8 +23,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = config(args)
     if args.tuned:
-        tuned = load_tuned(args.tuned)
-        cfg = with_overrides(cfg, tuned, f"{args.tuned} (tuned overrides)")
+        cfg, tuned = apply_tuned(cfg, args.tuned)
         print(f"train_meta: tuned values from {args.tuned}: {tuned or 'none (params pass through)'}")
     try:
         result = train_with_ray(cfg, fold=args.fold, shot=args.shot, progress=not args.quiet)

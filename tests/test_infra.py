@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from fssmeta.checkpoint import read_checkpoint
 from fssmeta.integrations.ray_train import train_with_ray
+from tests.net import free_port
 from tests.ray_workspace import make_config
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
@@ -189,12 +189,6 @@ def state_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.integration

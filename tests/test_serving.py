@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from tests.mlflow_helpers import (
     save_model,
     tiny_config,
 )
+from tests.net import free_port
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlflow is imported
 
@@ -47,12 +47,6 @@ pytestmark = [pytest.mark.integration,
 
 MAX_PIXELS = 10_000  # FSSMETA_MAX_IMAGE_PIXELS of the served model: the valid requests stay below it
 SCORES = {"1": 0.40, "2": 0.50}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def group_members(pgid: int) -> list[str]:

@@ -25,19 +25,23 @@ from typing import Any
 import ray
 import yaml
 from ray import tune
-from ray.tune.logger import LoggerCallback
 
 from fssmeta.checkpoint import read_checkpoint
 from fssmeta.config import Config, config_from_dict, config_to_dict, with_overrides
 from fssmeta.data.io import DataError, write_json_atomic
 from fssmeta.experiment import base_dir, default_device, train_meta
 from fssmeta.integrations.ray_train import build_trainer, start_ray
+from fssmeta.integrations.sweep_tracking import (
+    SweepMLflowCallback,
+    close_sweep_run,
+    finish_sweep_run,
+    open_sweep_run,
+)
 from fssmeta.tracking import protocol_tags
 
 METRIC, MODE = "val_miou", "max"
 SWEEP_FILE = "fssmeta_sweep.json"  # in the sweep's folder: its MLflow run and whether it finished
 DRIVER_CPU = 0.01  # what a multi-worker trial's driver reserves (Tune rejects 0); its workers need the rest
-LOGGED_METRICS = ("train_", "val_", "lr", "epoch", "step")  # trial results that go to MLflow
 
 
 class SweepError(RuntimeError):
@@ -143,7 +147,7 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> SweepResult:
         restored = path is not None
         path = path or storage / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
         state = _read_state(path)
-        parent = _sweep_run(cfg, path.name, state.get("mlflow_run_id"))
+        parent = open_sweep_run(cfg, path.name, state.get("mlflow_run_id"))
         _write_state(path, {"done": False, "mlflow_run_id": parent, "prefix": prefix})
         if progress:
             verb = "resuming" if restored else "starting"
@@ -153,7 +157,7 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> SweepResult:
         try:
             grid = tuner.fit()
         except KeyboardInterrupt:
-            _close_sweep_run(cfg, parent, "KILLED")
+            close_sweep_run(cfg, parent, "KILLED")
             raise
     finally:
         if started:
@@ -161,19 +165,19 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> SweepResult:
     trials = _trial_rows(grid)
     unfinished = tc.trials - sum(t["status"] in ("terminated", "error") for t in trials)
     if unfinished > 0:
-        _close_sweep_run(cfg, parent, "KILLED")
+        close_sweep_run(cfg, parent, "KILLED")
         raise SweepInterrupted(f"sweep {path} stopped with {unfinished} of {tc.trials} trial(s) unfinished; run "
                                "the same command again to resume it (Tuner.restore)")
     scored = [t for t in trials if t["score"] is not None and math.isfinite(t["score"])]
     if not scored:
-        _close_sweep_run(cfg, parent, "FAILED")
+        close_sweep_run(cfg, parent, "FAILED")
         errors = "; ".join(f"{t['trial']}: {t['error']}" for t in trials if t["error"])
         raise SweepError(f"sweep {path}: no trial produced a validation score ({errors or 'no reports'})")
     best = max(scored, key=lambda t: t["score"])
     result = SweepResult(overrides=best["config"], score=best["score"], trial=best["trial"], path=str(path),
                          trials=trials, restored=restored, mlflow_run_id=parent)
     write_outputs(out, cfg, result)
-    _finish_sweep_run(cfg, parent, result, out)
+    finish_sweep_run(cfg, parent, result, out)
     _write_state(path, {"done": True, "mlflow_run_id": parent, "prefix": prefix, "best": best})
     return result
 
@@ -302,90 +306,6 @@ def write_outputs(out: Path, cfg: Config, result: SweepResult) -> None:
     (out / "best.yaml.tmp").write_text(text)
     (out / "best.yaml.tmp").replace(out / "best.yaml")
     write_json_atomic(out / "trials.json", {"metric": METRIC, "mode": MODE, "trials": result.trials})
-
-
-# ------------------------------------------------------------------------------------------------ MLflow
-
-
-def _sweep_run(cfg: Config, name: str, run_id: str | None) -> str | None:
-    """The sweep's MLflow run (the trials' parent): continued when resuming, else created."""
-    if not cfg.mlflow.enabled:
-        return None
-    from fssmeta.integrations.mlflow import MLflowTracker
-
-    tracker = MLflowTracker(cfg.mlflow, run_name=name, tags={"fssmeta.sweep": name, "stage": "tune"}, run_id=run_id)
-    if run_id is None:
-        tracker.log_params({"tune": config_to_dict(cfg.tune)})
-    return tracker.run_id
-
-
-def _close_sweep_run(cfg: Config, run_id: str | None, status: str) -> None:
-    if run_id is None:
-        return
-    from fssmeta.integrations.mlflow import MLflowTracker
-
-    MLflowTracker(cfg.mlflow, run_name="", run_id=run_id).close(status)
-
-
-def _finish_sweep_run(cfg: Config, run_id: str | None, result: SweepResult, out: Path) -> None:
-    if run_id is None:
-        return
-    from fssmeta.integrations.mlflow import MLflowTracker
-
-    with MLflowTracker(cfg.mlflow, run_name="", run_id=run_id) as tracker:
-        tracker.log_metrics({f"best_{METRIC}": float(result.score or 0.0), "trials": float(len(result.trials))}, step=0)
-        tracker.set_tags({f"best.{k}": str(v) for k, v in result.overrides.items()} | {"best_trial": str(result.trial)})
-        tracker.log_artifact(out / "best.yaml", artifact_path="sweep")
-        tracker.log_artifact(out / "trials.json", artifact_path="sweep")
-
-
-class SweepMLflowCallback(LoggerCallback):
-    """Driver side: one MLflow run per trial, nested under the sweep's run (`mlflow.parentRunId`), with the
-    trial's values as params and its per-epoch results as metrics; FINISHED when the trial ends (ASHA's
-    early stop included), FAILED when it raised. A trial resumed after an interruption continues its run.
-    Holds only plain data, so Tune can save it with the sweep and bring it back on restore."""
-
-    def __init__(self, mlflow_cfg: dict[str, Any], parent_run_id: str, sweep: str) -> None:
-        self.mlflow_cfg, self.parent_run_id, self.sweep = mlflow_cfg, parent_run_id, sweep
-        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
-
-    def _tracker(self, trial: Any) -> Any:
-        from fssmeta.config import MlflowConfig
-        from fssmeta.integrations.mlflow import MLflowTracker
-
-        cfg = MlflowConfig.model_validate(self.mlflow_cfg)
-        run_id = self.runs.get(trial.trial_id) or self._existing_run(cfg, trial.trial_id)
-        if run_id is None:
-            tags = {"mlflow.parentRunId": self.parent_run_id, "fssmeta.sweep": self.sweep,
-                    "fssmeta.trial_id": trial.trial_id, "stage": "tune"}
-            tracker = MLflowTracker(cfg, run_name=f"{self.sweep}-{trial.trial_id}", tags=tags)
-            self.runs[trial.trial_id] = str(tracker.run_id)
-            tracker.log_params({f"config.{k}": v for k, v in trial.config.items()})
-            return tracker
-        return MLflowTracker(cfg, run_name="", run_id=run_id)
-
-    def _existing_run(self, cfg: Any, trial_id: str) -> str | None:
-        """The run a trial got before an interruption (the callback's own state may predate it)."""
-        from fssmeta.integrations.mlflow import _mlflow, resolve_tracking_uri
-
-        client = _mlflow().MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
-        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
-        runs = client.search_runs([experiment_id], filter_string=(
-            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`fssmeta.trial_id` = '{trial_id}'"))
-        if runs:
-            self.runs[trial_id] = runs[0].info.run_id
-        return self.runs.get(trial_id)
-
-    def log_trial_start(self, trial: Any) -> None:
-        self._tracker(trial)
-
-    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
-        metrics = {k: float(v) for k, v in result.items()
-                   if k.startswith(LOGGED_METRICS) and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._tracker(trial).log_metrics(metrics, step=int(result.get("training_iteration", iteration)))
-
-    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        self._tracker(trial).close("FAILED" if failed else "FINISHED")
 
 
 def main_summary(result: SweepResult) -> str:
