@@ -20,10 +20,13 @@ from typing import Any
 
 import torch
 
-from fssmeta.config import Config, load_config
+from fssmeta.config import Config
 from fssmeta.data.io import read_json, write_json_atomic
-from fssmeta.experiment import base_dir, evaluate_method, evaluate_targets, train_base, train_meta
+from fssmeta.evaluation import evaluate_method, evaluate_targets
+from fssmeta.params import load_config
 from fssmeta.report import ABLATION_VARIANTS, ablation_markdown
+from fssmeta.runs import base_dir
+from fssmeta.stages import train_base, train_meta
 
 RESULTS = Path(__file__).parent / "results" / "ablation.json"
 

@@ -23,7 +23,7 @@ import time
 import faiss
 import torch
 
-from fssmeta.memory import MetaMemory
+from fssmeta.models.memory import MetaMemory
 
 GIB = 2**30
 # Peak (N, d) float32 arrays alive at once. torch: the two buffers plus one more (the `rand + 0.5` temporary

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from fssmeta.cli import main as fssmeta
-from fssmeta.config import Config, load_config
-from fssmeta.experiment import base_dir, train_meta
+from fssmeta.config import Config
 from fssmeta.integrations.ray_train import train_with_ray
+from fssmeta.params import load_config
+from fssmeta.runs import base_dir
+from fssmeta.stages import train_meta
 
 # Enough for fold 0, 1-shot (what the runs use); fewer images cannot fill every fold's 5-shot lists.
 SMALL_DATA = ["synthesize.train_images=300", "synthesize.test_images=60", "synthesize.val_images=40",

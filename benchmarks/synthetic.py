@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from fssmeta.config import load_config
-from fssmeta.experiment import evaluate_method, train_base, train_meta
+from fssmeta.evaluation import evaluate_method
+from fssmeta.params import load_config
+from fssmeta.stages import train_base, train_meta
 
 
 def main() -> None:

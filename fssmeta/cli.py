@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 
 from fssmeta.checkpoint import CheckpointError
-from fssmeta.config import Config, ConfigError, config_to_dict, load_config
+from fssmeta.config import Config, ConfigError, config_to_dict
 from fssmeta.data.io import DataError
+from fssmeta.params import load_config
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -88,7 +89,8 @@ def _fold_override(args: argparse.Namespace, section: str) -> None:
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from fssmeta.experiment import base_dir, train_base
+    from fssmeta.runs import base_dir
+    from fssmeta.stages import train_base
 
     _fold_override(args, "train_base")
     cfg = _config(args)
@@ -115,8 +117,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fssmeta.config import apply_tuned
-    from fssmeta.experiment import meta_dir, train_meta
+    from fssmeta.params import apply_tuned
+    from fssmeta.runs import meta_dir
+    from fssmeta.stages import train_meta
 
     _fold_override(args, "train")
     cfg = _config(args)
@@ -185,7 +188,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fssmeta.experiment import evaluate_method, evaluate_targets, format_report, format_target_report
+    from fssmeta.evaluation import evaluate_method, evaluate_targets, format_report, format_target_report, result_path
 
     cfg = _config(args)
     if args.targets:
@@ -194,7 +197,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     report = evaluate_method(cfg, args.method, progress=not args.quiet)
     print(format_report(report))
-    print(f"written to {Path(cfg.eval.out) / (report['method'] + '.json')} in {report['seconds']:.0f} s")
+    written = ", ".join(str(result_path(cfg, fold, report["method"])) for fold in cfg.eval.folds)
+    print(f"written to {written} in {report['seconds']:.0f} s")
     return 0
 
 

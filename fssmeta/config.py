@@ -1,16 +1,14 @@
-"""The typed configuration: params.yaml -> frozen pydantic models, one per top-level section.
+"""The configuration schema: frozen pydantic models, one per top-level section of params.yaml.
 
-Unknown keys and wrong types are rejected at load time with the dotted key path and the expected type.
-Every function receives the narrowest section it needs; Ray workers rebuild a `Config` from a plain dict.
+Unknown keys and wrong types are rejected with the dotted key path and the expected type. Reading params.yaml,
+overrides and the method option sections live in fssmeta/params.py. Every function receives the narrowest
+section it needs; Ray workers rebuild a `Config` from a plain dict (`params.config_from_dict`).
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
@@ -40,7 +38,7 @@ class TargetConfig(Section):
 
 
 class DataConfig(Section):
-    """Which dataset, where it lives, and the protocol switches that change its lists (PROTOCOL.md 1-2)."""
+    """Which dataset, where it lives, and the protocol switches that change its lists (docs/protocol.md sections 1-2)."""
 
     dataset: Literal["synthetic", "pascal", "coco"] = "synthetic"
     root: str = "data/synthetic"
@@ -78,7 +76,7 @@ class SynthesizeConfig(Section):
 
 
 class EpisodesConfig(Section):
-    """Fixed test and validation episode lists (PROTOCOL.md 3)."""
+    """Fixed test and validation episode lists (docs/protocol.md section 3)."""
 
     out: str = "data/episodes"
     folds: tuple[int, ...] = (0, 1, 2, 3)
@@ -103,7 +101,7 @@ class TransformConfig(Section):
 
 
 class EvalConfig(Section):
-    """Test-time conventions (PROTOCOL.md 4)."""
+    """Test-time conventions (docs/protocol.md section 4)."""
 
     resolution: Literal["original", "resized"] = "original"
     test_size: int = 473
@@ -118,9 +116,14 @@ class EvalConfig(Section):
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
     target_fold: int = 0  # cross-domain: the source fold whose models score every data.targets list
 
+    @property
+    def size(self) -> int:
+        """The model input side at test time: `test_size` (original) or `resized_size` (resized)."""
+        return self.test_size if self.resolution == "original" else self.resized_size
+
 
 class MemoryConfig(Section):
-    """RMT meta-memory (fssmeta/memory.py): restyles the mid-level features of any PFENet-family learner."""
+    """RMT meta-memory (fssmeta/models/memory.py): restyles the mid-level features of any PFENet-family learner."""
 
     enabled: bool = False
     items: int = 64  # N memory items
@@ -135,7 +138,7 @@ class MemoryConfig(Section):
 
 
 class MiningConfig(Section):
-    """NTRENet non-target mining (fssmeta/mining.py): background and distracting-object elimination.
+    """NTRENet non-target mining (fssmeta/models/mining.py): background and distracting-object elimination.
 
     `enabled` switches it on for BAM (the flagship); the `ntrenet` method always mines and reads the weights.
     """
@@ -150,41 +153,72 @@ class MiningConfig(Section):
     queue_sample: int = 1000  # negatives sampled per anchor
 
 
+class PSPNetConfig(Section):
+    """The stage-1 PSPNet (BAM's base learner; the backbone a method may take from stage 1)."""
+
+    ppm_dim: int = 512  # pyramid pooling branch width, stated at ResNet-50/101 (2048 / 4); scaled on `small`
+    ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
+    dropout: float = 0.1
+
+
 class ModelConfig(Section):
-    """Which method and backbone, and the sizes that decide its learnable parameters (METHODS.md)."""
+    """Which method and backbone, the stage-1 PSPNet, the family parts (memory, mining), and one options
+    section per method: `model.<method key>` (e.g. `model.bam.reduce_dim`), typed by that method's record
+    (`Method.options` in fssmeta/models) and checked when params are loaded (fssmeta/params.py)."""
+
+    # Method option sections are the only extra keys; each must be a mapping (its method checks its keys).
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     method: str = "bam"  # a key of fssmeta.models.METHODS
     backbone: Literal["resnet50", "resnet101", "small"] = "small"
     weights: str = ""  # local ImageNet / PSPNet weight file for the backbone; "" = random init
-    support_masking: Literal["feature", "input", "hybrid"] = "feature"
-    reduce_dim: int = 256  # PFENet-family mid-level feature width
-    ppm_dim: int = 512  # PSPNet pyramid pooling branch width (2048 / 4 at ResNet-50)
-    ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
-    pyramid_bins: tuple[int, ...] = (60, 30, 15, 8)  # PFENet feature-enrichment scales at a 473 input
-    aspp_dilations: tuple[int, ...] = (6, 12, 18)  # BAM meta-learner ASPP
-    dropout: float = 0.1  # classifier heads
-    feature_dropout: float = 0.5  # PFENet-family down_query / down_supp (the official constant)
-    shot: int = 1  # shots the model is built for (BAM's k-shot weighting MLP exists only when > 1)
+    pspnet: PSPNetConfig = PSPNetConfig()
     memory: MemoryConfig = MemoryConfig()
     mining: MiningConfig = MiningConfig()
 
+    @model_validator(mode="after")
+    def _option_sections(self) -> ModelConfig:
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: unknown key (the extra keys of `model` are method option sections, "
+                                 f"mappings such as `model.bam: {{reduce_dim: 256}}`)")
+        return self
+
+    def options(self, method: str) -> dict[str, Any]:
+        """The raw `model.<method>` section ({} when absent); `Method.options_of` types it."""
+        return dict((self.model_extra or {}).get(method, {}))
+
 
 class OptimConfig(Section):
-    """One family's optimiser recipe. `lr` is the EFFECTIVE learning rate every group trains at."""
+    """An optimiser recipe. Unset keys (null) take the method's published recipe (`Method.recipe`), so
+    `train.optim` holds only what a run changes. `lr` is the EFFECTIVE learning rate every group trains at."""
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1.0e-4
-    power: float = 0.9  # poly schedule; 0 = constant
-    warmup_steps: int = 0
+    optimizer: Literal["sgd", "adam", "adamw"] | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    power: float | None = None  # poly schedule; 0 = constant
+    warmup_steps: int | None = None
+
+    def resolved(self, recipe: OptimConfig) -> OptimConfig:
+        """This recipe's set keys over `recipe`'s (which must set every key)."""
+        merged = recipe.model_copy(update={k: v for k, v in self.model_dump().items() if v is not None})
+        missing = [k for k, v in merged.model_dump().items() if v is None]
+        if missing:
+            raise ValueError(f"optimiser recipe incomplete: {', '.join(missing)} unset")
+        return merged
+
+
+# The PFENet-family SGD recipe the loop used before recipes moved into the method records (poly 0.9,
+# momentum 0.9, wd 1e-4); lr 0.05 is this project's CPU default on the synthetic data, not a published value.
+SGD_RECIPE = OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1.0e-4, power=0.9, warmup_steps=0)
 
 
 class TrainConfig(Section):
     """A training stage (base learner or episodic meta-training): one loop, one process or DDP."""
 
     fold: int = 0
-    shot: int = 1
+    shot: int = 1  # episodes' shots; a method trained 1-shot for every k (Method.trains_each_shot) uses 1
     seed: int = 0
     epochs: int = 4
     episodes_per_epoch: int = 200  # per rank (meta); images per epoch for the base learner
@@ -317,7 +351,7 @@ class Config(Section):
     transform: TransformConfig = TransformConfig()
     eval: EvalConfig = EvalConfig()
     model: ModelConfig = ModelConfig()
-    train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))
+    train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))  # over SGD_RECIPE
     train: TrainConfig = TrainConfig()
     report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
@@ -344,14 +378,6 @@ class Config(Section):
         return self
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 requires a dot: `1.0e-3`)."""
-
-
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-
-
 def _expected(error: dict[str, Any]) -> str:
     kind = error["type"]
     names = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
@@ -363,10 +389,11 @@ def _expected(error: dict[str, Any]) -> str:
     return error["msg"]
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def format_errors(exc: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per error: the dotted key path (under `prefix`), what was expected and what was given."""
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        path = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
         if err["type"] == "value_error":  # a validator's own message names the key and the value
             message = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"  {path}: {message}" if path else f"  {message}")
@@ -375,95 +402,6 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         got_text = "" if err["type"] in ("extra_forbidden", "missing") else f", got {type(got).__name__} {got!r}"
         lines.append(f"  {path}: {_expected(err)}{got_text}")
     return "\n".join(lines)
-
-
-def parse_value(text: str) -> Any:
-    """Parse an override value the way params.yaml would (`1` int, `1e-3` float, `[1, 5]` list).
-
-    An empty value is the empty string (`--set data.val_list=`), not YAML's null.
-    """
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
-
-
-def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c = value` in a nested dict, creating intermediate mappings."""
-    keys = dotted.split(".")
-    node = data
-    for i, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
-
-
-def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Read params.yaml (None: embedded defaults), apply `key.path=value` overrides, validate."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: params file not found")
-        try:
-            loaded = yaml.load(path.read_text(), Loader=_Loader)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
-    for key, value in items:
-        apply_override(data, key, value)
-    return config_from_dict(data, source)
-
-
-def _split_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key.path=value")
-    key, value = text.split("=", 1)
-    return key.strip(), parse_value(value)
-
-
-def with_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
-    """`cfg` with dotted-key `overrides` applied and validated again. A float setting takes an int value
-    (a sampled `2` for `lr`); the error names `source`."""
-    data = config_to_dict(cfg)
-    for key, value in overrides.items():
-        node: Any = data
-        for part in key.split(".")[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        current = node.get(key.split(".")[-1]) if isinstance(node, dict) else None
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        apply_override(data, key, value)
-    return config_from_dict(data, source)
-
-
-def load_tuned(path: str | Path) -> dict[str, Any]:
-    """The `overrides` mapping of a sweep's best.yaml (fssmeta/integrations/ray_tune.py)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no tuned params file (run the tune stage: `dvc repro tune` or `fssmeta tune`)")
-    loaded = yaml.load(path.read_text(), Loader=_Loader) or {}
-    overrides = loaded.get("overrides") if isinstance(loaded, dict) else None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{path}: expected a mapping `overrides: {{dotted.key: value}}`")
-    return overrides
-
-
-def apply_tuned(cfg: Config, path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """`cfg` with a sweep's best values (`load_tuned(path)`) applied, and those values."""
-    tuned = load_tuned(path)
-    return with_overrides(cfg, tuned, f"{path} (tuned overrides)"), tuned
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

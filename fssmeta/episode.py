@@ -6,11 +6,17 @@ from typing import NamedTuple
 
 import torch
 
+# The one definition of the void label: VOC object boundaries, padding, COCO crowd regions under
+# `data.crowd: ignore`. Pixels holding it carry no loss and no metric (docs/protocol.md section 4).
+IGNORE_INDEX = 255
+# Loss-dict entries whose key starts with this prefix are logged with the losses but never minimised.
+DIAGNOSTIC_PREFIX = "diag_"
+
 
 class Episode(NamedTuple):
     """One batch of few-shot episodes; collates with torch's default collate.
 
-    Masks hold 1 for the episode's class, 0 for everything else and 255 for ignored pixels.
+    Masks hold 1 for the episode's class, 0 for everything else and IGNORE_INDEX (255) for ignored pixels.
     """
 
     support_imgs: torch.Tensor  # (B, S, 3, H, W) float, normalised
@@ -25,4 +31,4 @@ class SegOutput(NamedTuple):
 
     logits: torch.Tensor  # (B, 2, H, W) background / foreground, pre-softmax
     aux_logits: list[torch.Tensor]  # intermediate predictions for deep supervision
-    extra_losses: dict[str, torch.Tensor]  # method-specific losses, already weighted
+    extra_losses: dict[str, torch.Tensor]  # method-specific losses, already weighted; diag_* = logged only

@@ -1,15 +1,15 @@
-"""Losses: the segmentation loss every method shares, and the loss dicts the training loop sums."""
+"""Losses: the segmentation loss the PFENet family shares and the loss dicts the training loop sums.
+
+A leaf of the package (it imports only `episode`): a method's record names its loss function (`Method.loss`),
+and models compute their own deep-supervision terms with `cross_entropy`.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fssmeta.episode import Episode, SegOutput
-
-IGNORE_INDEX = 255  # VOC boundary / padding pixels: no loss, no metric (PROTOCOL.md 4)
-# Loss-dict entries named with this prefix are logged with the losses but never added to the minimised total.
-DIAGNOSTIC_PREFIX = "diag_"
+from fssmeta.episode import DIAGNOSTIC_PREFIX, IGNORE_INDEX, Episode, SegOutput
 
 
 def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-IGNORE_INDEX = 255  # boundary / void label in every mask (PASCAL SegmentationClassAug convention)
+from fssmeta.episode import IGNORE_INDEX
 
 
 class _SumMeter:

@@ -45,63 +45,33 @@ class RequestError(ValueError):
 
 def load_checkpoint_model(checkpoint: str | Path, info: dict[str, Any]) -> tuple[Any, Config]:
     """The trained model (eval mode, CPU) and its config, rebuilt from a checkpoint and `info` (fold, shot,
-    base_classes); weights load with `torch.load(weights_only=True)`."""
+    base_classes) by `runs.model_from_checkpoint`; weights load with `torch.load(weights_only=True)`."""
     from fssmeta.checkpoint import read_checkpoint
+    from fssmeta.runs import model_from_checkpoint
 
-    return _model_from_payload(read_checkpoint(checkpoint), info, checkpoint)
+    return model_from_checkpoint(read_checkpoint(checkpoint), shot=int(info["shot"]),
+                                 base_classes=list(info["base_classes"]), source=checkpoint)
 
 
 def load_training_checkpoint(checkpoint: str | Path, *, shot: int | None = None,
                              fold: int | None = None) -> tuple[Any, Config, dict[str, Any]]:
     """A checkpoint written by training, with no registry info: the model (eval mode, CPU), its config and
-    the info derived from that config: shot `train.shot` and fold `train.fold` unless given (`model.shot`
-    holds the params default, not what was trained), base classes from `fold_base_classes`."""
+    the info derived from that config: shot `train.shot` and fold `train.fold` unless given, base classes
+    from `runs.fold_base_classes`."""
     from fssmeta.checkpoint import read_checkpoint
+    from fssmeta.runs import fold_base_classes, model_from_checkpoint, stored_config
 
     payload = read_checkpoint(checkpoint)
-    cfg = _stored_config(payload, checkpoint)
+    cfg = stored_config(payload, checkpoint)
     fold = cfg.train.fold if fold is None else fold
     info = {"fold": fold, "shot": cfg.train.shot if shot is None else shot,
             "base_classes": fold_base_classes(cfg, fold), "method": cfg.model.method}
-    model, cfg = _model_from_payload(payload, info, checkpoint)
+    model, cfg = model_from_checkpoint(payload, shot=info["shot"], base_classes=info["base_classes"], source=checkpoint)
     return model, cfg, info
 
 
-def fold_base_classes(cfg: Config, fold: int) -> list[int]:
-    """The fold's base classes: the prepared fold list (`data.prepared`, relative to the working folder) when
-    it holds this dataset's lists, else the protocol's definition (fssmeta.data.folds) that `prepare` writes."""
-    from fssmeta.data import folds
-    from fssmeta.data.prepare import load_fold
-
-    split = folds.fold_classes(cfg.data.dataset, fold, cfg.data.coco_split)
-    if (Path(cfg.data.prepared) / f"fold{fold}.json").is_file():
-        prepared = load_fold(cfg.data.prepared, fold)
-        if prepared.get("novel") == split["novel"]:  # else another dataset's lists live there now
-            return [int(c) for c in prepared["base"]]
-    return split["base"]
-
-
-def _stored_config(payload: dict[str, Any], checkpoint: str | Path) -> Config:
-    from fssmeta.checkpoint import CheckpointError
-    from fssmeta.config import config_from_dict
-
-    if not payload["config"]:
-        raise CheckpointError(f"{checkpoint}: the checkpoint stores no config; save it with `config=...`")
-    return config_from_dict(payload["config"], source=f"{checkpoint} (config)")
-
-
-def _model_from_payload(payload: dict[str, Any], info: dict[str, Any],
-                        checkpoint: str | Path) -> tuple[Any, Config]:
-    from fssmeta.checkpoint import load_model_state
-    from fssmeta.models import build_model
-
-    cfg = _stored_config(payload, checkpoint)
-    model = build_model(cfg.model.model_copy(update={"shot": info["shot"]}), base_classes=info["base_classes"])
-    load_model_state(model, payload["model"], checkpoint)
-    return model.eval(), cfg
-
-
 # --------------------------------------------------------------------------------------------- decoding
+
 
 def max_image_pixels() -> int:
     """The pixel limit per image: FSSMETA_MAX_IMAGE_PIXELS if set, else MAX_IMAGE_PIXELS."""
@@ -227,7 +197,7 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
     if query.dtype != np.uint8 or query.ndim != 3 or query.shape[2] != 3:
         raise RequestError(f"query image: expected (H, W, 3) uint8 RGB, got {query.dtype} {query.shape}")
     check_supports(shot, supports, masks)
-    size = cfg.eval.test_size if cfg.eval.resolution == "original" else cfg.eval.resized_size
+    size = cfg.eval.size
     transform = TestTransform(cfg.eval.resolution, size)
     query_img, query_mask = transform(query, np.zeros(query.shape[:2], np.uint8))
     pairs = [transform(image, mask) for image, mask in zip(supports, masks)]

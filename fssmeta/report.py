@@ -227,7 +227,7 @@ def plot_qualitative(cfg: Config, model: torch.nn.Module, fold: int, shot: int, 
                                            cfg.episodes.test_seeds[0]))["episodes"][:count]
     if not episodes:
         raise DataError(f"fold {fold}: empty test list, nothing to show")
-    size = cfg.eval.resized_size if cfg.eval.resolution == "resized" else cfg.eval.test_size
+    size = cfg.eval.size
     dataset = EpisodeDataset(episodes, IndexSource(load_index(cfg.data.prepared)), TestTransform("resized", size))
     device = next(model.parameters()).device
     fig, axes = plt.subplots(len(episodes), 4, figsize=(10, 2.6 * len(episodes)), squeeze=False)

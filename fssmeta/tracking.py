@@ -89,7 +89,7 @@ def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "valida
         "dataset": d.dataset, "fold": fold, "shot": shot, "train_pool": d.train_pool,
         "exclude_novel_images": d.exclude_novel_images, "coco_split": d.coco_split,
         "min_object_pixels": d.min_object_pixels, "resolution": cfg.eval.resolution,
-        "test_size": cfg.eval.test_size if cfg.eval.resolution == "original" else cfg.eval.resized_size,
+        "test_size": cfg.eval.size,
         "episode_order": cfg.eval.episode_order, "test_episodes": e.test_episodes,
         "test_seeds": list(e.test_seeds), "val_seeds": list(e.val_seeds), "checkpoint_selection": selection,
         "method": cfg.model.method, "backbone": cfg.model.backbone,

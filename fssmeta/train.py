@@ -21,13 +21,12 @@ from tqdm import tqdm
 
 from fssmeta import distributed
 from fssmeta.checkpoint import save_checkpoint
-from fssmeta.config import OptimConfig
+from fssmeta.config import SGD_RECIPE, OptimConfig
 from fssmeta.data.io import write_json_atomic
 from fssmeta.episode import Episode
 from fssmeta.losses import resize_logits, total_loss
 from fssmeta.metrics import IoUMeter
-
-LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+from fssmeta.models.method import LossFn, OptimizerSpec
 
 
 class Reporter(Protocol):
@@ -36,20 +35,86 @@ class Reporter(Protocol):
     def __call__(self, metrics: dict[str, float], checkpoint: Path | None) -> None: ...
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The family recipes: SGD momentum 0.9 / wd 1e-4 (PFENet family), Adam (HSNet family), AdamW."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
+def build_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (PFENet family), Adam (HSNet family) or AdamW from a recipe; unset keys take `SGD_RECIPE`'s.
+
+    `params` are parameters or param groups (dicts with `params` and an optional `lr_scale`: that group trains
+    at lr x lr_scale)."""
+    cfg = cfg.resolved(SGD_RECIPE)
+    items = list(params)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.lr * g.get("lr_scale", 1.0),
+               "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise ValueError("the model has no learnable parameters to optimise")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class OptimizerSet:
+    """Several named optimisers stepped as one (a method with two optimisers, e.g. SCCAN's): the loop and the
+    checkpoint see `zero_grad`, `step`, `param_groups` (all of them) and one state dict keyed by name."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers.values():
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimiser state for {sorted(state)}, expected {sorted(self.optimizers)}")
+        for name, o in self.optimizers.items():
+            o.load_state_dict(state[name])
+
+
+class SchedulerSet:
+    """The schedulers of an `OptimizerSet`, stepped and saved as one."""
+
+    def __init__(self, schedulers: dict[str, Any]) -> None:
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers.values():
+            s.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: s.state_dict() for name, s in self.schedulers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, s in self.schedulers.items():
+            s.load_state_dict(state[name])
+
+
+def build_optimization(specs: list[OptimizerSpec], total_steps: int) -> tuple[Any, Any]:
+    """A method's optimisers and their schedulers: one spec gives a plain torch optimiser and scheduler
+    (checkpoints as before), several give an `OptimizerSet` / `SchedulerSet`."""
+    optimizers = {spec.name: build_optimizer(spec.param_groups, spec.recipe) for spec in specs}
+    schedulers = {spec.name: build_scheduler(optimizers[spec.name], spec.recipe, total_steps) for spec in specs}
+    if len(specs) == 1:
+        return optimizers[specs[0].name], schedulers[specs[0].name]
+    return OptimizerSet(optimizers), SchedulerSet(schedulers)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then poly decay lr * (1 - t / T) ** power (power 0 = constant), stepped per iteration."""
+    cfg = cfg.resolved(SGD_RECIPE)
     total = max(total_steps, 1)
 
     def factor(step: int) -> float:

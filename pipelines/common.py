@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from fssmeta.config import Config, load_config
+from fssmeta.config import Config
+from fssmeta.params import load_config
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:

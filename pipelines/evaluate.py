@@ -3,9 +3,7 @@ seed's fixed list, written to `<eval.out>/fold<k>/<method>.json`."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from fssmeta.experiment import evaluate_method, format_report
+from fssmeta.evaluation import evaluate_method, format_report
 from pipelines.common import config, parser
 
 
@@ -14,8 +12,7 @@ def main() -> None:
     p.add_argument("--fold", type=int, required=True)
     args = p.parse_args()
     cfg = config(args)
-    out = Path(cfg.eval.out) / f"fold{args.fold}"
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"folds": (args.fold,), "out": str(out)})})
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"folds": (args.fold,)})})
     for method in (cfg.model.method, "baseline"):
         print(format_report(evaluate_method(cfg, method)))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fssmeta.data.io import write_json_atomic
-from fssmeta.experiment import evaluate_targets, format_target_report
+from fssmeta.evaluation import evaluate_targets, format_target_report
 from pipelines.common import config, parser
 
 

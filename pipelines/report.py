@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fssmeta.experiment import default_device, evaluation_model, meta_dir
 from fssmeta.report import load_histories, write_report
+from fssmeta.runs import default_device, evaluation_model, meta_dir
 from fssmeta.tracking import flatten, protocol_tags
 from pipelines.common import config, parser
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fssmeta.experiment import train_base
+from fssmeta.stages import train_base
 from pipelines.common import config, parser
 
 

@@ -1,6 +1,8 @@
 """DVC stage `train_meta`: episodic meta-training of `model.method` for one fold and shot under Ray Train,
 with the tune stage's best values (`--tuned best.yaml`) applied on top of params; the best checkpoint lands
-in `<train.out>/fold<k>/<method>-<shot>shot/best.pt` (its stored config says what was trained)."""
+in `<train.out>/fold<k>/<method>-<shot>shot/best.pt` (its stored config says what was trained). A method
+trained 1-shot for every k (its record's `trains_each_shot` false) trains once, into the 1-shot folder; the
+stage of another shot then writes only a pointer (`trained_shot.json`) to it, training it first if absent."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fssmeta.config import apply_tuned  # noqa: E402
 from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray  # noqa: E402
+from fssmeta.models import get_method  # noqa: E402
+from fssmeta.runs import meta_dir, write_pointer  # noqa: E402
+from fssmeta.params import apply_tuned  # noqa: E402
 from pipelines.common import config, parser  # noqa: E402
 
 
@@ -25,12 +29,22 @@ def main() -> None:
     if args.tuned:
         cfg, tuned = apply_tuned(cfg, args.tuned)
         print(f"train_meta: tuned values from {args.tuned}: {tuned or 'none (params pass through)'}")
+    fold = cfg.train.fold if args.fold is None else args.fold
+    shot = cfg.train.shot if args.shot is None else args.shot
+    trained_shot = get_method(cfg.model.method).training_shot(shot)
+    checkpoint = meta_dir(cfg, fold, shot) / "best.pt"
+    if trained_shot != shot and checkpoint.is_file():
+        print(f"train_meta: {cfg.model.method} trains {trained_shot}-shot for every k; {shot}-shot uses "
+              f"{checkpoint} ({write_pointer(cfg, fold, shot)})")
+        return
     try:
-        result = train_with_ray(cfg, fold=args.fold, shot=args.shot, progress=not args.quiet)
+        result = train_with_ray(cfg, fold=fold, shot=shot, progress=not args.quiet)
     except RayTrainingError as exc:
         sys.exit(f"train_meta: {exc}")
     best = "n/a" if result.best_val_miou is None else f"{100 * result.best_val_miou:.1f}"
     print(f"train_meta: run {result.name}, best validation mIoU {best}, checkpoints in {result.meta_dir}")
+    if trained_shot != shot:
+        print(f"train_meta: {shot}-shot uses that {trained_shot}-shot checkpoint ({write_pointer(cfg, fold, shot)})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from fssmeta.cli import main
-from fssmeta.config import Config, load_config
+from fssmeta.config import Config
+from fssmeta.params import load_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fssmeta.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from fssmeta.config import Config, ConfigError, config_to_dict
+from fssmeta.params import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from torch import nn
 from fssmeta.checkpoint import resume, save_checkpoint
 from fssmeta.config import MemoryConfig, MiningConfig, ModelConfig
 from fssmeta.losses import DIAGNOSTIC_PREFIX, episode_losses, total_loss
-from fssmeta.memory import MemoryTransfer, category_contrast_loss
 from fssmeta.models import build_model, count_learnable
+from fssmeta.models.memory import MemoryTransfer, category_contrast_loss
 from fssmeta.train import train_step
 from tests.test_models import PASCAL_FOLD0_BASE, make_episode
 

@@ -89,9 +89,10 @@ def test_score_domain_uses_fixed_validation_episodes(workspace):
     """What promotion compares: a trained model on a domain's fixed episodes, the same number twice."""
     import torch
 
-    from fssmeta.config import load_config
     from fssmeta.data.io import DataError
-    from fssmeta.experiment import evaluation_model, score_domain
+    from fssmeta.evaluation import score_domain
+    from fssmeta.params import load_config
+    from fssmeta.runs import evaluation_model
 
     _, args = workspace
     sets = [a for i, a in enumerate(args) if i and args[i - 1] == "--set"]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fssmeta.memory import MetaMemory, instance_stats
+from fssmeta.models.memory import MetaMemory, instance_stats
 
 
 def make_memory(index: str = "flat", seed: int = 0, **kwargs) -> MetaMemory:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fssmeta.distributed import all_gather_cat, rank, world_size
-from fssmeta.memory import MetaMemory
+from fssmeta.models.memory import MetaMemory
 
 WORLD_SIZE = 2
 BATCH_SIZES = (3, 5)  # per rank: the gather must cope with ranks of different batch sizes

@@ -1,4 +1,4 @@
-"""NTRENet's mining pieces (fssmeta/mining.py) on tiny hand-made cases: shapes, the background loss, the
+"""NTRENet's mining pieces (fssmeta/models/mining.py) on tiny hand-made cases: shapes, the background loss, the
 distractor mask, the distractor queue and the prototypical contrastive loss."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fssmeta import mining
+from fssmeta.models import mining
 from fssmeta.models.ops import masked_average_pool
 
 LOG2 = math.log(2.0)
@@ -180,8 +180,8 @@ def test_pcl_without_negatives_and_gradients():
     assert torch.isfinite(loss) and torch.isfinite(zero.grad).all()
 
 
-@pytest.mark.parametrize("first", ["fssmeta.mining", "fssmeta.models"])
+@pytest.mark.parametrize("first", ["fssmeta.models.mining", "fssmeta.models.memory", "fssmeta.models"])
 def test_import_order(first: str):
-    """mining imports fssmeta.models.*, whose package imports the methods that use mining: no cycle."""
-    code = f"import {first}, fssmeta.mining, fssmeta.models; print(fssmeta.models.METHODS['ntrenet'])"
+    """The parts live inside fssmeta.models, whose package imports the methods that use them: any first import works."""
+    code = f"import {first}, fssmeta.models.mining, fssmeta.models; print(fssmeta.models.METHODS['ntrenet'])"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

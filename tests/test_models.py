@@ -1,32 +1,36 @@
-"""Every registered method: shapes at 1 and 5 shots, gradients only where trainable, frozen BN, determinism,
-state-dict round trip, published learnable-parameter counts; plus BAM's base map, NTRENet's distractor queue and
-the registry helpers."""
+"""Every registered method, from its record: shapes at 1 and 5 shots, the record's own loss, gradients only where
+trainable, frozen BN, determinism, state-dict round trip, published learnable-parameter counts, the stage-1
+load; plus BAM's base map, NTRENet's distractor queue and the registry helpers."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode
-from fssmeta.losses import DIAGNOSTIC_PREFIX
-from fssmeta.models import METHODS, build_model, count_learnable, load_base_learner
+from fssmeta.losses import total_loss
+from fssmeta.models import METHODS, build_model, count_learnable, get_method
 from fssmeta.models.pspnet import build_pspnet
 
 PASCAL_FOLD0_BASE = list(range(6, 21))  # fold 0 tests on classes 1-5
 SIZE = 65  # (65 - 1) / 8 + 1 = 9: a 9x9 feature map, hence bins (9, 5, 3, 2)
+LEARNED = sorted(k for k, m in METHODS.items() if m.learned)
+WITH_STAGE1 = sorted(k for k, m in METHODS.items() if m.stage1 is not None)
+WITH_REFERENCE = sorted(k for k, m in METHODS.items() if m.reference is not None)
 
 
-def small_cfg(method: str, shot: int = 1) -> ModelConfig:
-    return ModelConfig(method=method, backbone="small", reduce_dim=32, ppm_dim=32, pyramid_bins=(9, 5, 3, 2),
-                       shot=shot)
+def tiny_cfg(method: str, **extra: Any) -> ModelConfig:
+    """The method's own tiny test configuration (`Method.tiny`)."""
+    return ModelConfig(method=method, **{**get_method(method).tiny, **extra})
 
 
 def make_model(method: str, shot: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(small_cfg(method, shot), base_classes=PASCAL_FOLD0_BASE)
+    return build_model(tiny_cfg(method), shot=shot, base_classes=PASCAL_FOLD0_BASE)
 
 
 def make_episode(shot: int, batch: int = 2, seed: int = 0, class_ids: tuple[int, ...] = (7, 12)) -> Episode:
@@ -49,38 +53,44 @@ def make_episode(shot: int, batch: int = 2, seed: int = 0, class_ids: tuple[int,
     )
 
 
-def episode_loss(output, episode: Episode) -> torch.Tensor:
-    """What the training loop computes: CE(logits) + 1.0 * mean CE(aux) + the method's own (weighted) losses."""
-    loss = F.cross_entropy(output.logits, episode.query_mask, ignore_index=255)
-    if output.aux_logits:
-        aux = [F.cross_entropy(a, episode.query_mask, ignore_index=255) for a in output.aux_logits]
-        loss = loss + torch.stack(aux).mean()
-    return loss + sum(v for k, v in output.extra_losses.items() if not k.startswith(DIAGNOSTIC_PREFIX))
-
-
 def frozen_modules(model: nn.Module) -> list[nn.Module]:
     return [model.base_learner] if hasattr(model, "base_learner") else [model.backbone]
 
 
+def keep_kshot_alive(model: nn.Module) -> None:
+    """BAM's k-shot MLP: its two ReLU units both die at some random inits (psi >= 0), as in BAM; keep them live
+    so a test checks the gradient path rather than the draw."""
+    for module in model.modules():
+        if hasattr(module, "kshot_rw"):
+            nn.init.constant_(module.kshot_rw[0].bias, 0.5)
+
+
+def test_records_are_consistent():
+    for key, method in METHODS.items():
+        assert method.key == key
+        assert method.training_shot(5) in (1, 5)
+        if method.options is not None:  # its section types and fills: unknown keys fail with their path
+            assert method.options_of(ModelConfig()) == method.options()
+    assert {"pfenet", "bam", "ntrenet", "baseline"} <= set(METHODS)
+
+
 @pytest.mark.parametrize("shot", [1, 5])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", LEARNED)
 def test_forward_backward(method: str, shot: int):
     model = make_model(method, shot).train()
-    if hasattr(model, "kshot_rw"):
-        # Its two ReLU units both die at some random inits (psi >= 0), as in BAM; keep them live so the
-        # test checks the gradient path rather than the draw.
-        nn.init.constant_(model.kshot_rw[0].bias, 0.5)
+    keep_kshot_alive(model)
     episode = make_episode(shot)
     stats = {k: v.clone() for m in frozen_modules(model) for k, v in m.state_dict().items() if "running" in k}
     assert stats, "the frozen part should have BN running statistics"
 
     output = model(episode)
     assert output.logits.shape == (2, 2, SIZE, SIZE)
-    # Deep supervision: aux logits the loop supervises, or (NTRENet) terms the model computes itself.
-    assert output.aux_logits or output.extra_losses
     assert all(a.shape == (2, 2, SIZE, SIZE) for a in output.aux_logits)
-    loss = episode_loss(output, episode)
-    assert torch.isfinite(loss)
+    torch.manual_seed(1)
+    losses = get_method(method).loss(model, episode)  # the record's loss: what the loop minimises
+    assert losses and all(v.dim() == 0 for v in losses.values())
+    loss = total_loss(losses)
+    assert torch.isfinite(loss) and loss > 0
     loss.backward()
 
     for name, p in model.named_parameters():
@@ -97,7 +107,7 @@ def test_forward_backward(method: str, shot: int):
             if "running" in k:
                 assert torch.equal(v, stats[k]), f"{k} drifted in a train-mode forward"
     if method == "bam" and shot > 1:
-        assert any(n.startswith("kshot_rw") for n, _ in model.named_parameters())
+        assert any(n.startswith("ensemble.kshot_rw") for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -116,25 +126,22 @@ def test_eval_deterministic_and_state_dict_round_trip(method: str):
         assert torch.equal(fresh(episode).logits, first.logits)
 
 
-def test_reference_parameter_counts():
-    """ResNet-50, reduce_dim 256, PASCAL fold 0 (15 base classes): PFENet 10.8M, BAM 4.92M (+27 at 5 shots)."""
+@pytest.mark.parametrize("method", WITH_REFERENCE)
+def test_reference_parameter_counts(method: str):
+    """At the reference layout (ResNet-50, reduce_dim 256, PASCAL fold 0): PFENet 10.8M, BAM 4.92M, NTRENet ~20.9M."""
+    ref = get_method(method).reference
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        pfenet = build_model(ModelConfig(method="pfenet", backbone="resnet50"), base_classes=PASCAL_FOLD0_BASE)
-        bam1 = build_model(ModelConfig(method="bam", backbone="resnet50"), base_classes=PASCAL_FOLD0_BASE)
-        bam5 = build_model(ModelConfig(method="bam", backbone="resnet50", shot=5), base_classes=PASCAL_FOLD0_BASE)
-    assert count_learnable(pfenet) == 10_817_034
-    assert abs(count_learnable(pfenet) - 10.8e6) / 10.8e6 < 0.01
-    assert count_learnable(bam1) == 4_917_254
-    assert abs(count_learnable(bam1) - 4.92e6) / 4.92e6 < 0.01
-    assert count_learnable(bam5) - count_learnable(bam1) == 27
+        model = build_model(ModelConfig(method=method, **ref.model), shot=ref.shot,
+                            base_classes=list(range(6, 6 + ref.base_classes)))
+    assert count_learnable(model) == ref.count
 
 
-def test_ntrenet_reference_parameter_count():
-    """NTRENet at ResNet-50, reduce_dim 256: the paper's ~20.9M (official layout: 20,846,868)."""
+def test_bam_kshot_adds_the_published_27():
     with torch.device("meta"):
-        model = build_model(ModelConfig(method="ntrenet", backbone="resnet50"), base_classes=PASCAL_FOLD0_BASE)
-    assert count_learnable(model) == 20_846_868
-    assert abs(count_learnable(model) - 20.9e6) / 20.9e6 < 0.02
+        one, five = (build_model(ModelConfig(method="bam", backbone="resnet50"), shot=s, base_classes=PASCAL_FOLD0_BASE)
+                     for s in (1, 5))
+    assert count_learnable(one) == 4_917_254 and abs(count_learnable(one) - 4.92e6) / 4.92e6 < 0.01
+    assert count_learnable(five) - count_learnable(one) == 27
 
 
 def test_ntrenet_queue_fills_in_training_only():
@@ -188,14 +195,15 @@ def test_bam_rejects_mismatched_shots():
 
 
 def test_build_model_unknown_method():
-    with pytest.raises(ValueError, match=r"model\.method.*'nope'.*bam, ntrenet, pfenet"):
-        build_model(ModelConfig(method="nope"), base_classes=PASCAL_FOLD0_BASE)
+    with pytest.raises(ValueError, match=r"model\.method.*'nope'.*bam, baseline, ntrenet, pfenet"):
+        build_model(ModelConfig(method="nope"), shot=1, base_classes=PASCAL_FOLD0_BASE)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_load_base_learner(method: str):
+@pytest.mark.parametrize("method", WITH_STAGE1)
+def test_stage1_load(method: str):
+    stage1 = get_method(method).stage1
     torch.manual_seed(123)
-    pspnet = build_pspnet(small_cfg(method), 1 + len(PASCAL_FOLD0_BASE)).eval()
+    pspnet = build_pspnet(tiny_cfg(method), 1 + len(PASCAL_FOLD0_BASE)).eval()
     for m in pspnet.modules():  # non-trivial BN statistics, so a missed buffer would show
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
@@ -205,15 +213,15 @@ def test_load_base_learner(method: str):
     with torch.no_grad():
         expected = pspnet.backbone(image)["layer4"]
         assert not torch.allclose(model.backbone(image)["layer4"], expected)
-        load_base_learner(model, pspnet.state_dict())
+        stage1.load(model, pspnet.state_dict())
         torch.testing.assert_close(model.backbone(image)["layer4"], expected, rtol=0, atol=0)
     assert not any(p.requires_grad for p in model.backbone.parameters())  # still frozen
 
     state = pspnet.state_dict()
     state["backbone.conv1.weight"] = state["backbone.conv1.weight"][:, :2]
-    with pytest.raises(ValueError, match=r"backbone\.conv1\.weight" if method == "bam" else r"conv1\.weight"):
-        load_base_learner(model, state)
+    with pytest.raises(ValueError, match=r"backbone\.conv1\.weight" if stage1.part == "base_learner" else r"conv1\.weight"):
+        stage1.load(model, state)
     state = pspnet.state_dict()
     del state["backbone.layer4.0.conv2.weight"]
     with pytest.raises(ValueError, match="missing.*layer4.0.conv2.weight"):
-        load_base_learner(model, state)
+        stage1.load(model, state)

@@ -23,10 +23,10 @@ from fssmeta.predict import (
     check_supports,
     decode_base64,
     decode_image,
-    fold_base_classes,
     max_image_pixels,
     overlay,
 )
+from fssmeta.runs import fold_base_classes
 from tests.mlflow_helpers import BASE_CLASSES, encode, episode_arrays, save_model, tiny_config
 
 

@@ -17,8 +17,8 @@ import ray
 import torch
 
 from fssmeta.checkpoint import read_checkpoint
-from fssmeta.experiment import build_meta_model
 from fssmeta.integrations.ray_train import FAULT_MARKER, RayTrainingError, train_with_ray
+from fssmeta.runs import fresh_model
 from tests.ray_workspace import make_config
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(workspace, ray_env, 
         assert result.metrics["step"] == 4
         states[workers] = read_checkpoint(Path(result.meta_dir) / "last.pt")["model"]
     torch.manual_seed(cfg.train.seed)  # what train_meta does before building the model
-    initial = build_meta_model(cfg, 0, 1, torch.device("cpu")).state_dict()
+    initial = fresh_model(cfg, 0, 1).state_dict()
     trained = [k for k in initial if not torch.equal(initial[k], states[1][k])]
     assert trained, "one epoch changed no parameter: the comparison would prove nothing"
     for key in initial:

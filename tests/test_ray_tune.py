@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fssmeta.config import Config, ConfigError, config_to_dict, load_config, load_tuned, with_overrides
+from fssmeta.config import Config, ConfigError, config_to_dict
+from fssmeta.params import load_config, load_tuned, with_overrides
 from tests.ray_workspace import make_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -112,7 +113,7 @@ def test_multi_worker_trials_drive_a_torch_trainer(workspace, ray_env, tmp_path)
 
 SWEEP_SCRIPT = """
 import sys, yaml
-from fssmeta.config import config_from_dict
+from fssmeta.params import config_from_dict
 from fssmeta.integrations.ray_tune import run_sweep
 run_sweep(config_from_dict(yaml.safe_load(open(sys.argv[1]))), progress=True)
 """

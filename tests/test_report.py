@@ -8,8 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from fssmeta.config import load_config
 from fssmeta.data.io import DataError
+from fssmeta.params import load_config
 from fssmeta.report import (
     markdown_table,
     metrics,

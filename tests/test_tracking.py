@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fssmeta.config import load_config
+from fssmeta.params import load_config
 from fssmeta.tracking import JsonTracker, NullTracker, flatten, params_hash, protocol_tags
 
 

@@ -15,10 +15,10 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from fssmeta.data.io import DataError, Problems, SampleRef, read_json, write_json_atomic, write_png_atomic
+from fssmeta.episode import IGNORE_INDEX
 
 COCO_SPLITS = {"train": "train2014", "test": "val2014"}
 CROWD_MODES = ("foreground", "ignore")
-IGNORE_LABEL = 255  # the PASCAL convention: excluded from loss and metric (PROTOCOL.md 2, 4)
 MANIFEST_FORMAT = 1  # bump when the rendering rules change, so old caches are redrawn
 
 # pycocotools' own createIndex raises a bare KeyError on a missing field: check the fields first.
@@ -114,7 +114,7 @@ def render_image(
         # a crowd region is ignored only where no individual instance already gives a label
         for _, _, _, is_crowd, binary in instances:
             if is_crowd:
-                label[binary & ~covered] = IGNORE_LABEL
+                label[binary & ~covered] = IGNORE_INDEX
     return label, errors
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from fssmeta.data.io import DataError, read_image, read_mask
 from fssmeta.data.sampler import TrainEpisodeSampler
 from fssmeta.data.transforms import TestTransform, TrainTransform
-from fssmeta.episode import Episode
+from fssmeta.episode import IGNORE_INDEX, Episode
 
 
 class PairSource(Protocol):
@@ -25,7 +25,7 @@ def episode_label(mask: np.ndarray, class_id: int) -> np.ndarray:
     """Class `class_id` -> 1, every other class -> 0, 255 stays 255 (PROTOCOL.md 3)."""
     label = np.zeros_like(mask)
     label[mask == class_id] = 1
-    label[mask == 255] = 255
+    label[mask == IGNORE_INDEX] = IGNORE_INDEX
     return label
 
 
@@ -139,7 +139,7 @@ class BaseSegmentationDataset(Dataset):
         self.length = length or len(self.keys)
         self.lut = np.zeros(256, np.uint8)
         self.lut[np.asarray(base_classes, dtype=np.int64)] = np.arange(1, len(base_classes) + 1)
-        self.lut[255] = 255
+        self.lut[IGNORE_INDEX] = IGNORE_INDEX
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

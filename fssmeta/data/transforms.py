@@ -1,4 +1,4 @@
-"""Image/mask transforms: PFENet-family training augmentation and the two test resolutions (PROTOCOL.md 4)."""
+"""Image/mask transforms: PFENet-family training augmentation and the two test resolutions (docs/protocol.md section 4)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fssmeta.config import TransformConfig
+from fssmeta.episode import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255  # mask label excluded from loss and metric; every mask padding uses it
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.array(IMAGENET_STD, dtype=np.float32)
@@ -110,6 +110,29 @@ class TrainTransform:
                 break
         # After all redraws PFENet keeps the last crop, whatever it holds.
         return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+class ResizeTransform:
+    """The HSNet family's training input: image and mask resized to size x size exactly as at `resized` test
+    time, no augmentation. Same call as `TrainTransform`; `rng` is accepted and unused."""
+
+    def __init__(self, size: int) -> None:
+        self.crop_size = size
+        self._resize = TestTransform("resized", size)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray,
+                 rng: np.random.Generator | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._resize(image, mask)
+
+
+def training_transform(kind: Literal["pfenet", "resize"], cfg: TransformConfig) -> TrainTransform | ResizeTransform:
+    """A method's training transform (`Method.transform`): PFENet's augmentation cropped to
+    `transform.crop_size`, or a plain resize to `transform.crop_size` square."""
+    if kind == "pfenet":
+        return TrainTransform(cfg)
+    if kind == "resize":
+        return ResizeTransform(cfg.crop_size)
+    raise ValueError(f"unknown training transform {kind!r}; expected pfenet or resize")
 
 
 class TestTransform:

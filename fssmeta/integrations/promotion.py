@@ -164,7 +164,7 @@ def rollback(cfg: Config, *, domain: str, name: str | None = None) -> str:
 def score_version(cfg: Config, *, version: str, domain: str, name: str | None = None) -> float:
     """mIoU of a registered version on `domain`'s fixed episodes (mean over seeds): `source` = the version's
     fold VALIDATION list, a target name = its 1-way target lists at `eval.resized_size`."""
-    from fssmeta.experiment import score_domain
+    from fssmeta.evaluation import score_domain
 
     name = name or cfg.mlflow.registered_model
     model, _, info = load_logged_model(cfg.mlflow, f"models:/{name}/{version}")

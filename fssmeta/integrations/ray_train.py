@@ -30,10 +30,10 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from fssmeta.checkpoint import read_checkpoint
-from fssmeta.config import Config, config_from_dict, config_to_dict
-from fssmeta.data.io import DataError
-from fssmeta.experiment import base_dir, meta_dir, train_meta
-from fssmeta.losses import episode_losses
+from fssmeta.config import Config, config_to_dict
+from fssmeta.params import config_from_dict
+from fssmeta.runs import meta_dir, require_stage1
+from fssmeta.stages import train_meta, training_config
 from fssmeta.tracking import NullTracker, Tracker, protocol_tags
 from fssmeta.train import LossFn
 
@@ -75,6 +75,8 @@ def train_with_ray(cfg: Config, *, fold: int | None = None, shot: int | None = N
     fold = cfg.train.fold if fold is None else fold
     shot = cfg.train.shot if shot is None else shot
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fold": fold, "shot": shot})})
+    cfg = training_config(cfg)  # a method trained 1-shot for every k trains (and is named) at 1 shot
+    shot = cfg.train.shot
     rc = cfg.ray
     name = run_name(cfg, fold, shot)
     storage = Path(rc.storage_path).expanduser().resolve()  # Ray requires an absolute path
@@ -82,9 +84,8 @@ def train_with_ray(cfg: Config, *, fold: int | None = None, shot: int | None = N
     tags = protocol_tags(cfg, fold=fold, shot=shot) | {"trainer": "ray_train", "ray_run": name,
                                                         "ray_workers": str(rc.num_workers)}
     score, order = selection(cfg)
-    base = base_dir(cfg, fold) / "last.pt"
-    if not rc.address and not base.is_file():  # say it here, not once per worker and restart
-        raise DataError(f"{base}: no base learner for fold {fold}; run `fssmeta train-base --fold {fold}` first")
+    if not rc.address:  # say it here, not once per worker and restart
+        require_stage1(cfg, fold)
     started = start_ray(cfg, progress)
     try:
         trainer = build_trainer(cfg, fold=fold, name=name, storage=storage, tags=tags, progress=progress)
@@ -251,14 +252,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0 and cfg.mlflow.enabled:
         tracker = _open_tracker(cfg, loop_config["name"], loop_config["tags"], run_dir)
     marker = run_dir / FAULT_MARKER if rank == 0 and cfg.ray.fail_at_step > 0 else None
-    steps = StepWatch(episode_losses, first_step=(start or {}).get("step", 0), fail_at_step=cfg.ray.fail_at_step,
+    steps = StepWatch(first_step=(start or {}).get("step", 0), fail_at_step=cfg.ray.fail_at_step,
                       marker=marker)
     reporter = RayReporter(tracker, steps, epochs=cfg.train.epochs, progress=loop_config["progress"] and rank == 0)
     with tempfile.TemporaryDirectory(prefix=f"fssmeta-rank{rank}-") as local:
         # fit writes last.pt / best.pt / history.json on rank 0 only; each rank gets its own folder anyway.
         train_meta(cfg, loop_config["fold"], progress=False, resume_run=False, device=ray.train.torch.get_device(),
                    forward_wrapper=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
-                   reporter=reporter, start=start, checkpoint_dir=Path(local), loss_fn=steps)
+                   reporter=reporter, start=start, checkpoint_dir=Path(local), observe=steps.wrap)
     return {"restored_epoch": (start or {}).get("epoch", 0), "mlflow_run_id": getattr(tracker, "run_id", None)}
 
 
@@ -280,9 +281,15 @@ class StepWatch:
     """The loss function, counting global steps: notes when the first one ran and, for fault-injection tests
     (`ray.fail_at_step`), ends this worker's process at that step once per run, as a crashed node would."""
 
-    def __init__(self, loss_fn: LossFn, *, first_step: int, fail_at_step: int = 0, marker: Path | None = None) -> None:
-        self.loss_fn, self.step, self.fail_at_step, self.marker = loss_fn, first_step, fail_at_step, marker
+    def __init__(self, *, first_step: int, fail_at_step: int = 0, marker: Path | None = None) -> None:
+        self.step, self.fail_at_step, self.marker = first_step, fail_at_step, marker
+        self.loss_fn: LossFn | None = None
         self.first_step_time: float | None = None
+
+    def wrap(self, loss_fn: LossFn) -> StepWatch:
+        """Watch `loss_fn` (the method's loss, handed over by `train_meta`)."""
+        self.loss_fn = loss_fn
+        return self
 
     def __call__(self, model: Any, batch: Any) -> Any:
         self.step += 1

@@ -27,9 +27,8 @@ import yaml
 from ray import tune
 
 from fssmeta.checkpoint import read_checkpoint
-from fssmeta.config import Config, config_from_dict, config_to_dict, with_overrides
-from fssmeta.data.io import DataError, write_json_atomic
-from fssmeta.experiment import base_dir, default_device, train_meta
+from fssmeta.config import Config, config_to_dict
+from fssmeta.data.io import write_json_atomic
 from fssmeta.integrations.ray_train import build_trainer, start_ray
 from fssmeta.integrations.sweep_tracking import (
     SweepMLflowCallback,
@@ -37,6 +36,9 @@ from fssmeta.integrations.sweep_tracking import (
     finish_sweep_run,
     open_sweep_run,
 )
+from fssmeta.params import config_from_dict, with_overrides
+from fssmeta.runs import default_device, require_stage1
+from fssmeta.stages import train_meta
 from fssmeta.tracking import protocol_tags
 
 METRIC, MODE = "val_miou", "max"
@@ -132,9 +134,8 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> SweepResult:
     if base.train.val_episodes <= 0:
         raise SweepError("trials are scored on validation episodes: train.val_episodes (after "
                          "tune.trial_overrides) must be > 0")
-    learner = base_dir(base, tc.fold) / "last.pt"
-    if not cfg.ray.address and not learner.is_file():
-        raise DataError(f"{learner}: no base learner for fold {tc.fold}; run `fssmeta train-base --fold {tc.fold}` first")
+    if not cfg.ray.address:
+        require_stage1(base, tc.fold)
     storage = Path(cfg.ray.storage_path).expanduser().resolve()
     prefix = sweep_prefix(cfg)
     # Tune snapshots its state after every trial checkpoint, as asked; its advice to do it less is noise here.

@@ -7,52 +7,39 @@ Follows chunbolang/BAM `model/BAM.py`. Two deliberate differences, both marked a
   active while meta-training (our base map is deterministic).
 
 fssmeta's flagship is this BAM with two switches from params (all four combinations are valid):
-`model.memory.enabled` restyles the mid-level features with the RMT meta-memory (fssmeta/memory.py) and
-`model.mining.enabled` inserts NTRENet's non-target mining (fssmeta/mining.py: background mining and
+`model.memory.enabled` restyles the mid-level features with the RMT meta-memory (models/memory.py) and
+`model.mining.enabled` inserts NTRENet's non-target mining (models/mining.py: background mining and
 elimination, an initial prediction, distracting-object elimination, the prototypical contrastive loss)
-between the prior merge and BAM's ASPP. BAM's base-learner ensemble is the third, always-on, piece.
+between the prior merge and BAM's ASPP. BAM's base-learner ensemble (models/ensemble.py) is the third,
+always-on, piece.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fssmeta import memory as rmt
-from fssmeta import mining as ntm
-from fssmeta.config import MiningConfig, ModelConfig
+from fssmeta.config import MiningConfig, ModelConfig, Section
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.losses import cross_entropy
+from fssmeta.models import mining as ntm
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, freeze_
-from fssmeta.models.pfenet import (
-    MetaInputs,
-    classifier,
-    memory_losses,
-    meta_inputs,
-    mid_channels,
-    reduce_block,
-    residual_pair,
-)
+from fssmeta.models.ensemble import BaseMetaEnsemble, base_class_map
+from fssmeta.models.family import MetaInputs, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.memory import MemoryTransfer, build_memory
+from fssmeta.models.method import Method, Reference, Stage1
 from fssmeta.models.pspnet import PSPNet, build_pspnet
 
-if TYPE_CHECKING:
-    from fssmeta.memory import MemoryTransfer
 
-# BAM's K-shot reweighting width (`kshot_trans_dim: 2` in every official config): 11 * 2 + shot parameters,
-# i.e. the paper's +27 at 5 shots.
-KSHOT_HIDDEN = 2
+class BAMOptions(Section):
+    """`model.bam`: the meta learner's sizes (docs/methods.md, BAM). The base learner is `model.pspnet`."""
 
-
-def pass_through_conv() -> nn.Conv2d:
-    """A bias-free 1x1 conv from 2 maps to 1, initialised to output the first map (BAM's [1, 0] init)."""
-    conv = nn.Conv2d(2, 1, 1, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
-    return conv
+    reduce_dim: int = 256  # mid-level feature width
+    aspp_dilations: tuple[int, ...] = (6, 12, 18)  # meta-learner ASPP, at a 473 input
+    dropout: float = 0.1  # classifier heads
+    feature_dropout: float = 0.5  # down_query / down_supp (the official constant)
 
 
 class BAM(nn.Module):
@@ -71,33 +58,26 @@ class BAM(nn.Module):
         self.shot = shot
         backbone = base_learner.backbone
         mid_dim = mid_channels(backbone)
-        self.memory = memory  # RMT feature restyling (fssmeta.memory), or None
-        self.down_query = reduce_block(mid_dim, reduce_dim, feature_dropout)
-        self.down_supp = reduce_block(mid_dim, reduce_dim, feature_dropout)
-        self.init_merge = nn.Sequential(nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
+        self.memory = memory  # RMT feature restyling (models/memory.py), or None
+        self.down_query = ops.reduce_block(mid_dim, reduce_dim, feature_dropout)
+        self.down_supp = ops.reduce_block(mid_dim, reduce_dim, feature_dropout)
+        self.init_merge = ops.merge_conv(2 * reduce_dim + 1, reduce_dim)
         self.aspp = ops.ASPP(reduce_dim, reduce_dim, tuple(aspp_dilations))
         aspp_dim = reduce_dim * (2 + len(aspp_dilations))  # image pool + 1x1 + one branch per dilation
-        self.res1_meta = nn.Sequential(nn.Conv2d(aspp_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True))
-        self.res2_meta = residual_pair(reduce_dim)
-        self.cls_meta = classifier(reduce_dim, dropout)
-        # One conv shared by the bg and fg maps (as in BAM): p' = w0 * p + w1 * psi, starting at p' = p.
-        self.gram_merge = pass_through_conv()
-        # final bg = w0 * meta bg + w1 * base map, starting at the meta bg.
-        self.cls_merge = pass_through_conv()
+        self.res1_meta = ops.merge_conv(aspp_dim, reduce_dim)
+        self.res2_meta = ops.residual_pair(reduce_dim)
+        self.cls_meta = ops.classifier(reduce_dim, dropout)
+        # psi calibration, the base-map merge and the k-shot weights (models/ensemble.py).
+        self.ensemble = BaseMetaEnsemble(shot)
         # NTRENet's non-target mining on the meta learner (the flagship), or None.
         self.mining = mining
         if mining is not None:
             self.bgmm = ntm.BackgroundMining(reduce_dim, dropout=dropout, feature_dropout=feature_dropout)
             self.bgem = ntm.BackgroundElimination(reduce_dim)
-            self.init_res = residual_pair(reduce_dim)
-            self.init_cls = classifier(reduce_dim, dropout)
+            self.init_res = ops.residual_pair(reduce_dim)
+            self.init_cls = ops.classifier(reduce_dim, dropout)
             self.doem = ntm.DistractorElimination(reduce_dim)
             self.queue = ntm.DistractorQueue(reduce_dim, mining.queue_size, mining.queue_sample)
-        if shot > 1:
-            # Scores the sorted per-shot psi values; softmax of the scores weights the shots.
-            self.kshot_rw = nn.Sequential(
-                nn.Conv2d(shot, KSHOT_HIDDEN, 1), nn.ReLU(inplace=True), nn.Conv2d(KSHOT_HIDDEN, shot, 1)
-            )
 
     @property
     def backbone(self) -> ResNet:
@@ -109,44 +89,21 @@ class BAM(nn.Module):
         self.base_learner.eval()  # frozen BN statistics and a deterministic base map
         return self
 
-    def shot_weights(self, psi: torch.Tensor) -> torch.Tensor:
-        """(B, S) per-shot Gram distances -> (B, S) weights summing to 1 (all ones at 1 shot, as BAM)."""
-        B, S = psi.shape
-        if S == 1:
-            return torch.ones_like(psi)
-        if not hasattr(self, "kshot_rw"):
-            return torch.full_like(psi, 1.0 / S)  # a 1-shot model on a k-shot episode: plain averaging
-        if S != self.shot:
-            raise ValueError(f"BAM was built for {self.shot} shots (kshot_rw), got an episode with {S}")
-        sorted_psi, order = psi.sort(dim=1)  # the MLP sees shots ranked by similarity to the query
-        scores = self.kshot_rw(sorted_psi.view(B, S, 1, 1)).view(B, S)
-        scores = scores.gather(1, order.argsort(dim=1))  # back to the episode's shot order
-        return scores.softmax(dim=1)
-
-    @torch.no_grad()
     def base_map(self, query_layer4: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
-        """(B, C4, h, w) query layer4 -> (B, 1, h, w) base-learner probability of any base class.
-
-        In training the episode's own class is a base class the meta learner must find, so it is left out
-        (else the ensemble would suppress the target); at test time the class is novel and all count.
-        """
-        prob = self.base_learner.classify(query_layer4).softmax(dim=1)[:, 1:]  # (B, nb, h, w)
-        if self.training:
-            own = self.base_classes[None, :] == class_id[:, None]  # (B, nb); no match = nothing excluded
-            prob = prob * (~own).to(prob.dtype)[:, :, None, None]
-        return prob.sum(dim=1, keepdim=True)
+        """(B, C4, h, w) query layer4 -> (B, 1, h, w) base-learner probability of any base class; the
+        episode's own class is left out in training (ensemble.base_class_map)."""
+        return base_class_map(self.base_learner, query_layer4, self.base_classes, class_id, self.training)
 
     def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
         B, S = episode.support_imgs.shape[:2]
         inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
-        query, support, query_feat, prototypes, priors = inputs[:5]  # see pfenet.MetaInputs for shapes
+        query, support, query_feat, prototypes, priors = inputs[:5]  # see family.MetaInputs for shapes
         h, w = query_feat.shape[-2:]
 
         # psi: how different the query's and each support's low-level (layer2) styles are.
-        query_layer2 = query["layer2"].repeat_interleave(S, dim=0)  # (B*S, C2, h, w)
-        psi = ops.gram_distance(query_layer2, support.layer2).view(B, S)
-        weights = self.shot_weights(psi)  # (B, S)
+        psi = self.ensemble.shot_psi(query["layer2"], support.layer2)  # (B, S)
+        weights = self.ensemble.shot_weights(psi)  # (B, S)
         psi = (weights * psi).sum(1)  # (B,)
         prior = (weights[:, :, None, None] * priors).sum(1, keepdim=True)  # (B, 1, h, w)
         prototype = (weights[:, :, None] * prototypes).sum(1)  # (B, D)
@@ -166,12 +123,7 @@ class BAM(nn.Module):
 
         # Ensemble at feature size: calibrate the meta probabilities by psi, then let the base learner's
         # "some base class is here" map lower the foreground through the background channel.
-        meta_prob = meta_logits.softmax(dim=1)
-        psi_map = psi.view(B, 1, 1, 1).expand(B, 1, h, w)
-        meta_bg = self.gram_merge(torch.cat([meta_prob[:, :1], psi_map], 1))  # (B, 1, h, w)
-        meta_fg = self.gram_merge(torch.cat([meta_prob[:, 1:], psi_map], 1))
-        final_bg = self.cls_merge(torch.cat([meta_bg, self.base_map(query["layer4"], episode.class_id)], 1))
-        final = torch.cat([final_bg, meta_fg], 1)  # (B, 2, h, w), used as logits exactly as BAM does
+        final = self.ensemble(meta_logits, psi, self.base_map(query["layer4"], episode.class_id))  # (B, 2, h, w)
 
         out_size = query_img.shape[-2:]
         logits = F.interpolate(final, size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)
@@ -216,10 +168,19 @@ class BAM(nn.Module):
         return self.mining.pcl_weight * loss
 
 
-def build(cfg: ModelConfig, *, base_classes: list[int]) -> BAM:
-    """BAM around a fresh PSPNet base learner (load the stage-1 weights with `load_base_learner`)."""
+def build(cfg: ModelConfig, options: BAMOptions, *, shot: int, base_classes: list[int]) -> BAM:
+    """BAM around a fresh PSPNet base learner (the stages load stage 1 into it through `METHOD.stage1`)."""
     base_learner = build_pspnet(cfg, 1 + len(base_classes))
-    return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=cfg.reduce_dim,
-               aspp_dilations=cfg.aspp_dilations, dropout=cfg.dropout, feature_dropout=cfg.feature_dropout,
-               shot=cfg.shot, memory=rmt.build_memory(cfg.memory, mid_channels(base_learner.backbone)),
+    return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=options.reduce_dim,
+               aspp_dilations=options.aspp_dilations, dropout=options.dropout,
+               feature_dropout=options.feature_dropout, shot=shot,
+               memory=build_memory(cfg.memory, mid_channels(base_learner.backbone)),
                mining=cfg.mining if cfg.mining.enabled else None)
+
+
+METHOD = Method(
+    key="bam", build=build, options=BAMOptions, stage1=Stage1("base_learner"),
+    summary="base-learner / meta-learner ensemble (CVPR 2022); with model.memory / model.mining: the flagship",
+    tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "bam": {"reduce_dim": 32, "aspp_dilations": (1, 2, 3)}},
+    reference=Reference(4_917_254, {"backbone": "resnet50"}, published="4.92M (+27 at 5 shots)"),
+)

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode, SegOutput
+from fssmeta.models.backbone import build_backbone
+from fssmeta.models.method import Method, Stage1
 
 
 class PrototypeBaseline(nn.Module):
@@ -40,3 +43,16 @@ class PrototypeBaseline(nn.Module):
         logits = torch.stack([self.threshold - score, score - self.threshold], dim=1)  # argmax = thresholding
         logits = F.interpolate(logits, size=(episode.query_img.shape[-2:]), mode="bilinear", align_corners=True)
         return SegOutput(logits, [], {})
+
+
+def build(cfg: ModelConfig, options: None, *, shot: int, base_classes: list[int]) -> PrototypeBaseline:
+    """The baseline on the deep-stem backbone; the stages load the fold's stage-1 encoder into it and set
+    its cut from `eval.baseline_threshold` (an evaluation setting: changing it retrains nothing)."""
+    return PrototypeBaseline(backbone=build_backbone(cfg.backbone, "deep_stem", cfg.weights))
+
+
+METHOD = Method(
+    key="baseline", build=build, stage1=Stage1("backbone"), learned=False,
+    summary="non-learned reference: min-max cosine to the support prototype, thresholded",
+    tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}},
+)

@@ -1,5 +1,5 @@
 """NTRENet (Liu et al., CVPR 2022, "Learning Non-target Knowledge for Few-shot Semantic Segmentation"):
-PFENet's backbone, features and prior, plus background and distracting-object mining (fssmeta.mining).
+PFENet's backbone, features and prior, plus background and distracting-object mining (models/mining.py).
 
 Layer layout and widths follow LIUYUANWEI98/NERTNet `model/ourmodel.py` (20.85M learnable at ResNet-50, the
 paper's ~20.9M); the forward pass is implemented from the description, since the release does not run as
@@ -14,49 +14,38 @@ published. Approximate (open in the paper / code, or deliberately different):
   masked average of the reduced feature where the background map says "not background" and the ground
   truth says "not the class" (the per-scale DOEM prototypes use the initial prediction instead).
 - the DOEM prototype is a masked average (mining.DistractorElimination), officially a plain average of
-  mask * feature; PCL is the standard InfoNCE (positive in the denominator); see fssmeta.mining.
+  mask * feature; PCL is the standard InfoNCE (positive in the denominator); see models/mining.py.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fssmeta import memory as rmt
-from fssmeta import mining
-from fssmeta.config import MiningConfig, ModelConfig
+from fssmeta.config import MiningConfig, ModelConfig, Section
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.losses import cross_entropy, resize_logits
-from fssmeta.models import ops
+from fssmeta.models import mining, ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
-from fssmeta.models.pfenet import (
-    FrozenBackboneModel,
-    classifier,
-    foreground,
-    memory_losses,
-    meta_inputs,
-    mid_channels,
-    reduce_block,
-    residual_pair,
-    scaled_bins,
-)
-
-if TYPE_CHECKING:  # runtime imports of these would be circular (they import fssmeta.models.ops)
-    from fssmeta.memory import MemoryTransfer
+from fssmeta.models.family import FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.memory import MemoryTransfer, build_memory
+from fssmeta.models.method import Method, Reference, Stage1
 
 
-def merge_conv(in_dim: int, out_dim: int) -> nn.Sequential:
-    """1x1 conv (no bias) -> ReLU: PFENet's init_merge / alpha_conv shape."""
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True))
+class NTRENetOptions(Section):
+    """`model.ntrenet`: sizes as PFENet's (docs/methods.md, NTRENet); loss weights and queue in `model.mining`."""
+
+    reduce_dim: int = 256
+    pyramid_bins: tuple[int, ...] = (60, 30, 15, 8)
+    dropout: float = 0.1
+    feature_dropout: float = 0.5
 
 
 def label_distractor_mask(bg_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """(N, 2, h, w) background map, (N, H, W) 0/1/255 labels -> (N, 1, h, w) float 0/1: neither background
     (by the map) nor the class (by the labels, nearest-resized; 255 counts as not-the-class)."""
-    fg = F.interpolate(foreground(masks)[:, None], size=bg_logits.shape[-2:], mode="nearest")  # (N, 1, h, w)
+    fg = F.interpolate(ops.foreground(masks)[:, None], size=bg_logits.shape[-2:], mode="nearest")  # (N, 1, h, w)
     target_logits = torch.cat([1 - fg, fg], 1)  # argmax = the label
     return mining.distractor_mask(bg_logits, target_logits)
 
@@ -72,31 +61,31 @@ class NTRENet(FrozenBackboneModel):
                  shot: int = 1, memory: MemoryTransfer | None = None) -> None:
         super().__init__()
         self.backbone = freeze_(backbone)
-        self.memory = memory  # RMT feature restyling (fssmeta.memory), or None
+        self.memory = memory  # RMT feature restyling (models/memory.py), or None
         self.pyramid_bins = tuple(pyramid_bins)
         self.shot = shot  # shots it is trained for; forward averages over however many an episode has
         self.mining_cfg = mining_cfg  # loss weights and queue sizes
         mid_dim = mid_channels(backbone)
-        self.down_query = reduce_block(mid_dim, reduce_dim, feature_dropout)
-        self.down_supp = reduce_block(mid_dim, reduce_dim, feature_dropout)
+        self.down_query = ops.reduce_block(mid_dim, reduce_dim, feature_dropout)
+        self.down_supp = ops.reduce_block(mid_dim, reduce_dim, feature_dropout)
         self.background = mining.BackgroundMining(reduce_dim, dropout=dropout, feature_dropout=feature_dropout)
         # Per scale: BGEM (query + BG prototype), then [that, support prototype, prior] -> initial prediction,
         # then DOEM; official names init_merge1, init_merge2, inital_beta_conv, inital_inner_cls, init_merge3.
         self.bg_merge = nn.ModuleList(mining.BackgroundElimination(reduce_dim) for _ in pyramid_bins)
-        self.init_merge = nn.ModuleList(merge_conv(2 * reduce_dim + 1, reduce_dim) for _ in pyramid_bins)
-        self.initial_conv = nn.ModuleList(residual_pair(reduce_dim) for _ in pyramid_bins)
-        self.initial_cls = nn.ModuleList(classifier(reduce_dim, dropout) for _ in pyramid_bins)
+        self.init_merge = nn.ModuleList(ops.merge_conv(2 * reduce_dim + 1, reduce_dim) for _ in pyramid_bins)
+        self.initial_conv = nn.ModuleList(ops.residual_pair(reduce_dim) for _ in pyramid_bins)
+        self.initial_cls = nn.ModuleList(ops.classifier(reduce_dim, dropout) for _ in pyramid_bins)
         self.do_merge = nn.ModuleList(mining.DistractorElimination(reduce_dim) for _ in pyramid_bins)
         # PFENet's inter-scale path and final head.
         self.alpha_conv = nn.ModuleList(
             nn.Sequential(nn.Conv2d(2 * reduce_dim, reduce_dim, 1, bias=False), nn.ReLU())
             for _ in pyramid_bins[1:]
         )
-        self.beta_conv = nn.ModuleList(residual_pair(reduce_dim) for _ in pyramid_bins)
-        self.inner_cls = nn.ModuleList(classifier(reduce_dim, dropout) for _ in pyramid_bins)
-        self.res1 = merge_conv(reduce_dim * len(pyramid_bins), reduce_dim)
-        self.res2 = residual_pair(reduce_dim)
-        self.cls = classifier(reduce_dim, dropout)
+        self.beta_conv = nn.ModuleList(ops.residual_pair(reduce_dim) for _ in pyramid_bins)
+        self.inner_cls = nn.ModuleList(ops.classifier(reduce_dim, dropout) for _ in pyramid_bins)
+        self.res1 = ops.merge_conv(reduce_dim * len(pyramid_bins), reduce_dim)
+        self.res2 = ops.residual_pair(reduce_dim)
+        self.cls = ops.classifier(reduce_dim, dropout)
         self.distractor_queue = mining.DistractorQueue(reduce_dim, mining_cfg.queue_size, mining_cfg.queue_sample)
 
     def forward(self, episode: Episode) -> SegOutput:
@@ -111,7 +100,7 @@ class NTRENet(FrozenBackboneModel):
         pyramid: list[torch.Tensor] = []
         initial_logits: list[torch.Tensor] = []
         inner_logits: list[torch.Tensor] = []
-        for idx, bin_size in enumerate(scaled_bins(self.pyramid_bins, size)):
+        for idx, bin_size in enumerate(ops.scaled_bins(self.pyramid_bins, size)):
             query_bin = F.adaptive_avg_pool2d(query_feat, bin_size)  # (B, D, b, b)
             merged = self.bg_merge[idx](query_bin, bg_prototype)
             prototype_bin = prototype[:, :, None, None].expand(-1, -1, *bin_size)
@@ -176,10 +165,19 @@ class NTRENet(FrozenBackboneModel):
         return {"bg": w.bg_weight * torch.stack(bg_terms).mean(), "pcl": w.pcl_weight * pcl}
 
 
-def build(cfg: ModelConfig, *, base_classes: list[int]) -> NTRENet:
+def build(cfg: ModelConfig, options: NTRENetOptions, *, shot: int, base_classes: list[int]) -> NTRENet:
     """NTRENet on a frozen deep-stem backbone; `base_classes` is unused (the queue keys on episode class ids).
-    Always mines: `cfg.mining.enabled` is ignored, its weights and queue sizes are read."""
+    Always mines: `model.mining.enabled` is BAM's switch and is not read here; its weights and queue sizes are."""
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
-    return NTRENet(backbone=backbone, mining_cfg=cfg.mining, reduce_dim=cfg.reduce_dim,
-                   pyramid_bins=cfg.pyramid_bins, dropout=cfg.dropout, feature_dropout=cfg.feature_dropout,
-                   shot=cfg.shot, memory=rmt.build_memory(cfg.memory, mid_channels(backbone)))
+    return NTRENet(backbone=backbone, mining_cfg=cfg.mining, reduce_dim=options.reduce_dim,
+                   pyramid_bins=options.pyramid_bins, dropout=options.dropout,
+                   feature_dropout=options.feature_dropout, shot=shot,
+                   memory=build_memory(cfg.memory, mid_channels(backbone)))
+
+
+METHOD = Method(
+    key="ntrenet", build=build, options=NTRENetOptions, stage1=Stage1("backbone"),
+    summary="non-target region elimination: background and distracting-object mining (CVPR 2022)",
+    tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "ntrenet": {"reduce_dim": 32, "pyramid_bins": (9, 5, 3, 2)}},
+    reference=Reference(20_846_868, {"backbone": "resnet50"}, published="~20.9M"),
+)

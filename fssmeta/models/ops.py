@@ -1,5 +1,6 @@
-"""Pieces shared by several methods: masked average pooling, the PFENet prior mask, BAM's Gram distance,
-and the ASPP / pyramid-pooling blocks."""
+"""Blocks shared by several methods: masked average pooling, the PFENet prior mask, BAM's Gram distance,
+the PFENet-family conv blocks (reduce, residual pair, classifier head, merge), pyramid bins, and the ASPP /
+pyramid-pooling modules."""
 
 from __future__ import annotations
 
@@ -12,6 +13,47 @@ from torch import Tensor, nn
 # PFENet / BAM constants, kept so that results are comparable with the official code.
 AREA_EPS = 5e-4  # Weighted_GAP: an empty mask gives a zero prototype instead of a division by zero
 COSINE_EPS = 1e-7
+
+
+def foreground(masks: Tensor) -> Tensor:
+    """(..., H, W) 0/1/255 labels -> float 0/1. As in PFENet, 255 (ignore) counts as not-the-class."""
+    return (masks == 1).float()
+
+
+def reduce_block(in_dim: int, out_dim: int, dropout: float = 0.5) -> nn.Sequential:
+    """PFENet's down_query / down_supp: 1x1 conv -> ReLU -> Dropout2d(0.5) (the official constant)."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+
+
+def residual_pair(dim: int) -> nn.Sequential:
+    """Two 3x3 conv + ReLU; callers add the input back (PFENet's beta_conv / res2)."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+    )
+
+
+def classifier(dim: int, dropout: float, classes: int = 2) -> nn.Sequential:
+    """PFENet's cls / inner_cls head: 3x3 conv -> ReLU -> Dropout2d -> 1x1 conv to `classes`."""
+    return nn.Sequential(
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+        nn.Conv2d(dim, classes, 1),
+    )
+
+
+def merge_conv(in_dim: int, out_dim: int) -> nn.Sequential:
+    """1x1 conv (no bias) -> ReLU: PFENet's init_merge / res1 shape."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.ReLU(inplace=True))
+
+
+def scaled_bins(bins: Sequence[int], size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Pyramid bins for an (h, w) feature map; `bins[0]` is the feature size they were chosen for.
+
+    Approximate for non-reference sizes (PFENet uses fixed bins at 60x60): bin = max(1, round(b * h / bins[0])).
+    """
+    h, w = size
+    ref = bins[0]
+    return [(max(1, int(b * h / ref + 0.5)), max(1, int(b * w / ref + 0.5))) for b in bins]
 
 
 def _resized_mask(mask: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:

@@ -13,7 +13,7 @@ from fssmeta.episode import SegOutput
 from fssmeta.models.backbone import ResNet, build_backbone
 from fssmeta.models.ops import PPM
 
-REFERENCE_LAYER4 = 2048  # ResNet-50/101 layer4 width, at which `ModelConfig.ppm_dim` is stated
+REFERENCE_LAYER4 = 2048  # ResNet-50/101 layer4 width, at which `model.pspnet.ppm_dim` is stated
 
 
 class PSPNet(nn.Module):
@@ -71,10 +71,10 @@ class PSPNet(nn.Module):
 def build_pspnet(cfg: ModelConfig, num_classes: int) -> PSPNet:
     """PSPNet on the deep-stem `cfg.backbone` (with `cfg.weights` when given).
 
-    `cfg.ppm_dim` is stated at ResNet-50/101 width (512 = 2048 / 4); a narrower backbone scales it with its
-    layer4 width, so `small` (layer4 512) gets 128 = layer4 / 4.
+    `model.pspnet.ppm_dim` is stated at ResNet-50/101 width (512 = 2048 / 4); a narrower backbone scales it
+    with its layer4 width, so `small` (layer4 512) gets 128 = layer4 / 4.
     """
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
-    ppm_dim = max(1, cfg.ppm_dim * backbone.channels["layer4"] // REFERENCE_LAYER4)
-    return PSPNet(backbone=backbone, num_classes=num_classes, ppm_dim=ppm_dim, bins=cfg.ppm_bins,
-                  dropout=cfg.dropout)
+    ppm_dim = max(1, cfg.pspnet.ppm_dim * backbone.channels["layer4"] // REFERENCE_LAYER4)
+    return PSPNet(backbone=backbone, num_classes=num_classes, ppm_dim=ppm_dim, bins=cfg.pspnet.ppm_bins,
+                  dropout=cfg.pspnet.dropout)

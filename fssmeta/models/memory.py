@@ -1,5 +1,11 @@
 """RMT cross-domain meta-memory (Wang et al., CVPR 2022): a bank of source style statistics (channel means
 and stds) with FAISS-indexed top-k reads, similarity-weighted EMA writes and memory-based feature restyling.
+
+The memory contract (as built): the bank is a SUBMODULE of the model (`model.memory.bank`, its items are
+buffers), and its write happens INSIDE `forward`, in training mode only, once per training step, after the
+step's reads; the write gathers the batch statistics from every DDP rank (`distributed.all_gather_cat`, the
+one collective allowed inside `forward`) so every rank applies the same EMA update. Evaluation never writes.
+`train_step` knows nothing of the memory. A test double of the memory must follow the same contract.
 """
 
 from __future__ import annotations
@@ -149,7 +155,7 @@ class MetaMemory(nn.Module):
     def _write_weights(self, stats: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(B, C) instance stats -> (N, B) write weights, each item's row summing to 1.
 
-        METHODS.md: s^{jb} are "softmax similarity weights of instance b over memory items", so the softmax
+        docs/methods.md (RMT): s^{jb} are "softmax similarity weights of instance b over memory items", so the softmax
         runs over the items j for each instance b (each instance spreads a unit of mass over the bank). The
         update then needs each item's weights over the batch to sum to 1, or items would shrink or grow with
         the batch size; so each item's row is normalised over b. Dense over all N items (no top-k): writes
@@ -250,8 +256,9 @@ class MemoryTransfer(nn.Module):
     computes the category contrastive loss. Any PFENet-family model holds one (or None) as `self.memory`.
 
     In training every forward writes the instance statistics of the RAW (unstyled) query and support features,
-    gathered over ranks (`distributed.all_gather_cat`), so all DDP ranks hold identical banks. In eval mode the
-    bank is only read: target-domain features are restyled towards the stored source styles.
+    gathered over ranks (`distributed.all_gather_cat`), so all DDP ranks hold identical banks (the contract in
+    the module docstring). In eval mode the bank is only read: target-domain features are restyled towards
+    the stored source styles.
     """
 
     def __init__(self, cfg: MemoryConfig, channels: int) -> None:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fssmeta.losses import IGNORE_INDEX, resize_logits
-from fssmeta.models.ops import masked_average_pool
-from fssmeta.models.pfenet import classifier, residual_pair
+from fssmeta.episode import IGNORE_INDEX
+from fssmeta.losses import resize_logits
+from fssmeta.models.ops import classifier, masked_average_pool, residual_pair
 
 FOREGROUND_EPS = 1e-5  # NTRENet's weighted_BCE: an empty foreground gives 0, not 0 / 0
 BACKGROUND_TERM_WEIGHT = 0.5  # NTRENet's `erfa`: the "background everywhere" term

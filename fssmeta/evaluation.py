@@ -1,0 +1,189 @@
+"""Scoring on the fixed episode lists: per (fold, shot) on the test lists, per cross-domain target (PATNet
+protocol), and per domain for promotion. Results layout: `<eval.out>/fold<k>/<method>.json` (one file per
+fold, written by `fssmeta evaluate` and the evaluate stage alike, read by the report) and
+`<eval.out>/targets/<method>-fold<k>.json`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fssmeta.config import Config
+from fssmeta.data import folds
+from fssmeta.data.dataset import EpisodeDataset, IndexSource, TargetSource, episode_loader
+from fssmeta.data.episode_lists import list_path, load_episode_list, target_list_path
+from fssmeta.data.io import DataError, write_json_atomic
+from fssmeta.data.prepare import load_index
+from fssmeta.data.targets import read_target
+from fssmeta.data.transforms import TestTransform
+from fssmeta.models import get_method
+from fssmeta.runs import default_device, evaluation_model
+from fssmeta.train import evaluate
+
+
+def _summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    mious = [s["miou"] for s in scores]
+    fbs = [s["fb_iou"] for s in scores]
+    # population std over seeds (numpy's default, as the multi-seed papers report it)
+    return {"miou_mean": statistics.fmean(mious), "miou_std": statistics.pstdev(mious),
+            "fbiou_mean": statistics.fmean(fbs), "fbiou_std": statistics.pstdev(fbs), "seeds": scores}
+
+
+def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], source: Any, transform: TestTransform,
+                 n_classes: int, progress: bool, desc: str, *, id_offset: int = 0,
+                 names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Score `model` on each seed's fixed list (the first `eval.episodes`); one score dict per seed.
+
+    `id_offset` shifts the lists' class ids (target lists count classes from 0, meters from 1); `names`
+    labels per-class IoUs by class name instead of id.
+    """
+    scores = []
+    for seed, path in paths.items():
+        episodes = load_episode_list(path)["episodes"]
+        episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
+        if id_offset:
+            episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
+        loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.eval.num_workers)
+        meter = evaluate(model, loader, n_classes, amp=cfg.train.amp, progress=progress, desc=f"{desc} seed {seed}")
+        per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
+        scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
+                       "per_class": per_class})
+    return scores
+
+
+def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = True,
+                    device: torch.device | None = None) -> dict[str, Any]:
+    """Score every (fold, shot) in `eval.folds` x `eval.shots` on every test seed's fixed list; write one
+    `<eval.out>/fold<k>/<method>.json` per fold (the layout the report reads) and return all folds together."""
+    device = device or default_device()
+    method = method or cfg.model.method
+    record = get_method(method)
+    index = load_index(cfg.data.prepared)
+    source = IndexSource(index)
+    transform = TestTransform(cfg.eval.resolution, cfg.eval.size)
+    n_classes = folds.num_classes(cfg.data.dataset)
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    for fold in cfg.eval.folds:
+        for shot in cfg.eval.shots:
+            model = evaluation_model(cfg, fold, shot, method, device)
+            paths = {seed: list_path(cfg.episodes.out, fold, "test", shot, cfg.eval.episode_order, seed)
+                     for seed in cfg.episodes.test_seeds}
+            scores = _score_lists(cfg, model, paths, source, transform, n_classes, progress,
+                                  f"{method} fold {fold} {shot}-shot")
+            results.setdefault(f"fold{fold}", {})[f"{shot}shot"] = _summarise(scores)
+    mean = {}
+    for shot in cfg.eval.shots:
+        per_fold = [results[f"fold{f}"][f"{shot}shot"]["miou_mean"] for f in cfg.eval.folds]
+        per_fold_fb = [results[f"fold{f}"][f"{shot}shot"]["fbiou_mean"] for f in cfg.eval.folds]
+        mean[f"{shot}shot"] = {"miou": statistics.fmean(per_fold), "fb_iou": statistics.fmean(per_fold_fb)}
+    protocol = {**index["protocol"], "resolution": cfg.eval.resolution, "test_size": cfg.eval.size,
+                "episode_order": cfg.eval.episode_order, "test_seeds": list(cfg.episodes.test_seeds),
+                "episodes_per_list": cfg.eval.episodes or "all",
+                "checkpoint_selection": "validation list" if record.learned else "none",
+                "trained_shots": "each shot" if record.trains_each_shot else "1 (evaluated at every shot)"}
+    seconds = time.perf_counter() - start
+    for fold in cfg.eval.folds:
+        per_fold = {"method": method, "protocol": protocol, "results": {f"fold{fold}": results[f"fold{fold}"]},
+                    "mean": {k: {"miou": v["miou_mean"], "fb_iou": v["fbiou_mean"]}
+                             for k, v in results[f"fold{fold}"].items()}}
+        write_json_atomic(result_path(cfg, fold, method), per_fold)
+    return {"method": method, "protocol": protocol, "results": results, "mean": mean, "seconds": seconds}
+
+
+def result_path(cfg: Config, fold: int, method: str) -> Path:
+    """Where a fold's evaluation of `method` lives: `<eval.out>/fold<k>/<method>.json`."""
+    return Path(cfg.eval.out) / f"fold{fold}" / f"{method}.json"
+
+
+def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, shot: int | None = None,
+                     progress: bool = True, device: torch.device | None = None) -> dict[str, Any]:
+    """Cross-domain evaluation (PATNet protocol): the model trained on the source (fold `fold`, selected on
+    source-side validation episodes) scores every configured target's fixed 1-way lists, images and masks
+    at `eval.resized_size` (400). Per target: mIoU over its classes, mean and std over test seeds; and the
+    mean over targets. Written to `<eval.out>/targets/<method>-fold<k>.json`."""
+    device = device or default_device()
+    method = method or cfg.model.method
+    if not cfg.data.targets:
+        raise DataError("data.targets is empty: configure at least one cross-domain target")
+    shots = (shot,) if shot is not None else cfg.eval.shots
+    results: dict[str, Any] = {}
+    for s in shots:
+        model = evaluation_model(cfg, fold, s, method, device)
+        for name in sorted(cfg.data.targets):
+            scores = _target_scores(cfg, model, name, s, progress, f"{method} -> {name} {s}-shot")
+            results.setdefault(name, {})[f"{s}shot"] = _summarise(scores)
+    mean = {f"{s}shot": statistics.fmean(results[n][f"{s}shot"]["miou_mean"] for n in results) for s in shots}
+    report = {"method": method, "source_fold": fold, "protocol": {"resolution": "resized",
+              "size": cfg.eval.resized_size, "test_seeds": list(cfg.episodes.test_seeds),
+              "episodes_per_list": cfg.eval.episodes or "all", "checkpoint_selection": "source validation list"},
+              "results": results, "mean_over_targets": mean}
+    write_json_atomic(Path(cfg.eval.out) / "targets" / f"{method}-fold{fold}.json", report)
+    return report
+
+
+def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
+                   desc: str) -> list[dict[str, Any]]:
+    """One score dict per test seed of `model` on target `name`'s fixed 1-way lists (PATNet protocol)."""
+    target = cfg.data.targets[name]
+    target_set = read_target(name, target.layout, target.root)
+    paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed) for seed in cfg.episodes.test_seeds}
+    return _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
+                        len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
+
+
+def domains(cfg: Config) -> list[str]:
+    """The domains a model is scored and promoted on: `source` and every data.targets name."""
+    return ["source", *sorted(cfg.data.targets)]
+
+
+def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
+                 progress: bool = False) -> float:
+    """Mean mIoU over seeds of `model` on one domain's fixed episodes, for comparing models on the SAME
+    episodes (promotion): `source` = the fold's validation list(s), never the test lists; a `data.targets`
+    name = its 1-way target lists (PATNet protocol, `eval.resized_size`)."""
+    if domain == "source":
+        paths = {seed: list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, seed)
+                 for seed in cfg.episodes.val_seeds}
+        source, transform = IndexSource(load_index(cfg.data.prepared)), TestTransform(cfg.eval.resolution, cfg.eval.size)
+        scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
+                              f"source fold {fold}")
+    elif domain in cfg.data.targets:
+        scores = _target_scores(cfg, model, domain, shot, progress, domain)
+    else:
+        known = ", ".join(domains(cfg))
+        raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")
+    return statistics.fmean(s["miou"] for s in scores)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A readable table: mIoU (mean +- std over seeds) and FB-IoU per fold and shot, and the fold mean."""
+    shots = list(report["mean"])
+    lines = [f"{report['method']}  ({report['protocol']['dataset']}, {report['protocol']['resolution']}, "
+             f"order {report['protocol']['episode_order']}, seeds {report['protocol']['test_seeds']})",
+             "fold    " + "".join(f"{s:>24}" for s in shots)]
+    for fold, per_shot in report["results"].items():
+        cells = "".join(f"{100 * r['miou_mean']:>10.1f} +- {100 * r['miou_std']:4.1f} ({100 * r['fbiou_mean']:4.1f})"
+                        for r in per_shot.values())
+        lines.append(f"{fold:<8}{cells}")
+    lines.append("mean    " + "".join(f"{100 * m['miou']:>18.1f} ({100 * m['fb_iou']:4.1f})" for m in report["mean"].values()))
+    lines.append("cells: mIoU mean +- std over seeds (FB-IoU), in %")
+    return "\n".join(lines)
+
+
+def format_target_report(report: dict[str, Any]) -> str:
+    """Cross-domain table: per target and shot, mIoU mean +- std over seeds; the mean over targets."""
+    shots = list(report["mean_over_targets"])
+    lines = [f"{report['method']} (source fold {report['source_fold']}) on the targets, "
+             f"{report['protocol']['resolution']} {report['protocol']['size']}",
+             "target    " + "".join(f"{s:>18}" for s in shots)]
+    for name, per_shot in report["results"].items():
+        lines.append(f"{name:<10}" + "".join(f"{100 * r['miou_mean']:>10.1f} +- {100 * r['miou_std']:4.1f}"
+                                              for r in per_shot.values()))
+    lines.append("mean      " + "".join(f"{100 * v:>18.1f}" for v in report["mean_over_targets"].values()))
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""The PFENet-family front end: frozen support / query features, per-shot priors and prototypes, the reduced
+mid-level features (optionally restyled by the RMT memory), and the frozen-backbone base class.
+
+PFENet, BAM and NTRENet start every forward with `meta_inputs`; the memory (models/memory.py) plugs in here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.episode import DIAGNOSTIC_PREFIX, Episode
+from fssmeta.models import ops
+from fssmeta.models.backbone import ResNet
+from fssmeta.models.memory import MemoryTransfer
+
+
+class SupportFeatures(NamedTuple):
+    """Frozen backbone features of the B*S support images, shot-major within each episode."""
+
+    layer2: torch.Tensor  # (B*S, C2, h, w)
+    layer3: torch.Tensor  # (B*S, C3, h, w)
+    layer4: torch.Tensor  # (B*S, C4, h, w), computed from layer3 * mask (the object only)
+    fg_mask: torch.Tensor  # (B*S, H, W) float, 1 = the episode's class
+
+
+@torch.no_grad()
+def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> SupportFeatures:
+    """Run the frozen backbone on (B, S, 3, H, W) supports with (B, S, H, W) 0/1/255 masks.
+
+    Layer4 sees only the object: PFENet multiplies layer3 by the mask (bilinear, align_corners) before layer4,
+    so the prior compares the query with object features uncontaminated by the support background.
+    """
+    images = support_imgs.flatten(0, 1)  # (B*S, 3, H, W)
+    fg_mask = ops.foreground(support_masks.flatten(0, 1))  # (B*S, H, W)
+    feat = backbone.layer1(backbone.layer0(images))
+    layer2 = backbone.layer2(feat)
+    layer3 = backbone.layer3(layer2)
+    mask = F.interpolate(fg_mask[:, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+    layer4 = backbone.layer4(layer3 * mask)
+    return SupportFeatures(layer2, layer3, layer4, fg_mask)
+
+
+@torch.no_grad()
+def shot_priors(query_layer4: torch.Tensor, support: SupportFeatures, size: tuple[int, int]) -> torch.Tensor:
+    """One prior mask per shot: (B, C4, h, w) query x (B*S) supports -> (B, S, h', w') at `size`."""
+    shots = support.layer4.shape[0] // query_layer4.shape[0]
+    query = query_layer4.repeat_interleave(shots, dim=0)  # (B*S, C4, h, w), aligned with the supports
+    prior = ops.prior_mask(query, support.layer4, support.fg_mask)  # (B*S, 1, h, w)
+    if prior.shape[-2:] != size:
+        prior = F.interpolate(prior, size=size, mode="bilinear", align_corners=True)
+    return prior.view(-1, shots, *size)
+
+
+class MetaInputs(NamedTuple):
+    """What every PFENet-family meta learner starts from."""
+
+    query: dict[str, torch.Tensor]  # frozen backbone features of the query, "layer0".."layer4"
+    support: SupportFeatures
+    query_feat: torch.Tensor  # (B, D, h, w) reduced mid-level query feature
+    prototypes: torch.Tensor  # (B, S, D) masked-average support prototype per shot
+    priors: torch.Tensor  # (B, S, h, w) prior mask per shot
+    supp_feat: torch.Tensor  # (B*S, D, h, w) reduced mid-level support features, shot-major per episode
+    losses: dict[str, torch.Tensor]  # weighted losses of the memory (training only), else empty
+
+    def shot_average(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PFENet's k-shot rule: the mean prototype (B, D) and the mean prior (B, 1, h, w) over shots."""
+        return self.prototypes.mean(1), self.priors.mean(1, keepdim=True)
+
+
+def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module, episode: Episode,
+                memory: MemoryTransfer | None = None) -> MetaInputs:
+    """Frozen features, reduced mid-level features, per-shot prototypes and priors (PFENet, BAM, ...).
+
+    With a `memory` (RMT), the mid-level concat(layer3, layer2) features of query and supports are restyled by
+    the memory before the reduction; in training the raw statistics are written to the bank (the memory
+    contract: the write happens here, inside `forward`, once per training step, see models/memory.py) and
+    the category contrastive loss compares the raw and restyled query views.
+    """
+    B, S = episode.support_imgs.shape[:2]
+    with torch.no_grad():
+        query = backbone(episode.query_img)
+    support = support_features(backbone, episode.support_imgs, episode.support_masks)
+    query_mid = torch.cat([query["layer3"], query["layer2"]], 1)  # (B, C3 + C2, h, w)
+    supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
+    losses: dict[str, torch.Tensor] = {}
+    if memory is None:
+        query_feat, supp_feat = down_query(query_mid), down_supp(supp_mid)  # (B, D, h, w), (B*S, D, h, w)
+    else:
+        query_feat, supp_feat = down_query(memory.restyle(query_mid)), down_supp(memory.restyle(supp_mid))
+        if memory.training:
+            if memory.contrast_weight > 0:
+                losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
+                                                                 episode.query_mask, episode.class_id)
+            memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
+    prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
+    priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))
+    return MetaInputs(query, support, query_feat, prototypes, priors, supp_feat, losses)
+
+
+def memory_losses(memory: MemoryTransfer | None, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The memory's weighted losses plus its orthogonality as a diagnostic (logged, not minimised)."""
+    if memory is None or not memory.training:
+        return losses
+    return {**losses, DIAGNOSTIC_PREFIX + "memory_orth": memory.orthogonality()}
+
+
+def mid_channels(backbone: ResNet) -> int:
+    """Width of the mid-level concat(layer3, layer2) features: 1024 + 512 at ResNet-50."""
+    return backbone.channels["layer3"] + backbone.channels["layer2"]
+
+
+class FrozenBackboneModel(nn.Module):
+    """Base of the meta learners over a frozen `self.backbone`: `train()` keeps it in eval mode."""
+
+    backbone: nn.Module
+
+    def train(self, mode: bool = True) -> FrozenBackboneModel:
+        super().train(mode)
+        self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
+        return self

@@ -1,0 +1,122 @@
+"""The method record: everything the loop, the config, the stages and the tests must know of a method.
+
+A method file defines one `METHOD = Method(...)`; `fssmeta.models.METHODS` maps keys to records. Nothing
+outside the method file branches on which method runs: it reads the record (docs/methods.md, "Adding a
+method").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from fssmeta.config import SGD_RECIPE, ConfigError, ModelConfig, OptimConfig, format_errors
+from fssmeta.losses import episode_losses
+
+# build(model_cfg, options, *, shot, base_classes) -> the model, with random (or `model.weights`) backbone
+# weights; no device chosen, nothing loaded from stage 1 (the stages do that through `Method.stage1`).
+Builder = Callable[..., nn.Module]
+LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """What a method takes from its fold's stage-1 PSPNet (trained on the base classes by `train_base`):
+    `base_learner` = the whole PSPNet into `model.base_learner` (BAM); `backbone` = its encoder into
+    `model.backbone` (the PFENet family on the synthetic default, where no ImageNet weights exist)."""
+
+    part: Literal["base_learner", "backbone"]
+
+    def load(self, model: nn.Module, pspnet_state: dict[str, torch.Tensor]) -> None:
+        """Copy the stage-1 state dict into `model`; key or shape mismatches raise ValueError."""
+        target: nn.Module = getattr(model, self.part)
+        if self.part == "base_learner":
+            state = dict(pspnet_state)
+        else:
+            state = {k.removeprefix("backbone."): v for k, v in pspnet_state.items() if k.startswith("backbone.")}
+        expected = target.state_dict()
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [f"shape {k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                     for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            raise ValueError(f"stage 1: the PSPNet state dict does not fit {type(model).__name__}.{self.part}: {shown}")
+        target.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimiser of a method: its parameter groups (dicts with `params` and an optional `lr_scale`, the
+    group's learning rate = recipe lr x lr_scale) and its resolved recipe."""
+
+    name: str
+    param_groups: list[dict[str, Any]]
+    recipe: OptimConfig
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def single_optimizer(model: nn.Module, recipe: OptimConfig) -> list[OptimizerSpec]:
+    """The default: one optimiser, one group, every trainable parameter."""
+    return [OptimizerSpec("main", [{"params": trainable(model)}], recipe)]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published learnable-parameter count and the configuration it is stated at."""
+
+    count: int
+    model: dict[str, Any]  # ModelConfig fields (method options as `<key>: {...}`) of the reference layout
+    shot: int = 1
+    base_classes: int = 15  # PASCAL-5i: 15 base classes per fold
+    published: str = ""  # the paper's figure, e.g. "10.8M"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method. `key` is `model.method`; see each field's comment."""
+
+    key: str
+    build: Builder
+    summary: str = ""
+    options: type[BaseModel] | None = None  # the typed `model.<key>` section (a config.Section subclass)
+    stage1: Stage1 | None = None  # None: the method starts from nothing of stage 1
+    recipe: OptimConfig = SGD_RECIPE  # the keys `train.optim` leaves unset
+    # (model, resolved recipe) -> its optimisers: several specs = several optimisers, several groups = LR groups
+    optimizers: Callable[[nn.Module, OptimConfig], list[OptimizerSpec]] = single_optimizer
+    transform: Literal["pfenet", "resize"] = "pfenet"  # training images: PFENet augmentation, or resized only
+    trains_each_shot: bool = True  # False: trained 1-shot once, evaluated at every k with that checkpoint
+    loss: LossFn = episode_losses  # (model, episode) -> the loss dict the loop sums (diag_* logged only)
+    learned: bool = True  # False: nothing to train (the non-learned baseline)
+    tiny: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields of a fast 65-px test model
+    reference: Reference | None = None
+
+    def options_of_raw(self, raw: dict[str, Any], where: str | None = None) -> BaseModel | None:
+        """Type a raw options mapping; errors name `<where>.<option>`."""
+        if self.options is None:
+            return None
+        try:
+            return self.options.model_validate(raw)
+        except ValidationError as exc:
+            where = where or f"model.{self.key}"
+            raise ConfigError(format_errors(exc, f"{where} ({self.key} options)", prefix=where)) from None
+
+    def options_of(self, cfg: ModelConfig) -> BaseModel | None:
+        """This method's typed options from `model.<key>` (defaults where absent)."""
+        return self.options_of_raw(cfg.options(self.key))
+
+    def training_shot(self, shot: int) -> int:
+        """The shots of the training episodes (and of the checkpoint) behind an evaluation at `shot`."""
+        return shot if self.trains_each_shot else 1
+
+    def training_recipe(self, optim: OptimConfig) -> OptimConfig:
+        """`optim` (a run's `train.optim`) over this method's recipe."""
+        return optim.resolved(self.recipe)

@@ -1,0 +1,156 @@
+"""The training stages a user runs, built from params: stage 1 (the PSPNet base learner) and episodic
+meta-training of `model.method`, each a function of the typed config and a fold. What differs between methods
+(stage-1 use, optimisers, transform, trained shots, loss) is read from the method's record; the CLI, the DVC
+stages and the Ray integration call these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fssmeta import distributed
+from fssmeta.checkpoint import restore, resume
+from fssmeta.config import Config, TrainConfig, config_to_dict
+from fssmeta.data import folds
+from fssmeta.data.dataset import (
+    BaseSegmentationDataset,
+    EpisodeDataset,
+    IndexSource,
+    TrainEpisodeDataset,
+    episode_loader,
+)
+from fssmeta.data.episode_lists import list_path, load_episode_list
+from fssmeta.data.io import DataError
+from fssmeta.data.prepare import load_fold, load_index
+from fssmeta.data.sampler import TrainEpisodeSampler
+from fssmeta.data.transforms import TestTransform, TrainTransform, training_transform
+from fssmeta.losses import base_losses
+from fssmeta.models import get_method
+from fssmeta.models.pspnet import build_pspnet
+from fssmeta.runs import base_dir, default_device, fresh_model, meta_dir
+from fssmeta.train import (
+    FitResult,
+    LossFn,
+    Reporter,
+    build_optimization,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    fit,
+)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, train_cfg: TrainConfig) -> torch.nn.Module:
+    model = model.to(device)
+    if device.type == "cuda" and train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _loader(dataset: Any, train_cfg: TrainConfig) -> DataLoader:
+    return DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=False, drop_last=True,
+                      num_workers=train_cfg.num_workers, persistent_workers=train_cfg.num_workers > 0)
+
+
+def _resume_payload(run: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, enabled: bool) -> dict | None:
+    last = run / "last.pt"
+    if enabled and last.is_file():
+        return resume(last, model=model, optimizer=optimizer, scheduler=scheduler)
+    return None
+
+
+def train_base(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,
+               device: torch.device | None = None) -> FitResult:
+    """Stage 1: the PSPNet base learner, supervised on the fold's base classes (novel pixels -> 0). BAM's base
+    learner; the encoder a method with `Stage1("backbone")` and the baseline start from."""
+    device = device or default_device()
+    tc = cfg.train_base
+    torch.manual_seed(tc.seed)
+    index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
+    model = prepare_model(build_pspnet(cfg.model, 1 + len(lists["base"])), device, tc)
+    dataset = BaseSegmentationDataset([key for key, _ in lists["train"]], IndexSource(index, ("train",)),
+                                      TrainTransform(cfg.transform), lists["base"], seed=tc.seed,
+                                      length=tc.episodes_per_epoch)
+    loader = _loader(dataset, tc)
+    optimizer = build_optimizer(model.parameters(), tc.optim)
+    scheduler = build_scheduler(optimizer, tc.optim, tc.epochs * len(loader))
+    run = base_dir(cfg, fold)
+    start = _resume_payload(run, model, optimizer, scheduler, resume_run)
+    return fit(model, train_loader=loader, loss_fn=base_losses, optimizer=optimizer, scheduler=scheduler,
+               epochs=tc.epochs, checkpoint_dir=run, config=config_to_dict(cfg), start=start, amp=tc.amp,
+               grad_clip=tc.grad_clip, progress=progress, desc=f"base fold {fold}")
+
+
+def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
+    """The fixed validation list (never the test list) for checkpoint selection; None when disabled."""
+    if cfg.train.val_episodes <= 0:
+        return None
+    path = list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, cfg.episodes.val_seeds[0])
+    episodes = load_episode_list(path)["episodes"][: cfg.train.val_episodes]
+    # Under DDP each rank scores its share; `evaluate` sums the IoU counts over ranks, so the score is the same.
+    episodes = episodes[distributed.rank() :: distributed.world_size()]
+    index = load_index(cfg.data.prepared)
+    dataset = EpisodeDataset(episodes, IndexSource(index), TestTransform(cfg.eval.resolution, cfg.eval.size))
+    return episode_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
+
+
+def training_config(cfg: Config) -> Config:
+    """`cfg` with `train.shot` set to the shot the method actually trains at (its record's rule), so the
+    checkpoint's stored config says what was trained."""
+    shot = get_method(cfg.model.method).training_shot(cfg.train.shot)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"shot": shot})})
+
+
+def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,
+               device: torch.device | None = None, forward_wrapper: Any = None, reporter: Reporter | None = None,
+               start: dict | None = None, checkpoint_dir: Path | None = None,
+               observe: Any = None) -> FitResult:
+    """Episodic meta-training of `model.method` on the fold's base classes, validated on the fixed
+    validation list every epoch; `best.pt` keeps the best validation mIoU.
+
+    The method's record gives its stage-1 start, optimisers (`Method.optimizers` over `train.optim` resolved
+    against `Method.recipe`), training transform, trained shot and loss. `start` (a checkpoint payload) is
+    loaded into the raw model before `forward_wrapper` (e.g. DDP) wraps it; `observe(loss_fn)` may wrap the
+    loss to watch the steps (the Ray integration's fault injection) without a loop change.
+    """
+    device = device or default_device()
+    cfg = training_config(cfg)
+    method = get_method(cfg.model.method)
+    if not method.learned:
+        raise DataError(f"model.method: {method.key} is not trained (nothing learnable); evaluate it directly")
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = prepare_model(fresh_model(cfg, fold, tc.shot), device, tc)
+    index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
+    sampler = TrainEpisodeSampler([(k, cs) for k, cs in lists["train"]], tc.shot, seed=tc.seed)
+    dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)),
+                                  training_transform(method.transform, cfg.transform),
+                                  length=tc.episodes_per_epoch, rank=distributed.rank(),
+                                  world_size=distributed.world_size(), batch_size=tc.batch_size)
+    loader = _loader(dataset, tc)
+    specs = method.optimizers(model, method.training_recipe(tc.optim))
+    optimizer, scheduler = build_optimization(specs, tc.epochs * len(loader))
+    run = checkpoint_dir or meta_dir(cfg, fold, tc.shot)
+    if start is not None:
+        # A payload Ray handed back: every rank loads it; each rank keeps its own (seeded) RNG stream.
+        resume_payload = restore(start, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+    else:
+        resume_payload = _resume_payload(run, model, optimizer, scheduler, resume_run)
+    val_loader = validation_loader(cfg, fold, tc.shot)
+    n_classes = folds.num_classes(cfg.data.dataset)
+
+    def validate(m: torch.nn.Module) -> dict[str, float]:
+        if val_loader is None:
+            return {}
+        meter = evaluate(m, val_loader, n_classes, amp=tc.amp, progress=progress, desc="validate")
+        return {"val_miou": meter.miou(), "val_fbiou": meter.fb_iou()}
+
+    loss_fn: LossFn = observe(method.loss) if observe is not None else method.loss
+    forward_model = forward_wrapper(model) if forward_wrapper is not None else model
+    return fit(model, train_loader=loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+               epochs=tc.epochs, validate=validate, checkpoint_dir=run, config=config_to_dict(cfg),
+               start=resume_payload, reporter=reporter, forward_model=forward_model, amp=tc.amp,
+               grad_clip=tc.grad_clip, progress=progress, desc=f"{method.key} fold {fold} {tc.shot}-shot")
