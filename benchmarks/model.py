@@ -18,15 +18,16 @@ import time
 
 import torch
 
-from fssmeta.config import ModelConfig, OptimConfig
+from fssmeta.config import ModelConfig
 from fssmeta.data.folds import base_classes
 from fssmeta.episode import Episode
-from fssmeta.losses import episode_losses
 from fssmeta.models import METHODS, build_model, count_learnable
 from fssmeta.train import autocast, build_optimizer, train_step
 
 CONFIGS = {  # size -> (model params, input side)
-    "small": (dict(backbone="small", reduce_dim=64, ppm_dim=128, pyramid_bins=(21, 11, 6, 3)), 161),
+    "small": (dict(backbone="small", pspnet={"ppm_dim": 128}, bam={"reduce_dim": 64, "aspp_dilations": (2, 4, 6)},
+                   pfenet={"reduce_dim": 64, "pyramid_bins": (21, 11, 6, 3)},
+                   ntrenet={"reduce_dim": 64, "pyramid_bins": (21, 11, 6, 3)}), 161),
     "resnet50": (dict(backbone="resnet50"), 473),
 }
 
@@ -42,19 +43,20 @@ def episode(batch: int, shot: int, side: int, device: torch.device) -> Episode:
 def run_one(method: str, size: str, shot: int, steps: int, batch: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params, side = CONFIGS[size]
-    model = build_model(ModelConfig(method=method, shot=shot, **params), base_classes=base_classes("pascal", 0)).to(device)
+    record = METHODS[method]
+    model = build_model(ModelConfig(method=method, **params), shot=shot, base_classes=base_classes("pascal", 0)).to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.parameters(), OptimConfig())
+    optimizer = build_optimizer(model.parameters(), record.recipe)
     ep = episode(batch, shot, side, device)
-    train_step(model, ep, episode_losses, optimizer, amp=cuda)  # warm-up
+    train_step(model, ep, record.loss, optimizer, amp=cuda)  # warm-up
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, ep, episode_losses, optimizer, amp=cuda)
+        train_step(model, ep, record.loss, optimizer, amp=cuda)
     if cuda:
         torch.cuda.synchronize()
     train_eps = steps * batch / (time.perf_counter() - start)
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--sizes", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[k for k, m in METHODS.items() if m.learned])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

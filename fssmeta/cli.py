@@ -188,7 +188,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fssmeta.evaluation import evaluate_method, evaluate_targets, format_report, format_target_report, result_path
+    from fssmeta.evaluation import (
+        evaluate_method,
+        evaluate_targets,
+        format_report,
+        format_target_report,
+        result_path,
+    )
 
     cfg = _config(args)
     if args.targets:

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray  # noqa: E402
 from fssmeta.models import get_method  # noqa: E402
-from fssmeta.runs import meta_dir, write_pointer  # noqa: E402
 from fssmeta.params import apply_tuned  # noqa: E402
+from fssmeta.runs import meta_dir, write_pointer  # noqa: E402
 from pipelines.common import config, parser  # noqa: E402
 
 

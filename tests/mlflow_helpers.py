@@ -17,8 +17,7 @@ from fssmeta.models import build_model
 
 BASE_CLASSES = list(range(6, 21))  # fold 0 of the synthetic / PASCAL classes
 SIZE = 65
-TINY_MODEL = ModelConfig(backbone="small", reduce_dim=16, ppm_dim=16, pyramid_bins=(5, 3, 2, 1),
-                         aspp_dilations=(1, 2, 3))
+TINY_MODEL = ModelConfig(backbone="small", pspnet={"ppm_dim": 16}, bam={"reduce_dim": 16, "aspp_dilations": (1, 2, 3)})
 
 
 def tiny_config(**sections: object) -> Config:
@@ -29,7 +28,7 @@ def tiny_config(**sections: object) -> Config:
 def save_model(cfg: Config, path: Path, seed: int) -> Path:
     """A randomly initialised model of `cfg` (seeded) saved as a training checkpoint with its config."""
     torch.manual_seed(seed)
-    model = build_model(cfg.model, base_classes=BASE_CLASSES)
+    model = build_model(cfg.model, shot=cfg.train.shot, base_classes=BASE_CLASSES)
     return save_checkpoint(path, model=model, config=config_to_dict(cfg), epoch=3)
 
 

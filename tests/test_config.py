@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fssmeta.config import Config, ConfigError, config_to_dict
+from fssmeta.config import SGD_RECIPE, Config, ConfigError, OptimConfig, config_to_dict
+from fssmeta.models import get_method
+from fssmeta.models.bam import BAMOptions
+from fssmeta.models.pfenet import PFENetOptions
 from fssmeta.params import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +25,9 @@ def test_project_params_load_and_round_trip():
 
 def test_defaults_without_file_and_frozen():
     cfg = load_config(None)
-    assert cfg == Config()
+    assert cfg.model_dump(exclude={"model"}) == Config().model_dump(exclude={"model"})
+    # the loader fills every method's options section with its defaults, so a dumped config says what ran
+    assert cfg.model.options("bam") == config_to_dict(BAMOptions()) and Config().model.options("bam") == {}
     with pytest.raises(ValidationError, match="frozen"):
         cfg.data.root = "elsewhere"
 
@@ -43,6 +48,12 @@ def test_dotted_overrides_parse_like_yaml():
     ("data.exclude_novel_images=1", "data.exclude_novel_images: expected bool"),
     ("data.coco_split=random", "data.coco_split: Input should be 'interleaved' or 'consecutive'"),
     ("data.targets={t: {layout: deepglobe}}", "data.targets.t.root: Field required"),
+    ("model.bam.reduce_dim=abc", "model.bam.reduce_dim: expected int, got str 'abc'"),
+    ("model.pfenet.bogus=1", "model.pfenet.bogus: unknown key"),
+    ("model.reduce_dim=16", "model.reduce_dim: unknown key (method option sections: bam, ntrenet, pfenet)"),
+    # removed: no model honoured it; a key nothing reads is rejected, never silently ignored
+    ("model.support_masking=hybrid", "model.support_masking: unknown key"),
+    ("model.shot=5", "model.shot: unknown key"),
 ])
 def test_bad_values_name_the_key_path_and_type(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -67,3 +78,24 @@ def test_malformed_params_files_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(None, ["data.root"])
+
+
+def test_method_options_are_typed_by_the_record():
+    cfg = load_config(None, ["model.method=pfenet", "model.pfenet.pyramid_bins=[9, 5, 3, 2]"])
+    options = get_method("pfenet").options_of(cfg.model)
+    assert isinstance(options, PFENetOptions) and options.pyramid_bins == (9, 5, 3, 2) and options.reduce_dim == 256
+    # a dumped and reloaded config (a checkpoint, a Ray worker) keeps them
+    assert get_method("pfenet").options_of(config_from_dict(config_to_dict(cfg)).model) == options
+
+
+def test_train_optim_unset_keys_take_the_method_recipe():
+    cfg = load_config(None, ["train.optim.lr=0.5"])
+    resolved = get_method("bam").training_recipe(cfg.train.optim)
+    assert resolved == SGD_RECIPE.model_copy(update={"lr": 0.5})
+    with pytest.raises(ValueError, match="incomplete: optimizer"):
+        OptimConfig(lr=1.0).resolved(OptimConfig(momentum=0.9, weight_decay=0.0, power=0.0, warmup_steps=0, lr=2.0))
+
+
+def test_eval_size_is_the_one_test_size_rule():
+    assert load_config(None, ["eval.test_size=473", "eval.resized_size=400"]).eval.size == 473
+    assert load_config(None, ["eval.resolution=resized", "eval.test_size=473", "eval.resized_size=400"]).eval.size == 400

@@ -13,25 +13,23 @@ from torch import nn
 from fssmeta.checkpoint import resume, save_checkpoint
 from fssmeta.config import MemoryConfig, MiningConfig, ModelConfig
 from fssmeta.losses import DIAGNOSTIC_PREFIX, episode_losses, total_loss
-from fssmeta.models import build_model, count_learnable
+from fssmeta.models import build_model, count_learnable, get_method
 from fssmeta.models.memory import MemoryTransfer, category_contrast_loss
 from fssmeta.train import train_step
-from tests.test_models import PASCAL_FOLD0_BASE, make_episode
+from tests.test_models import PASCAL_FOLD0_BASE, keep_kshot_alive, make_episode
 
 COMBINATIONS = list(itertools.product([False, True], [False, True]))
 
 
-def flagship_cfg(memory: bool, mining: bool, shot: int = 1, method: str = "bam") -> ModelConfig:
-    return ModelConfig(method=method, backbone="small", reduce_dim=32, ppm_dim=32, pyramid_bins=(9, 5, 3, 2),
-                       shot=shot, memory=MemoryConfig(enabled=memory, items=16, top_k=4),
+def flagship_cfg(memory: bool, mining: bool, method: str = "bam") -> ModelConfig:
+    return ModelConfig(method=method, **get_method(method).tiny, memory=MemoryConfig(enabled=memory, items=16, top_k=4),
                        mining=MiningConfig(enabled=mining))
 
 
 def make_flagship(memory: bool, mining: bool, shot: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_model(flagship_cfg(memory, mining, shot), base_classes=PASCAL_FOLD0_BASE)
-    if hasattr(model, "kshot_rw"):
-        nn.init.constant_(model.kshot_rw[0].bias, 0.5)  # keep BAM's tiny k-shot MLP alive (see test_models)
+    model = build_model(flagship_cfg(memory, mining), shot=shot, base_classes=PASCAL_FOLD0_BASE)
+    keep_kshot_alive(model)
     return model
 
 
@@ -79,17 +77,17 @@ def test_switches_change_only_the_expected_parameters():
     with torch.device("meta"):
         counts = {combo: count_learnable(build_model(
             ModelConfig(method="bam", backbone="resnet50", memory=MemoryConfig(enabled=combo[0]),
-                        mining=MiningConfig(enabled=combo[1])), base_classes=PASCAL_FOLD0_BASE))
+                        mining=MiningConfig(enabled=combo[1])), shot=1, base_classes=PASCAL_FOLD0_BASE))
             for combo in COMBINATIONS}
     assert counts[(False, False)] == counts[(True, False)] == 4_917_254  # BAM's published 4.92M
     assert counts[(False, True)] == counts[(True, True)] == 8_850_698
 
 
 def test_pfenet_takes_the_memory_but_not_the_mining_switch():
-    model = build_model(flagship_cfg(True, False, method="pfenet"), base_classes=PASCAL_FOLD0_BASE).train()
+    model = build_model(flagship_cfg(True, False, method="pfenet"), shot=1, base_classes=PASCAL_FOLD0_BASE).train()
     assert "memory_contrast" in episode_losses(model, make_episode(1))
     with pytest.raises(ValueError, match="model.mining.enabled.*ntrenet"):
-        build_model(flagship_cfg(False, True, method="pfenet"), base_classes=PASCAL_FOLD0_BASE)
+        build_model(flagship_cfg(False, True, method="pfenet"), shot=1, base_classes=PASCAL_FOLD0_BASE)
 
 
 def test_memory_travels_in_checkpoints(tmp_path):

@@ -24,7 +24,7 @@ def workspace(tmp_path_factory):
         "episodes.test_episodes": 120, "episodes.test_seeds": "[0, 1]", "episodes.val_episodes": 40,
         "transform.crop_size": 97, "eval.test_size": 97, "eval.folds": "[0]", "eval.shots": "[1]",
         "eval.out": root / "results",
-        "model.pyramid_bins": "[13, 7, 4, 2]", "model.aspp_dilations": "[1, 2, 3]",
+        "model.bam.aspp_dilations": "[1, 2, 3]",
         "train_base.out": root / "runs", "train_base.epochs": 6, "train_base.episodes_per_epoch": 320,
         "train.out": root / "runs", "train.epochs": 4, "train.episodes_per_epoch": 160,
         "train.val_episodes": 40,

@@ -255,7 +255,7 @@ def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path)
     assert champion("gray") == "1"
 
     # versions of another shot (or, on `source`, another fold) are scored on other episodes: refused
-    shot5 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"shot": 5})})
+    shot5 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"shot": 5})})
     register_model(shot5, checkpoint=save_model(shot5, tmp_path / "v5.pt", seed=5), metrics={}, tags={}, fold=0,
                    shot=5, base_classes=BASE_CLASSES)
     scores["4"] = 0.99

@@ -24,7 +24,7 @@ from tests.ray_workspace import make_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
-SPACE = {"train.optim.lr": ["loguniform", 0.001, 0.1], "model.dropout": ["choice", 0.0, 0.2]}
+SPACE = {"train.optim.lr": ["loguniform", 0.001, 0.1], "model.bam.dropout": ["choice", 0.0, 0.2]}
 
 
 def tune_config(workspace: Any, tmp_path: Path, ray: dict[str, Any] | None = None, **tune: Any) -> Config:
@@ -67,7 +67,7 @@ def test_sweep_writes_the_best_config_and_tracks_every_trial(workspace, ray_env,
     epochs = [t["epochs"] for t in result.trials]
     assert max(epochs) == 3 and min(epochs) >= 1  # ASHA: grace period 1, at most train.epochs
     for trial in result.trials:
-        lr, dropout = trial["config"]["train.optim.lr"], trial["config"]["model.dropout"]
+        lr, dropout = trial["config"]["train.optim.lr"], trial["config"]["model.bam.dropout"]
         assert 0.001 <= lr <= 0.1 and dropout in (0.0, 0.2)
 
     best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text())
@@ -79,7 +79,7 @@ def test_sweep_writes_the_best_config_and_tracks_every_trial(workspace, ray_env,
     # What train_meta trains with: params plus the tuned values, the trials' short schedule left out.
     tuned = with_overrides(cfg, load_tuned(tmp_path / "tune" / "best.yaml"), "best.yaml")
     assert tuned.train.optim.lr == result.overrides["train.optim.lr"]
-    assert tuned.model.dropout == result.overrides["model.dropout"]
+    assert tuned.model.options("bam")["dropout"] == result.overrides["model.bam.dropout"]
     assert tuned.train.epochs == cfg.train.epochs != 3
 
 
