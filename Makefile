@@ -21,11 +21,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The unit tier (tests/unit, no Ray / MLflow / DVC imported) and the integration tier (tests/integration).
 test: setup lint
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 test-unit: setup
-	$(BIN)/python -m pytest -q -m "not gpu and not integration"
+	$(BIN)/python -m pytest -q
 
 # shellcheck (Debian's package; .ci/run installs it) checks the infra/local scripts when present.
 lint: setup
@@ -36,7 +37,7 @@ lint: setup
 # infra/ alone: the `ray up` config against Ray's schema, the KubeRay / compose files, the scripts, and a
 # 2-node Ray cluster + PostgreSQL-backed MLflow server with a training run on them (also part of `make test`).
 test-infra: setup
-	$(BIN)/python -m pytest -q tests/test_infra.py
+	$(BIN)/python -m pytest -q -m integration tests/integration/test_infra.py
 
 # The main job: every stage of dvc.yaml on params.yaml (the embedded defaults: synthetic data, local Ray,
 # MLflow on a sqlite file). DVC runs `python -m pipelines.<stage>`, so the venv goes first on PATH.

@@ -1,4 +1,7 @@
-"""Shared test helpers: tiny datasets written in the real on-disk layouts."""
+"""Shared test helpers: tiny datasets written in the real on-disk layouts, the tiers' markers.
+
+Tiers: tests/unit (plain `pytest`: no Ray, MLflow or DVC imported) and tests/integration (real Ray, MLflow,
+DVC; `make test` runs both). tests/integration/conftest.py holds the Ray fixtures."""
 
 from __future__ import annotations
 
@@ -81,14 +84,15 @@ def tiny_voc(tmp_path: Path) -> Path:
     return write_voc(tmp_path / "VOC2012", masks, train, test, val, palette_ids=("te00", "te01"))
 
 
+INTEGRATION = Path(__file__).parent / "integration"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests skip on machines without CUDA (every CI machine); they run where a GPU is lent."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    """Every test under tests/integration/ carries the `integration` marker; `gpu` tests skip on machines
+    without CUDA (every CI machine) and run where a GPU is lent."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        if INTEGRATION in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-from tests.ray_workspace import ray_env, workspace  # noqa: E402, F401  (module-scoped Ray fixtures)

@@ -1,16 +1,12 @@
-"""MLflow: the run tracker (explicit `MlflowClient` calls, rank 0 only), and the model registry the `register`
-stage writes to (the logged pyfunc model itself lives in mlflow_model.py; no pickled weights)."""
+"""MLflow: the run tracker (explicit `MlflowClient` calls, rank 0 only) and the connection helpers the rest of
+integrations/ share. The registry (registering versions) is registry.py; the logged pyfunc model mlflow_model.py."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tempfile
 import time
 import urllib.parse
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +14,6 @@ from typing import Any
 
 from fssmeta import distributed
 from fssmeta.config import Config, MlflowConfig, config_to_dict
-from fssmeta.predict import load_checkpoint_model
 from fssmeta.tracking import NullTracker, Tracker, flatten
 
 # MLflow's own limits (mlflow.utils.validation): 100 params or tags per batch, 1000 metrics per batch.
@@ -208,132 +203,3 @@ def _tracking_uri(uri: str) -> Iterator[None]:
         yield
     finally:
         mlflow.set_tracking_uri(before)  # None: unset again
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def __getattr__(name: str) -> Any:
-    # Versions registered before the pyfunc class moved to mlflow_model.py import it from here.
-    if name == "FssmetaPyfunc":
-        from fssmeta.integrations.mlflow_model import pyfunc_class
-
-        return pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _base_classes(cfg: Config, checkpoint: Path, fold: int, base_classes: list[int] | None) -> list[int]:
-    if base_classes is not None:
-        return [int(c) for c in base_classes]
-    from fssmeta.data.prepare import load_fold
-
-    fold_file = Path(cfg.data.prepared) / f"fold{fold}.json"
-    if not fold_file.is_file():
-        raise ValueError(f"register_model: {checkpoint}: pass base_classes=... (the fold's base class ids) or "
-                         f"run `fssmeta prepare` so that {fold_file} exists")
-    return [int(c) for c in load_fold(cfg.data.prepared, fold)["base"]]
-
-
-def register_model(cfg: Config, *, checkpoint: str | Path, metrics: dict[str, float], tags: dict[str, str],
-                   fold: int, shot: int, base_classes: list[int] | None = None,
-                   run_id: str | None = None) -> dict[str, Any]:
-    """Log `checkpoint` as a pyfunc model and register it as a new version of `mlflow.registered_model`,
-    tagged with `metrics` (`metric.<name>`), `tags` (the protocol), fold, shot, `checkpoint_sha256` and
-    `status=candidate`; aliases are left alone (promotion moves them).
-
-    Idempotent: a version whose `checkpoint_sha256` equals this checkpoint's is returned, not duplicated.
-    The model goes into run `run_id` (its status is left as it is), or into a new run of
-    `mlflow.experiment` holding `metrics` and `tags`. `base_classes` default to the prepared fold list.
-    Returns {"name", "version", "run_id", "model_uri", "created"}. Call it from one process.
-    """
-    if not distributed.is_main_process():
-        raise RuntimeError("register_model: call it from one process (rank 0), not from every rank")
-    checkpoint = Path(checkpoint)
-    name, uri = cfg.mlflow.registered_model, resolve_tracking_uri(cfg.mlflow)
-    client = _mlflow().MlflowClient(tracking_uri=uri)
-    sha256 = file_sha256(checkpoint)
-    existing = _versions_with_checkpoint(client, name, sha256)
-    if existing:
-        return _version_info(existing[0], created=False)
-
-    info = {"fold": fold, "shot": shot, "base_classes": _base_classes(cfg, checkpoint, fold, base_classes),
-            "checkpoint_sha256": sha256}
-    _, model_cfg = load_checkpoint_model(checkpoint, info)  # a checkpoint that does not load fails here
-    info["method"] = model_cfg.model.method
-    version_tags = {**{valid_name(k): str(v) for k, v in tags.items()},
-                    **{valid_name(f"metric.{k}"): repr(float(v)) for k, v in metrics.items()},
-                    "method": info["method"], "fold": str(fold), "shot": str(shot),
-                    "checkpoint_sha256": sha256, "status": "candidate"}
-    if run_id is not None:
-        client.log_batch(run_id, metrics=_metric_entities(metrics, step=0), synchronous=True)
-        return _log_and_register(client, uri, name, checkpoint, info, version_tags, run_id)
-    with MLflowTracker(cfg.mlflow, run_name=f"register-{info['method']}-fold{fold}-{shot}shot", tags=tags) as run:
-        run.log_metrics(metrics, step=0)
-        return _log_and_register(client, uri, name, checkpoint, info, version_tags, run.run_id)
-
-
-def _log_and_register(client: Any, uri: str, name: str, checkpoint: Path, info: dict[str, Any],
-                      version_tags: dict[str, str], run_id: str) -> dict[str, Any]:
-    from fssmeta.integrations.mlflow_model import MODEL_CODE, model_signature, pip_requirements
-
-    mlflow = _mlflow()
-    # Created here, in the run's experiment: left to MLflow, a LoggedModel goes to the process's current
-    # experiment (the Default one, artifacts in ./mlruns) whatever run it comes from.
-    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
-                                       source_run_id=run_id, tags={"checkpoint_sha256": info["checkpoint_sha256"]})
-    with tempfile.TemporaryDirectory() as tmp, _tracking_uri(uri), warnings.catch_warnings():
-        # Declined: with an input example MLflow loads and runs the model at every registration; the
-        # signature and PYFUNC_INPUT (the class docstring) describe the request instead.
-        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
-        (Path(tmp) / "fssmeta_model.json").write_text(json.dumps(info, indent=2))
-        (Path(tmp) / "fssmeta_model.py").write_text(MODEL_CODE)
-        # What `mlflow.pyfunc.log_model` calls, with an explicit run and model instead of the process's active
-        # ones; the run's metrics at step 0 (the scores above) become the LoggedModel's metrics too.
-        logged = mlflow.models.Model.log(
-            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
-            step=0, python_model=str(Path(tmp) / "fssmeta_model.py"), pip_requirements=pip_requirements(),
-            signature=model_signature(),
-            artifacts={"checkpoint": str(checkpoint), "info": str(Path(tmp) / "fssmeta_model.json")})
-    if _registered_model_missing(client, name):
-        client.create_registered_model(name, description="fssmeta few-shot segmentation models")
-    # A sqlite registry looks the LoggedModel up through the process-wide tracking URI, not the client's.
-    with _tracking_uri(uri):
-        version = client.create_model_version(name, source=logged.model_uri, run_id=run_id, tags=version_tags,
-                                              model_id=logged.model_id)
-    return _version_info(version, created=True)
-
-
-def _version_info(version: Any, *, created: bool) -> dict[str, Any]:
-    return {"name": version.name, "version": str(version.version), "run_id": version.run_id,
-            "model_uri": f"models:/{version.name}/{version.version}", "created": created}
-
-
-def _versions_with_checkpoint(client: Any, name: str, sha256: str) -> list[Any]:
-    versions = client.search_model_versions(f"name = '{name}' and tags.checkpoint_sha256 = '{sha256}'")
-    return sorted(versions, key=lambda v: int(v.version))
-
-
-def _registered_model_missing(client: Any, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        return True
-    return False
-
-
-def load_registered(cfg: Config, version_or_alias: str) -> Any:
-    """The registered pyfunc model: a version number ("3") or an alias ("champion", "@champion")."""
-    mlflow = _mlflow()
-    ref = str(version_or_alias)
-    uri = f"models:/{cfg.mlflow.registered_model}" + (f"/{ref}" if ref.isdigit() else f"@{ref.removeprefix('@')}")
-    with _tracking_uri(resolve_tracking_uri(cfg.mlflow)):
-        return mlflow.pyfunc.load_model(uri)

@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from fssmeta.data.io import write_json_atomic
 from fssmeta.integrations.ray_train import build_trainer, start_ray
 from fssmeta.integrations.sweep_tracking import (
     SweepMLflowCallback,
+    SweepResult,
     close_sweep_run,
     finish_sweep_run,
     open_sweep_run,
@@ -52,18 +52,6 @@ class SweepError(RuntimeError):
 
 class SweepInterrupted(SweepError):
     """The sweep stopped before every trial ended (Ctrl-C, a lost driver): start it again to resume."""
-
-
-@dataclass
-class SweepResult:
-    overrides: dict[str, Any]  # the best trial's values (dotted keys); {} = params pass through
-    score: float | None  # its best validation mIoU
-    trial: str | None
-    path: str | None  # the sweep's folder (Ray Tune's experiment)
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    restored: bool = False
-    mlflow_run_id: str | None = None
-    note: str = ""
 
 
 def search_space(cfg: Config) -> dict[str, Any]:

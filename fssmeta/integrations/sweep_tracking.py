@@ -3,18 +3,28 @@ gives every trial a run nested under it, FINISHED also when ASHA stops the trial
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune.logger import LoggerCallback
 
 from fssmeta.config import Config, MlflowConfig, config_to_dict
 from fssmeta.integrations.mlflow import MLflowTracker, _mlflow, resolve_tracking_uri
 
-if TYPE_CHECKING:
-    from fssmeta.integrations.ray_tune import SweepResult
-
 LOGGED_METRICS = ("train_", "val_", "lr", "epoch", "step")  # trial results that go to MLflow
+
+
+@dataclass
+class SweepResult:
+    overrides: dict[str, Any]  # the best trial's values (dotted keys); {} = params pass through
+    score: float | None  # its best validation mIoU
+    trial: str | None
+    path: str | None  # the sweep's folder (Ray Tune's experiment)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    restored: bool = False
+    mlflow_run_id: str | None = None
+    note: str = ""
 
 
 def open_sweep_run(cfg: Config, name: str, run_id: str | None) -> str | None:

@@ -199,7 +199,7 @@ def test_predict_from_a_checkpoint_and_from_the_registry(files: dict[str, Path],
 
     from mlflow import MlflowClient
 
-    from fssmeta.integrations.mlflow import register_model
+    from fssmeta.integrations.registry import register_model
 
     register_model(cfg, checkpoint=checkpoint, metrics={"miou": 0.1}, tags={}, fold=0, shot=1,
                    base_classes=BASE_CLASSES)

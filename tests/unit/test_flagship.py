@@ -16,7 +16,7 @@ from fssmeta.losses import DIAGNOSTIC_PREFIX, episode_losses, total_loss
 from fssmeta.models import build_model, count_learnable, get_method
 from fssmeta.models.memory import MemoryTransfer, category_contrast_loss
 from fssmeta.train import train_step
-from tests.test_models import PASCAL_FOLD0_BASE, keep_kshot_alive, make_episode
+from tests.unit.test_models import PASCAL_FOLD0_BASE, keep_kshot_alive, make_episode
 
 COMBINATIONS = list(itertools.product([False, True], [False, True]))
 

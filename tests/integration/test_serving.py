@@ -39,8 +39,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlf
 
 from mlflow import MlflowClient  # noqa: E402
 
-from fssmeta.integrations.mlflow import register_model  # noqa: E402
 from fssmeta.integrations.promotion import PromotionRefused, promote, rollback  # noqa: E402
+from fssmeta.integrations.registry import register_model  # noqa: E402
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]

@@ -17,7 +17,7 @@ import yaml
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     "synthesize": {"image_size": 96, "train_images": 240, "test_images": 60, "val_images": 30,

@@ -20,7 +20,7 @@ import yaml
 
 from fssmeta.config import Config, ConfigError, config_to_dict
 from fssmeta.params import load_config, load_tuned, with_overrides
-from tests.ray_workspace import make_config
+from tests.integration.ray_workspace import make_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 

@@ -12,8 +12,7 @@ from fssmeta.config import DataConfig
 from fssmeta.data.io import DataError, read_mask
 from fssmeta.data.pascal import read_list, voc_pools
 from fssmeta.data.prepare import fold_lists, load_fold, prepare
-
-from .conftest import box_mask, write_voc
+from tests.conftest import box_mask, write_voc
 
 
 def voc_config(root, tmp_path, **kw) -> DataConfig:

@@ -19,7 +19,7 @@ import torch
 from fssmeta.checkpoint import read_checkpoint
 from fssmeta.integrations.ray_train import FAULT_MARKER, RayTrainingError, train_with_ray
 from fssmeta.runs import fresh_model
-from tests.ray_workspace import make_config
+from tests.integration.ray_workspace import make_config
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,7 @@ from fssmeta.data.prepare import load_fold, load_index, prepare
 from fssmeta.data.sampler import TrainEpisodeSampler, sample_episodes
 from fssmeta.data.transforms import TestTransform, TrainTransform
 from fssmeta.episode import Episode
-
-from .conftest import box_mask, write_voc
+from tests.conftest import box_mask, write_voc
 
 
 @pytest.fixture

@@ -24,10 +24,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from fssmeta.checkpoint import read_checkpoint
 from fssmeta.integrations.ray_train import train_with_ray
+from tests.integration.ray_workspace import make_config
 from tests.net import free_port
-from tests.ray_workspace import make_config
 
-INFRA = Path(__file__).resolve().parents[1] / "infra"
+INFRA = Path(__file__).resolve().parents[2] / "infra"
 SCRIPTS = sorted((INFRA / "local").glob("*.sh"))
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 

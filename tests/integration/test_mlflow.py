@@ -23,14 +23,13 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from fssmeta.integrations.mlflow import (  # noqa: E402
     MLflowTracker,
-    load_registered,
-    register_model,
     resolve_artifact_location,
     resolve_config,
     resolve_tracking_uri,
     tracker_from_config,
     valid_name,
 )
+from fssmeta.integrations.registry import load_registered, register_model  # noqa: E402
 from tests.mlflow_helpers import (  # noqa: E402
     BASE_CLASSES,
     SIZE,

@@ -13,7 +13,7 @@ from fssmeta.models.bam import BAMOptions
 from fssmeta.models.pfenet import PFENetOptions
 from fssmeta.params import config_from_dict, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_project_params_load_and_round_trip():

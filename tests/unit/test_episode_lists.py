@@ -8,8 +8,7 @@ import pytest
 
 from fssmeta.cli import main
 from fssmeta.data.episode_lists import list_path, load_episode_list
-
-from .conftest import box_mask, write_voc
+from tests.conftest import box_mask, write_voc
 
 
 @pytest.fixture
