@@ -3,16 +3,23 @@ ensemble), and one file per method, each with its `METHOD` record."""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from torch import nn
 
 from fssmeta.config import ModelConfig
-from fssmeta.models import bam, baseline, ntrenet, pfenet
 from fssmeta.models.method import Method
 
-# The one list of methods: key = `model.method` in params.yaml (and `fssmeta evaluate --method`). Adding a
-# method = its file with a `METHOD` record + one line here + its `model.<key>` section (docs/methods.md).
+# The one list of methods, one line each: the file under fssmeta/models/ whose `METHOD` record registers it.
+# Adding a method = its file + one line here + its `model.<key>` options section (README, "Adding a method").
+METHOD_FILES = (
+    "pfenet",
+    "bam",
+    "ntrenet",
+    "baseline",
+)
 METHODS: dict[str, Method] = {
-    m.key: m for m in (pfenet.METHOD, bam.METHOD, ntrenet.METHOD, baseline.METHOD)
+    record.key: record for record in (import_module(f"fssmeta.models.{name}").METHOD for name in METHOD_FILES)
 }
 
 

@@ -77,6 +77,12 @@ def test_records_are_consistent():
 @pytest.mark.parametrize("shot", [1, 5])
 @pytest.mark.parametrize("method", LEARNED)
 def test_forward_backward(method: str, shot: int):
+    check_forward_backward(method, shot)
+
+
+def check_forward_backward(method: str, shot: int) -> None:
+    """Output shapes, the record's loss finite and positive, a gradient for every trainable parameter and
+    none for the frozen part, whose BN statistics do not move in a train-mode forward."""
     model = make_model(method, shot).train()
     keep_kshot_alive(model)
     episode = make_episode(shot)
