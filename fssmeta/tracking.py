@@ -83,7 +83,7 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 
 def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "validation list") -> dict[str, str]:
-    """The protocol a run used, recorded as tags beside its numbers (PROTOCOL.md)."""
+    """The protocol a run used, recorded as tags beside its numbers (docs/protocol.md)."""
     d, e = cfg.data, cfg.episodes
     tags = {
         "dataset": d.dataset, "fold": fold, "shot": shot, "train_pool": d.train_pool,

@@ -60,7 +60,7 @@ def load_coco(root: Path, split: str) -> COCO:
 
 
 def contiguous_ids(coco: COCO) -> dict[int, int]:
-    """COCO category ids sorted ascending -> 1..N (N = 80 for COCO 2014; PROTOCOL.md 2)."""
+    """COCO category ids sorted ascending -> 1..N (N = 80 for COCO 2014; docs/protocol.md section 2)."""
     ids = sorted({int(cat["id"]) for cat in coco.dataset["categories"]})
     return {cat_id: index + 1 for index, cat_id in enumerate(ids)}
 

@@ -22,7 +22,7 @@ class PairSource(Protocol):
 
 
 def episode_label(mask: np.ndarray, class_id: int) -> np.ndarray:
-    """Class `class_id` -> 1, every other class -> 0, 255 stays 255 (PROTOCOL.md 3)."""
+    """Class `class_id` -> 1, every other class -> 0, 255 stays 255 (docs/protocol.md section 3)."""
     label = np.zeros_like(mask)
     label[mask == class_id] = 1
     label[mask == IGNORE_INDEX] = IGNORE_INDEX
@@ -86,7 +86,7 @@ class EpisodeDataset(Dataset):
         image, label = self.source.load(ep["query"], c)
         query_img, _ = self.transform(image, label)
         support_imgs, support_masks = _stack(supports)
-        # (S,3,H,W) (S,H,W) (3,H,W) (H',W'): the query mask is at scoring resolution (PROTOCOL.md 4)
+        # (S,3,H,W) (S,H,W) (3,H,W) (H',W'): the query mask is at scoring resolution (docs/protocol.md section 4)
         return Episode(support_imgs, support_masks, query_img, self.transform.score_mask(label), torch.tensor(c))
 
 

@@ -1,4 +1,4 @@
-"""Fold class lists, exactly as PROTOCOL.md gives them: PASCAL-5i and COCO-20i in both conventions."""
+"""Fold class lists, exactly as docs/protocol.md section 1 gives them: PASCAL-5i and COCO-20i in both conventions."""
 
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     """A single-channel label mask as uint8 (H, W), read with PIL and never colour-converted.
 
     VOC `SegmentationClass` PNGs are palette images whose pixel values are the class ids; converting them
-    to RGB or grayscale would destroy the ids (PROTOCOL.md 1), so palette ('P') and 8-bit ('L') are read as
+    to RGB or grayscale would destroy the ids (docs/protocol.md section 1), so palette ('P') and 8-bit ('L') are read as
     they are and anything else is rejected.
     """
     with open_image(path, "mask") as img:

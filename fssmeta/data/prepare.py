@@ -147,7 +147,7 @@ def prepare(cfg: DataConfig, out: str | Path | None = None, progress: bool = Tru
 
 
 def protocol_record(cfg: DataConfig) -> dict[str, Any]:
-    """The switches that change the numbers (PROTOCOL.md): recorded beside every list and metric."""
+    """The switches that change the numbers (docs/protocol.md): recorded beside every list and metric."""
     return {"dataset": cfg.dataset, "format": reader_format(cfg), "coco_split": cfg.coco_split,
             "train_pool": cfg.train_pool, "exclude_novel_images": cfg.exclude_novel_images,
             "min_object_pixels": cfg.min_object_pixels, "crowd": cfg.crowd}

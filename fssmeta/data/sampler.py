@@ -1,7 +1,7 @@
 """Episode sampling: fixed test / validation lists written to disk, and training episodes drawn on the fly.
 
 An episode is one class, one query containing it and `shot` distinct supports containing it, each a
-different image from the query (PROTOCOL.md 3). Two orders exist in the field:
+different image from the query (docs/protocol.md section 3). Two orders exist in the field:
 - `image` (PFENet family): walk the image list in order, repeating it; draw the class among the
   qualifying novel classes of that image, so class frequency follows image frequency;
 - `class` (HSNet COCO test): draw the class uniformly, then the query among its images.

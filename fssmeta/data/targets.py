@@ -1,4 +1,4 @@
-"""Cross-domain target sets in the PATNet layouts (PROTOCOL.md 5), each 1-way with binary masks."""
+"""Cross-domain target sets in the PATNet layouts (docs/protocol.md section 5), each 1-way with binary masks."""
 
 from __future__ import annotations
 

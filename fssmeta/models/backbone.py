@@ -293,7 +293,7 @@ def _masked(extract: Callable[[Tensor], list[Tensor]], support_img: Tensor, supp
 
 def masked_features(backbone: ResNet, support_img: Tensor, support_mask: Tensor, mode: SupportMasking,
                     layers: Sequence[str]) -> dict[str, Tensor]:
-    """Support features of `layers` under `support_masking` (METHODS.md "HM").
+    """Support features of `layers` under `support_masking` (docs/methods.md, "Hybrid masking").
 
     support_img (B, 3, H, W); support_mask (B, H, W) 0/1/255. `feature`: backbone(img) * mask resized to each
     layer; `input`: backbone(img * mask); `hybrid`: where(FM > 0, FM, IM).

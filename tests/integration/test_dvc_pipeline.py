@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,18 +51,16 @@ def run(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> 
     return result
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git repository holding the project's tracked files (as they are in the working tree) and tiny params."""
-    repo = tmp_path_factory.mktemp("repo")
+def repo_copy(repo: Path, edit: Callable[[Path], None]) -> tuple[Path, dict[str, str]]:
+    """A git repository holding the project's tracked files (as they are in the working tree), changed by
+    `edit`, committed; and the environment to run DVC in it."""
+    repo.mkdir(parents=True, exist_ok=True)
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in tracked:
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
-    params["data"]["targets"] = TINY["data"]["targets"]  # replaced, not merged: one small target only
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit(repo)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(repo / ".dvc-site-cache"),
            "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -70,6 +69,19 @@ def repo(tmp_path_factory):
     run(["git", "init", "-q"], repo, env)
     run([*git, "add", "-A"], repo, env)
     run([*git, "commit", "-qm", "tiny"], repo, env)
+    return repo, env
+
+
+def tiny_params(repo: Path) -> None:
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    params["data"]["targets"] = TINY["data"]["targets"]  # replaced, not merged: one small target only
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """The project with tiny params, after a first `dvc repro`."""
+    repo, env = repo_copy(tmp_path_factory.mktemp("repo"), edit=tiny_params)
     first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     return repo, env, first
 

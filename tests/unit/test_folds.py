@@ -1,4 +1,4 @@
-"""Fold lists asserted literally against PROTOCOL.md."""
+"""Fold lists asserted literally against docs/protocol.md section 1."""
 
 from __future__ import annotations
 
