@@ -352,7 +352,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     model: ModelConfig = ModelConfig()
     train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))  # over SGD_RECIPE
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(optim=OptimConfig(lr=0.05))  # as params.yaml: the CPU default rate
     report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()

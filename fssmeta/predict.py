@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fssmeta.config import Config
+from fssmeta.episode import IGNORE_INDEX
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before any pixel is decoded
 MAX_PIXELS_ENV = "FSSMETA_MAX_IMAGE_PIXELS"  # overrides MAX_IMAGE_PIXELS; read at every call
@@ -92,7 +93,7 @@ def mask_labels(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values)
     labels = (values != 0).astype(np.uint8)
     if (values == 255).any() and ((values != 0) & (values != 255)).any():
-        labels[values == 255] = 255
+        labels[values == 255] = IGNORE_INDEX
     return labels
 
 

@@ -20,6 +20,7 @@ from fssmeta.data.folds import class_names
 from fssmeta.data.io import DataError, atomic_path, read_json, write_json_atomic, write_text_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.transforms import TestTransform, denormalize
+from fssmeta.episode import IGNORE_INDEX
 from fssmeta.losses import resize_logits
 
 
@@ -240,7 +241,7 @@ def plot_qualitative(cfg: Config, model: torch.nn.Module, fold: int, shot: int, 
         overlay = support.copy()
         overlay[ep.support_masks[0].numpy() == 1] = (0.5 * overlay[ep.support_masks[0].numpy() == 1] + [0, 127, 0]).astype(np.uint8)
         truth = ep.query_mask.numpy().astype(float)
-        truth[truth == 255] = 0.5
+        truth[truth == IGNORE_INDEX] = 0.5
         for col, (image, title) in enumerate([(overlay, f"support (class {ep.class_id.item()})"),
                                               (denormalize(ep.query_img), "query"), (pred, "prediction"),
                                               (truth, "ground truth")]):

@@ -98,10 +98,12 @@ def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
 
 
 def training_config(cfg: Config) -> Config:
-    """`cfg` with `train.shot` set to the shot the method actually trains at (its record's rule), so the
-    checkpoint's stored config says what was trained."""
-    shot = get_method(cfg.model.method).training_shot(cfg.train.shot)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"shot": shot})})
+    """`cfg` as the method actually trains: `train.shot` by its record's rule and `train.optim` resolved over
+    its recipe, so the checkpoint's stored config (and the run's MLflow params) say what was trained."""
+    method = get_method(cfg.model.method)
+    train = cfg.train.model_copy(update={"shot": method.training_shot(cfg.train.shot),
+                                         "optim": method.training_recipe(cfg.train.optim)})
+    return cfg.model_copy(update={"train": train})
 
 
 def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,

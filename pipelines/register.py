@@ -17,8 +17,8 @@ from fssmeta.config import Config
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold
 from fssmeta.evaluation import domains as all_domains
-from fssmeta.integrations.registry import register_model
 from fssmeta.integrations.promotion import PromotionRefused, decision_dict, promote, score_version
+from fssmeta.integrations.registry import register_model
 from fssmeta.runs import meta_dir
 from fssmeta.tracking import protocol_tags
 from pipelines.common import config, parser

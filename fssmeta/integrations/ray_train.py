@@ -39,7 +39,8 @@ from fssmeta.train import LossFn
 
 MLFLOW_RUN_FILE = "mlflow_run_id.txt"  # in the run's storage folder: every attempt continues one MLflow run
 FAULT_MARKER = "fault_injected"  # in the run's storage folder: the injected failure fires once per run
-OBJECT_STORE_BYTES = 128 * 1024**2  # checkpoints travel through storage, not the object store
+OBJECT_STORE_BYTES = 128 * 1024**2
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the fssmeta package  # checkpoints travel through storage, not the object store
 
 
 class RayTrainingError(RuntimeError):
@@ -157,6 +158,11 @@ def start_ray(cfg: Config, progress: bool, *, dashboard: bool = False) -> bool:
         ray.init(address=cfg.ray.address, log_to_driver=progress, runtime_env=runtime_env)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance; token auth is the default
+        # The local Ray's workers inherit this environment: they import the fssmeta this driver runs (a
+        # checkout's own, with its own method files), not whichever one the environment has installed.
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if paths[0] != PROJECT_ROOT:
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, *paths]))
         ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=dashboard, log_to_driver=progress,
                  object_store_memory=OBJECT_STORE_BYTES, runtime_env=runtime_env)
         _check_resources(cfg)

@@ -53,8 +53,8 @@ def test_bam_beats_the_non_learned_baseline(workspace, capsys):
     assert main(["evaluate", "--method", "baseline", *args]) == 0
     out = capsys.readouterr().out
     assert "mIoU mean +- std over seeds" in out
-    bam = json.loads((root / "results/bam.json").read_text())
-    baseline = json.loads((root / "results/baseline.json").read_text())
+    bam = json.loads((root / "results/fold0/bam.json").read_text())  # the layout the evaluate stage writes too
+    baseline = json.loads((root / "results/fold0/baseline.json").read_text())
     assert bam["protocol"]["checkpoint_selection"] == "validation list"
     assert len(bam["results"]["fold0"]["1shot"]["seeds"]) == 2
     assert bam["mean"]["1shot"]["miou"] > baseline["mean"]["1shot"]["miou"] + 0.03
