@@ -1,4 +1,4 @@
-"""`fssmeta ...` subcommands: show-config, folds, synthesize, prepare, episodes, train-base, tune, train, evaluate,
+"""`fssmeta ...` subcommands: show-config, methods, folds, synthesize, prepare, episodes, train-base, tune, train, evaluate,
 promote, predict."""
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_show_config(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(config_to_dict(_config(args)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fssmeta.models import METHODS
+
+    print(f"{'method':10} {'stage 1':13} {'optimiser':9} {'transform':9} {'trains':10} summary")
+    for key, m in METHODS.items():
+        stage1 = m.stage1.part if m.stage1 else "-"
+        trains = "-" if not m.learned else ("each shot" if m.trains_each_shot else "1-shot")
+        optimiser = m.recipe.optimizer if m.learned else "-"
+        print(f"{key:10} {stage1:13} {optimiser:9} {m.transform:9} {trains:10} {m.summary}")
     return 0
 
 
@@ -283,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("show-config", cmd_show_config, "print the resolved configuration")
+    add("methods", cmd_methods, "list the methods (model.method keys) and what their records declare")
     p = add("folds", cmd_folds, "print a fold's novel and base class ids")
     p.add_argument("--dataset", required=True, choices=["pascal", "coco", "synthetic"])
     p.add_argument("--coco-split", default="interleaved", choices=["interleaved", "consecutive"])

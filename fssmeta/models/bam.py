@@ -68,7 +68,7 @@ class BAM(nn.Module):
         self.res2_meta = ops.residual_pair(reduce_dim)
         self.cls_meta = ops.classifier(reduce_dim, dropout)
         # psi calibration, the base-map merge and the k-shot weights (models/ensemble.py).
-        self.ensemble = BaseMetaEnsemble(shot)
+        self.ensemble = BaseMetaEnsemble(shot, kshot_weights=False)
         # NTRENet's non-target mining on the meta learner (the flagship), or None.
         self.mining = mining
         if mining is not None:
@@ -78,6 +78,7 @@ class BAM(nn.Module):
             self.init_cls = ops.classifier(reduce_dim, dropout)
             self.doem = ntm.DistractorElimination(reduce_dim)
             self.queue = ntm.DistractorQueue(reduce_dim, mining.queue_size, mining.queue_sample)
+        self.ensemble.add_kshot_weights()  # last, as BAM creates it: the same random initialisation
 
     @property
     def backbone(self) -> ResNet:

@@ -45,17 +45,24 @@ class BaseMetaEnsemble(nn.Module):
     """The learnable part of BAM's ensemble: `gram_merge` (psi calibration of the meta probabilities, one conv
     shared by the bg and fg maps), `cls_merge` (meta bg + base map) and, above one shot, `kshot_rw`."""
 
-    def __init__(self, shot: int = 1) -> None:
+    def __init__(self, shot: int = 1, *, kshot_weights: bool = True) -> None:
         super().__init__()
         self.shot = shot
         # p' = w0 * p + w1 * psi, starting at p' = p.
         self.gram_merge = pass_through_conv()
         # final bg = w0 * meta bg + w1 * base map, starting at the meta bg.
         self.cls_merge = pass_through_conv()
-        if shot > 1:
+        if kshot_weights:
+            self.add_kshot_weights()
+
+    def add_kshot_weights(self) -> None:
+        """Above one shot, the k-shot weighting MLP. A model may create it after its other modules
+        (`kshot_weights=False`, then this), which keeps its random initialisation where BAM's official
+        layer order puts it (BAM creates it last)."""
+        if self.shot > 1:
             # Scores the sorted per-shot psi values; softmax of the scores weights the shots.
             self.kshot_rw = nn.Sequential(
-                nn.Conv2d(shot, KSHOT_HIDDEN, 1), nn.ReLU(inplace=True), nn.Conv2d(KSHOT_HIDDEN, shot, 1)
+                nn.Conv2d(self.shot, KSHOT_HIDDEN, 1), nn.ReLU(inplace=True), nn.Conv2d(KSHOT_HIDDEN, self.shot, 1)
             )
 
     def shot_psi(self, query_layer2: torch.Tensor, support_layer2: torch.Tensor) -> torch.Tensor:

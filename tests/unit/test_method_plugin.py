@@ -97,3 +97,11 @@ def test_stub_gets_the_family_neutral_model_checks(stub):
 
     for shot in (1, 5):
         check_forward_backward("stub", shot)
+
+
+def test_methods_command_lists_every_record(stub, capsys: pytest.CaptureFixture[str]):
+    assert main(["methods", "--params", "none"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(METHODS)
+    assert rows["stub"].split()[1:5] == ["-", "adam", "resize", "1-shot"]
+    assert rows["bam"].split()[1:5] == ["base_learner", "sgd", "pfenet", "each"]
