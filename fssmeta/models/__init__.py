@@ -23,6 +23,9 @@ METHODS: dict[str, Method] = {
 }
 
 
+PARTS = ("memory", "mining")  # the model parts a params switch turns on (models/memory.py, models/mining.py)
+
+
 def get_method(key: str) -> Method:
     """The record of `key`; an unknown key is a ValueError naming `model.method` and the known ones."""
     if key not in METHODS:
@@ -34,6 +37,11 @@ def build_model(cfg: ModelConfig, *, shot: int, base_classes: list[int], method:
     """Build `method` (default `cfg.method`) for `shot`-shot episodes with random (or `cfg.weights`) backbone
     weights and its typed options; no device is chosen and nothing of stage 1 is loaded here."""
     record = get_method(method or cfg.method)
+    for part in PARTS:  # a switch the method would not read is an error, never silently ignored
+        if record.learned and getattr(cfg, part).enabled and part not in record.parts:
+            takers = ", ".join(sorted(k for k, m in METHODS.items() if part in m.parts))
+            raise ValueError(f"model.{part}.enabled: {record.key} takes no {part} part (methods that do: {takers}); "
+                             f"set model.{part}.enabled: false")
     return record.build(cfg, record.options_of(cfg), shot=shot, base_classes=list(base_classes))
 
 

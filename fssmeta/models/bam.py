@@ -180,7 +180,7 @@ def build(cfg: ModelConfig, options: BAMOptions, *, shot: int, base_classes: lis
 
 
 METHOD = Method(
-    key="bam", build=build, options=BAMOptions, stage1=Stage1("base_learner"),
+    key="bam", build=build, options=BAMOptions, stage1=Stage1("base_learner"), parts=frozenset({"memory", "mining"}),
     summary="base-learner / meta-learner ensemble (CVPR 2022); with model.memory / model.mining: the flagship",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "bam": {"reduce_dim": 32, "aspp_dilations": (1, 2, 3)}},
     reference=Reference(4_917_254, {"backbone": "resnet50"}, published="4.92M (+27 at 5 shots)"),

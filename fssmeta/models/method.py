@@ -96,6 +96,7 @@ class Method:
     trains_each_shot: bool = True  # False: trained 1-shot once, evaluated at every k with that checkpoint
     loss: LossFn = episode_losses  # (model, episode) -> the loss dict the loop sums (diag_* logged only)
     learned: bool = True  # False: nothing to train (the non-learned baseline)
+    parts: frozenset[str] = frozenset()  # the family parts it takes: "memory" (model.memory), "mining" (model.mining)
     tiny: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields of a fast 65-px test model
     reference: Reference | None = None
 

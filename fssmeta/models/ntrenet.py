@@ -177,6 +177,7 @@ def build(cfg: ModelConfig, options: NTRENetOptions, *, shot: int, base_classes:
 
 METHOD = Method(
     key="ntrenet", build=build, options=NTRENetOptions, stage1=Stage1("backbone"),
+    parts=frozenset({"memory", "mining"}),  # mines always; `model.mining` gives its weights
     summary="non-target region elimination: background and distracting-object mining (CVPR 2022)",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "ntrenet": {"reduce_dim": 32, "pyramid_bins": (9, 5, 3, 2)}},
     reference=Reference(20_846_868, {"backbone": "resnet50"}, published="~20.9M"),

@@ -88,9 +88,8 @@ class PFENet(FrozenBackboneModel):
 
 
 def build(cfg: ModelConfig, options: PFENetOptions, *, shot: int, base_classes: list[int]) -> PFENet:
-    """PFENet on a frozen deep-stem backbone; `base_classes` is unused (no base learner)."""
-    if cfg.mining.enabled:
-        raise ValueError("model.mining.enabled: PFENet with non-target mining is NTRENet; set model.method: ntrenet")
+    """PFENet on a frozen deep-stem backbone; `base_classes` is unused (no base learner). With mining it
+    would be NTRENet: its record takes the memory only."""
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
     return PFENet(backbone=backbone, reduce_dim=options.reduce_dim, pyramid_bins=options.pyramid_bins,
                   dropout=options.dropout, feature_dropout=options.feature_dropout, shot=shot,
@@ -98,7 +97,7 @@ def build(cfg: ModelConfig, options: PFENetOptions, *, shot: int, base_classes: 
 
 
 METHOD = Method(
-    key="pfenet", build=build, options=PFENetOptions, stage1=Stage1("backbone"),
+    key="pfenet", build=build, options=PFENetOptions, stage1=Stage1("backbone"), parts=frozenset({"memory"}),
     summary="prior mask + multi-scale feature enrichment (TPAMI 2020)",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "pfenet": {"reduce_dim": 32, "pyramid_bins": (9, 5, 3, 2)}},
     reference=Reference(10_817_034, {"backbone": "resnet50"}, published="10.8M"),

@@ -105,3 +105,15 @@ def test_methods_command_lists_every_record(stub, capsys: pytest.CaptureFixture[
     assert set(rows) == set(METHODS)
     assert rows["stub"].split()[1:5] == ["-", "adam", "resize", "1-shot"]
     assert rows["bam"].split()[1:5] == ["base_learner", "sgd", "pfenet", "each"]
+
+
+def test_a_part_switch_the_method_does_not_read_is_refused(stub):
+    from fssmeta.config import MemoryConfig, MiningConfig, ModelConfig
+    from fssmeta.models import build_model
+
+    with pytest.raises(ValueError, match=r"model\.memory\.enabled: stub takes no memory part "
+                                         r"\(methods that do: bam, ntrenet, pfenet\)"):
+        build_model(ModelConfig(method="stub", memory=MemoryConfig(enabled=True)), shot=1, base_classes=[])
+    with pytest.raises(ValueError, match=r"model\.mining\.enabled: pfenet takes no mining part"):
+        build_model(ModelConfig(method="pfenet", mining=MiningConfig(enabled=True)), shot=1, base_classes=[])
+    assert build_model(ModelConfig(method="stub"), shot=1, base_classes=[]) is not None
