@@ -2,7 +2,9 @@
 CPU budget, every fold, 1-shot and 5-shot, and how long the budget takes.
 
 Run after `make pipeline`'s data stages (`fssmeta synthesize && fssmeta prepare && fssmeta episodes`):
-`.venv/bin/python benchmarks/synthetic.py [--methods bam pfenet] [--folds 0 1 2 3]`. Uses params.yaml.
+`.venv/bin/python benchmarks/synthetic.py [--methods bam pfenet] [--folds 0 1 2 3] [--set key=value]`. Uses
+params.yaml, whose flagship switches (memory + mining) apply to every method listed: with pfenet, add
+`--set model.mining.enabled=false`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["bam", "pfenet"])
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override, e.g. model.mining.enabled=false (PFENet takes no mining part)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
-    cfg = load_config(args.params, {"eval.folds": args.folds, "eval.shots": args.shots})
+    cfg = load_config(args.params, [*args.set, f"eval.folds={args.folds}", f"eval.shots={args.shots}"])
     timings: dict[str, float] = {}
     for fold in args.folds:
         start = time.perf_counter()
