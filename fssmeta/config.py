@@ -7,9 +7,14 @@ section it needs; Ray workers rebuild a `Config` from a plain dict (`params.conf
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Counts that must be positive (episodes, shots, batch sizes) or non-negative (0 = "none" / "all"): a
+# negative or zero value is rejected at load with its key path, not found mid-run.
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
 
 
 class ConfigError(ValueError):
@@ -79,14 +84,14 @@ class EpisodesConfig(Section):
     """Fixed test and validation episode lists (docs/protocol.md section 3)."""
 
     out: str = "data/episodes"
-    folds: tuple[int, ...] = (0, 1, 2, 3)
-    shots: tuple[int, ...] = (1, 5)
+    folds: Annotated[tuple[NonNegative, ...], Field(min_length=1)] = (0, 1, 2, 3)
+    shots: Annotated[tuple[Positive, ...], Field(min_length=1)] = (1, 5)
     orders: tuple[Literal["image", "class"], ...] = ("image", "class")
-    test_episodes: int = 1000
-    test_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    val_episodes: int = 200
-    val_seeds: tuple[int, ...] = (1000,)
-    target_episodes: int = 600
+    test_episodes: Positive = 1000
+    test_seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0, 1, 2, 3, 4)
+    val_episodes: Positive = 200
+    val_seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (1000,)
+    target_episodes: Positive = 600
 
 
 class TransformConfig(Section):
@@ -104,14 +109,15 @@ class EvalConfig(Section):
     """Test-time conventions (docs/protocol.md section 4)."""
 
     resolution: Literal["original", "resized"] = "original"
-    test_size: int = 473
-    resized_size: int = 400
+    test_size: Positive = 473
+    resized_size: Positive = 400
     episode_order: Literal["image", "class"] = "image"
-    folds: tuple[int, ...] = (0, 1, 2, 3)
-    shots: tuple[int, ...] = (1, 5)
-    episodes: int = 0  # episodes scored per list; 0 = the whole list
-    batch_size: int = 1  # `original` resolution scores every query at its own size: 1
-    num_workers: int = 0
+    folds: Annotated[tuple[NonNegative, ...], Field(min_length=1)] = (0, 1, 2, 3)
+    shots: Annotated[tuple[Positive, ...], Field(min_length=1)] = (1, 5)
+    episodes: NonNegative = 0  # episodes scored per list; 0 = the whole list
+    batch_size: Positive = 1  # `original` resolution scores every query at its own size: 1
+    num_workers: NonNegative = 0
+    amp: bool = False  # bf16 autocast in evaluation (CUDA only); fp32 by default: bf16 moves BAM's psi ~5%
     out: str = "results"
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
     target_fold: int = 0  # cross-domain: the source fold whose models score every data.targets list
@@ -217,17 +223,17 @@ SGD_RECIPE = OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1.
 class TrainConfig(Section):
     """A training stage (base learner or episodic meta-training): one loop, one process or DDP."""
 
-    fold: int = 0
-    shot: int = 1  # episodes' shots; a method trained 1-shot for every k (Method.trains_each_shot) uses 1
+    fold: NonNegative = 0
+    shot: Positive = 1  # episodes' shots; a method trained 1-shot for every k (Method.trains_each_shot) uses 1
     seed: int = 0
-    epochs: int = 4
-    episodes_per_epoch: int = 200  # per rank (meta); images per epoch for the base learner
-    batch_size: int = 4
-    num_workers: int = 0
+    epochs: NonNegative = 4
+    episodes_per_epoch: Positive = 200  # per rank (meta); images per epoch for the base learner
+    batch_size: Positive = 4
+    num_workers: NonNegative = 0
     optim: OptimConfig = OptimConfig()
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast in training steps on CUDA; ignored on CPU (evaluation: eval.amp)
     channels_last: bool = True  # on CUDA only
-    val_episodes: int = 200  # validation episodes used per epoch (from the fixed val list); 0 = none
+    val_episodes: NonNegative = 200  # validation episodes used per epoch (from the fixed val list); 0 = none
     grad_clip: float = 0.0
     out: str = "runs"
     log_every: int = 20  # steps between progress-bar metric refreshes

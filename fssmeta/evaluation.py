@@ -49,7 +49,7 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
             episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
         loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.eval.num_workers)
-        meter = evaluate(model, loader, n_classes, amp=cfg.train.amp, progress=progress, desc=f"{desc} seed {seed}")
+        meter = evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress, desc=f"{desc} seed {seed}")
         per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
         scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
                        "per_class": per_class})

@@ -147,7 +147,7 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
     def validate(m: torch.nn.Module) -> dict[str, float]:
         if val_loader is None:
             return {}
-        meter = evaluate(m, val_loader, n_classes, amp=tc.amp, progress=progress, desc="validate")
+        meter = evaluate(m, val_loader, n_classes, amp=cfg.eval.amp, progress=progress, desc="validate")
         return {"val_miou": meter.miou(), "val_fbiou": meter.fb_iou()}
 
     loss_fn: LossFn = observe(method.loss) if observe is not None else method.loss

@@ -54,6 +54,15 @@ def test_dotted_overrides_parse_like_yaml():
     # removed: no model honoured it; a key nothing reads is rejected, never silently ignored
     ("model.support_masking=hybrid", "model.support_masking: unknown key"),
     ("model.shot=5", "model.shot: unknown key"),
+    # counts: rejected at load with their key path, not found mid-run
+    ("episodes.test_episodes=0", "episodes.test_episodes: Input should be greater than 0"),
+    ("episodes.target_episodes=-3", "episodes.target_episodes: Input should be greater than 0"),
+    ("episodes.shots=[1, -5]", "episodes.shots.1: Input should be greater than 0"),
+    ("episodes.test_seeds=[]", "episodes.test_seeds: Tuple should have at least 1 item"),
+    ("eval.episodes=-1", "eval.episodes: Input should be greater than or equal to 0"),
+    ("eval.shots=[0]", "eval.shots.0: Input should be greater than 0"),
+    ("train.batch_size=0", "train.batch_size: Input should be greater than 0"),
+    ("train.val_episodes=-1", "train.val_episodes: Input should be greater than or equal to 0"),
 ])
 def test_bad_values_name_the_key_path_and_type(override, expected):
     with pytest.raises(ConfigError) as err:

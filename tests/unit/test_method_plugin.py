@@ -83,6 +83,16 @@ def test_stub_trains_and_evaluates_from_its_record_alone(stub, data, monkeypatch
         assert 0.0 <= result["results"]["fold0"][shot]["miou_mean"] <= 1.0
     assert not (root / "runs" / "fold0" / "stub-5shot" / POINTER).exists()  # only the DVC stage writes pointers
 
+    # evaluation runs in fp32 unless eval.amp says otherwise (training's train.amp does not decide it)
+    import fssmeta.evaluation as evaluation
+
+    amps: list[bool] = []
+    real_evaluate = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: amps.append(k["amp"]) or real_evaluate(*a, **k))
+    assert main(["evaluate", *args, "--method", "stub", "--set", "eval.shots=[1]", "--set", "eval.episodes=2", "--set", "train.amp=true"]) == 0
+    assert main(["evaluate", *args, "--method", "stub", "--set", "eval.shots=[1]", "--set", "eval.episodes=2", "--set", "eval.amp=true"]) == 0
+    assert amps == [False, True]
+
 
 def test_stub_options_are_checked_at_load(stub, data, capsys: pytest.CaptureFixture[str]):
     _, args = data
