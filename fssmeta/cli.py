@@ -352,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FloatingPointError, ValueError) as exc:
         print(f"fssmeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output or cache folder that is a file, unwritable, or on a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fssmeta {args.command}: error: {where}{exc.strerror or exc} (check the folder the params or "
+              f"--out name)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -127,3 +127,4 @@ def test_a_part_switch_the_method_does_not_read_is_refused(stub):
     with pytest.raises(ValueError, match=r"model\.mining\.enabled: pfenet takes no mining part"):
         build_model(ModelConfig(method="pfenet", mining=MiningConfig(enabled=True)), shot=1, base_classes=[])
     assert build_model(ModelConfig(method="stub"), shot=1, base_classes=[]) is not None
+
