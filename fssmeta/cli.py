@@ -90,6 +90,8 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     files = manifest["files"]
     total = sum(f["episodes"] for f in files)
     print(f"wrote {len(files)} episode lists ({total} episodes) to {args.out or cfg.episodes.out}")
+    for warning in manifest["warnings"]:
+        print(f"warning: {warning}")
     return 0
 
 

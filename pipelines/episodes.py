@@ -10,6 +10,8 @@ def main() -> None:
     cfg = config(parser(__doc__).parse_args())
     manifest = write_episode_lists(cfg.data, cfg.episodes)
     print(f"episodes: {len(manifest['files'])} lists")
+    for warning in manifest["warnings"]:
+        print(f"episodes: warning: {warning}")
 
 
 if __name__ == "__main__":

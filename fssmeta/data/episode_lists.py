@@ -15,7 +15,13 @@ from tqdm import tqdm
 from fssmeta.config import DataConfig, EpisodesConfig
 from fssmeta.data.io import DataError, read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold, load_index
-from fssmeta.data.sampler import check_episodes, sample_episodes, sample_target_episodes
+from fssmeta.data.sampler import (
+    check_episodes,
+    class_pools,
+    sample_episodes,
+    sample_target_episodes,
+    usable_classes,
+)
 
 
 def list_path(out: str | Path, fold: int, split: str, shot: int, order: str, seed: int) -> Path:
@@ -28,13 +34,19 @@ def target_list_path(out: str | Path, name: str, shot: int, seed: int) -> Path:
 
 def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path | None = None,
                         progress: bool = True) -> dict[str, Any]:
-    """Draw and write every list; returns the manifest."""
+    """Draw every list, then write them all (the manifest last): a list that cannot be drawn stops the run
+    with an error naming its fold, split, shot, order and seed (or target) before anything is written.
+
+    Classes of a fold's pool with too few images for a query and `shot` supports cannot appear in that shot's
+    lists; they are recorded per list (`classes_without_episodes`) and in the manifest's `warnings`, since
+    the 1- and k-shot means then average different class sets."""
     out = Path(out or cfg.out)
     index = load_index(data.prepared)
     jobs = [(fold, split, shot, order, seed)
             for fold in cfg.folds for shot in cfg.shots for order in cfg.orders
             for split, seeds in (("test", cfg.test_seeds), ("val", cfg.val_seeds)) for seed in seeds]
-    files = []
+    drawn: list[tuple[Path, dict[str, Any]]] = []
+    files, warnings = [], []
     fold_cache: dict[int, dict[str, Any]] = {}
     for fold, split, shot, order, seed in tqdm(jobs, desc="episode lists", disable=not progress, unit="list"):
         lists = fold_cache.setdefault(fold, load_fold(data.prepared, fold))
@@ -46,39 +58,57 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
                             "repeat test episodes (the dataset has no separate validation pool)")
         entries = [(key, classes) for key, classes in lists[pool]]
         count = cfg.test_episodes if split == "test" else cfg.val_episodes
-        episodes = sample_episodes(entries, shot, count, seed, order)
-        check_episodes(episodes, entries, shot)
+        where = f"episodes fold {fold} {split} ({pool} pool) {shot}-shot {order} seed {seed}"
+        try:
+            episodes = sample_episodes(entries, shot, count, seed, order)
+            check_episodes(episodes, entries, shot)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}; nothing was written") from None
+        pools = class_pools(entries)
+        dropped = sorted(set(pools) - usable_classes(pools, shot))
+        if dropped and seed == (cfg.test_seeds if split == "test" else cfg.val_seeds)[0] and order == cfg.orders[0]:
+            warnings.append(f"fold {fold} {split}: class(es) {dropped} have fewer than {shot + 1} images in the "
+                            f"{pool} pool, so no {shot}-shot episode holds them")
         path = list_path(out, fold, split, shot, order, seed)
-        write_json_atomic(path, {"dataset": index["dataset"], "fold": fold, "split": split, "pool": pool,
-                                 "shot": shot, "order": order, "seed": seed, "protocol": index["protocol"],
-                                 "episodes": episodes}, indent=None)
+        drawn.append((path, {"dataset": index["dataset"], "fold": fold, "split": split, "pool": pool,
+                             "shot": shot, "order": order, "seed": seed, "protocol": index["protocol"],
+                             "classes_without_episodes": dropped, "episodes": episodes}))
         files.append({"path": str(path.relative_to(out)), "fold": fold, "split": split, "pool": pool,
                       "shot": shot, "order": order, "seed": seed, "episodes": len(episodes)})
-    files += write_target_lists(data, cfg, out, progress)
-    manifest = {"protocol": index["protocol"], "fingerprint": index["fingerprint"], "files": files}
+    targets = draw_target_lists(data, cfg, out, progress)
+    for path, payload in [*drawn, *targets]:
+        write_json_atomic(path, payload, indent=None)
+    files += [{"path": str(path.relative_to(out)), "target": payload["target"], "shot": payload["shot"],
+               "seed": payload["seed"], "episodes": len(payload["episodes"])} for path, payload in targets]
+    manifest = {"protocol": index["protocol"], "fingerprint": index["fingerprint"], "files": files,
+                "warnings": warnings}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
 
-def write_target_lists(data: DataConfig, cfg: EpisodesConfig, out: Path, progress: bool) -> list[dict[str, Any]]:
-    """PATNet-protocol lists for every configured cross-domain target (1-way, each shot and test seed)."""
+def draw_target_lists(data: DataConfig, cfg: EpisodesConfig, out: Path,
+                      progress: bool) -> list[tuple[Path, dict[str, Any]]]:
+    """PATNet-protocol lists for every configured cross-domain target (1-way, each shot and test seed), drawn
+    but not written: (path, list) pairs. An error names the target, shot and seed."""
     from fssmeta.data.targets import read_target
 
-    files = []
+    drawn = []
     for name, target in tqdm(sorted(data.targets.items()), desc="target lists", disable=not progress, unit="set"):
         target_set = read_target(name, target.layout, target.root)
         by_class = target_set.by_class()
         for shot in cfg.shots:
             for seed in cfg.test_seeds:
-                episodes = sample_target_episodes(by_class, shot, cfg.target_episodes, seed,
-                                                  one_per_query=target.layout == "fss1000")
-                path = target_list_path(out, name, shot, seed)
-                write_json_atomic(path, {"target": name, "layout": target.layout, "root": target.root,
-                                         "classes": list(target_set.classes), "shot": shot, "seed": seed,
-                                         "episodes": episodes}, indent=None)
-                files.append({"path": str(path.relative_to(out)), "target": name, "shot": shot, "seed": seed,
-                              "episodes": len(episodes)})
-    return files
+                try:
+                    episodes = sample_target_episodes(by_class, shot, cfg.target_episodes, seed,
+                                                      one_per_query=target.layout == "fss1000")
+                except DataError as exc:
+                    raise DataError(f"episodes target {name} ({target.root}) {shot}-shot seed {seed}: {exc}; "
+                                    "nothing was written") from None
+                drawn.append((target_list_path(out, name, shot, seed),
+                              {"target": name, "layout": target.layout, "root": target.root,
+                               "classes": list(target_set.classes), "shot": shot, "seed": seed,
+                               "episodes": episodes}))
+    return drawn
 
 
 def load_episode_list(path: str | Path) -> dict[str, Any]:

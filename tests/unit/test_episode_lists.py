@@ -61,3 +61,30 @@ def test_val_seed_equal_to_test_seed_is_refused(voc3, tmp_path, capsys):
 def test_episodes_before_prepare_says_what_to_run(tmp_path, capsys):
     assert main(["episodes", "--params", "none", "--set", f"data.prepared={tmp_path / 'p'}"]) == 2
     assert "run `fssmeta prepare` first" in capsys.readouterr().err
+
+
+def test_a_class_too_small_for_k_shot_is_reported_not_silently_dropped(voc3, tmp_path, capsys):
+    # te02 / te22 / te42 hold class 3: remove two, and class 3 has one test image (no 1-shot episode at all)
+    # ... keep two: enough for 1-shot (a query + 1 support), too few for 2-shot
+    (voc3 / "ImageSets/Segmentation/val.txt").write_text("\n".join(f"te{i:02d}" for i in range(60) if i != 42) + "\n")
+    args = run(tmp_path, voc3)
+    assert main(["prepare", *args]) == 0
+    assert main(["episodes", *args]) == 0
+    out = capsys.readouterr().out
+    assert "warning: fold 0 test: class(es) [3] have fewer than 3 images in the test pool, so no 2-shot episode" in out
+    manifest = json.loads((tmp_path / "episodes" / "manifest.json").read_text())
+    assert len(manifest["warnings"]) == 2  # once per split (test, val), not per seed and order
+    two = load_episode_list(list_path(tmp_path / "episodes", 0, "test", 2, "image", 0))
+    one = load_episode_list(list_path(tmp_path / "episodes", 0, "test", 1, "image", 0))
+    assert two["classes_without_episodes"] == [3] and 3 not in {ep["class_id"] for ep in two["episodes"]}
+    assert one["classes_without_episodes"] == [] and 3 in {ep["class_id"] for ep in one["episodes"]}
+
+
+def test_a_list_that_cannot_be_drawn_names_it_and_writes_nothing(voc3, tmp_path, capsys):
+    args = run(tmp_path, voc3, "--set", "episodes.shots=[1, 3]")  # 3 images per class: no 3-shot episode
+    assert main(["prepare", *args]) == 0
+    assert main(["episodes", *args]) == 2
+    err = capsys.readouterr().err
+    assert "episodes fold 0 test (test pool) 3-shot image seed 0: no image has a class with at least 4 images" in err
+    assert "nothing was written" in err
+    assert not (tmp_path / "episodes").exists()  # not even the 1-shot lists drawn before it
