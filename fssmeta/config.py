@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Counts that must be positive (episodes, shots, batch sizes) or non-negative (0 = "none" / "all"): a
 # negative or zero value is rejected at load with its key path, not found mid-run.
@@ -382,32 +382,6 @@ class Config(Section):
                 if isinstance(node, dict):
                     raise ValueError(f"tune.{field}.{key}: is a section; name one of its settings")
         return self
-
-
-def _expected(error: dict[str, Any]) -> str:
-    kind = error["type"]
-    names = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
-             "tuple_type": "list", "dict_type": "mapping", "model_type": "mapping"}
-    if kind in names:
-        return f"expected {names[kind]}"
-    if kind == "extra_forbidden":
-        return "unknown key"
-    return error["msg"]
-
-
-def format_errors(exc: ValidationError, source: str, prefix: str = "") -> str:
-    """One line per error: the dotted key path (under `prefix`), what was expected and what was given."""
-    lines = [f"{source}: invalid configuration"]
-    for err in exc.errors():
-        path = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
-        if err["type"] == "value_error":  # a validator's own message names the key and the value
-            message = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"  {path}: {message}" if path else f"  {message}")
-            continue
-        got = err.get("input")
-        got_text = "" if err["type"] in ("extra_forbidden", "missing") else f", got {type(got).__name__} {got!r}"
-        lines.append(f"  {path}: {_expected(err)}{got_text}")
-    return "\n".join(lines)
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

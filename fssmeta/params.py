@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fssmeta.config import Config, ConfigError, ModelConfig, config_to_dict, format_errors
+from fssmeta.config import Config, ConfigError, ModelConfig, config_to_dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -21,6 +21,32 @@ class _Loader(yaml.SafeLoader):
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _expected(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    names = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool",
+             "tuple_type": "list", "dict_type": "mapping", "model_type": "mapping"}
+    if kind in names:
+        return f"expected {names[kind]}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    return error["msg"]
+
+
+def format_errors(exc: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per error: the dotted key path (under `prefix`), what was expected and what was given."""
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        path = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]])
+        if err["type"] == "value_error":  # a validator's own message names the key and the value
+            message = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {path}: {message}" if path else f"  {message}")
+            continue
+        got = err.get("input")
+        got_text = "" if err["type"] in ("extra_forbidden", "missing") else f", got {type(got).__name__} {got!r}"
+        lines.append(f"  {path}: {_expected(err)}{got_text}")
+    return "\n".join(lines)
 
 
 def parse_value(text: str) -> Any:
@@ -132,4 +158,7 @@ def fill_method_options(data: dict[str, Any]) -> None:
         if key not in known and key not in with_options:
             raise ConfigError(f"model.{key}: unknown key (method option sections: {', '.join(sorted(with_options))})")
     for key, method in with_options.items():
-        model[key] = config_to_dict(method.options_of_raw(model.get(key) or {}, where=f"model.{key}"))
+        try:
+            model[key] = config_to_dict(method.options.model_validate(model.get(key) or {}))
+        except ValidationError as exc:
+            raise ConfigError(format_errors(exc, f"model.{key} ({key} options)", prefix=f"model.{key}")) from None

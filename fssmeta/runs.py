@@ -66,20 +66,18 @@ def fold_base_classes(cfg: Config, fold: int) -> list[int]:
     return split["base"]
 
 
-def stage1_state(cfg: Config, fold: int) -> dict[str, torch.Tensor]:
-    """The fold's stage-1 PSPNet state dict; a missing one names the command that trains it."""
+def stage1_checkpoint(cfg: Config, fold: int) -> Path:
+    """The fold's stage-1 PSPNet checkpoint; a missing one names the command that trains it."""
     base = base_dir(cfg, fold) / "last.pt"
     if not base.is_file():
         raise DataError(f"{base}: no stage-1 base learner for fold {fold}; run `fssmeta train-base --fold {fold}` first")
-    return read_checkpoint(base)["model"]
+    return base
 
 
 def require_stage1(cfg: Config, fold: int, method: str | None = None) -> None:
     """Fail early (before workers start) when `method` starts from stage 1 and the fold has none."""
     if get_method(method or cfg.model.method).stage1 is not None:
-        base = base_dir(cfg, fold) / "last.pt"
-        if not base.is_file():
-            raise DataError(f"{base}: no stage-1 base learner for fold {fold}; run `fssmeta train-base --fold {fold}` first")
+        stage1_checkpoint(cfg, fold)
 
 
 def fresh_model(cfg: Config, fold: int, shot: int, method: str | None = None) -> nn.Module:
@@ -89,7 +87,7 @@ def fresh_model(cfg: Config, fold: int, shot: int, method: str | None = None) ->
     model = build_model(cfg.model, shot=shot, base_classes=load_fold(cfg.data.prepared, fold)["base"],
                         method=record.key)
     if record.stage1 is not None:
-        record.stage1.load(model, stage1_state(cfg, fold))
+        record.stage1.load(model, read_checkpoint(stage1_checkpoint(cfg, fold))["model"])
     return model
 
 

@@ -55,51 +55,41 @@ def build_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: 
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-class OptimizerSet:
-    """Several named optimisers stepped as one (a method with two optimisers, e.g. SCCAN's): the loop and the
-    checkpoint see `zero_grad`, `step`, `param_groups` (all of them) and one state dict keyed by name."""
+class _NamedSet:
+    """Several named optimisers or schedulers stepped and saved as one (a method with two optimisers, e.g.
+    SCCAN's): one state dict keyed by name."""
 
-    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        self.optimizers = optimizers
+    def __init__(self, members: dict[str, Any]) -> None:
+        self.members = members
+
+    def step(self) -> None:
+        for member in self.members.values():
+            member.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: member.state_dict() for name, member in self.members.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.members):
+            raise ValueError(f"state for {sorted(state)}, expected {sorted(self.members)}")
+        for name, member in self.members.items():
+            member.load_state_dict(state[name])
+
+
+class OptimizerSet(_NamedSet):
+    """Optimisers as the loop sees one: also `zero_grad` and `param_groups` (all of them)."""
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return [g for o in self.optimizers.values() for g in o.param_groups]
+        return [g for o in self.members.values() for g in o.param_groups]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers.values():
+        for o in self.members.values():
             o.zero_grad(set_to_none=set_to_none)
 
-    def step(self) -> None:
-        for o in self.optimizers.values():
-            o.step()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {name: o.state_dict() for name, o in self.optimizers.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != set(self.optimizers):
-            raise ValueError(f"optimiser state for {sorted(state)}, expected {sorted(self.optimizers)}")
-        for name, o in self.optimizers.items():
-            o.load_state_dict(state[name])
-
-
-class SchedulerSet:
-    """The schedulers of an `OptimizerSet`, stepped and saved as one."""
-
-    def __init__(self, schedulers: dict[str, Any]) -> None:
-        self.schedulers = schedulers
-
-    def step(self) -> None:
-        for s in self.schedulers.values():
-            s.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: s.state_dict() for name, s in self.schedulers.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, s in self.schedulers.items():
-            s.load_state_dict(state[name])
+class SchedulerSet(_NamedSet):
+    """The schedulers of an `OptimizerSet`."""
 
 
 def build_optimization(specs: list[OptimizerSpec], total_steps: int) -> tuple[Any, Any]:

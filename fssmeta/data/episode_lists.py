@@ -66,9 +66,10 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
             raise DataError(f"{where}: {exc}; nothing was written") from None
         pools = class_pools(entries)
         dropped = sorted(set(pools) - usable_classes(pools, shot))
-        if dropped and seed == (cfg.test_seeds if split == "test" else cfg.val_seeds)[0] and order == cfg.orders[0]:
-            warnings.append(f"fold {fold} {split}: class(es) {dropped} have fewer than {shot + 1} images in the "
-                            f"{pool} pool, so no {shot}-shot episode holds them")
+        warning = (f"fold {fold} {split}: class(es) {dropped} have fewer than {shot + 1} images in the {pool} "
+                   f"pool, so no {shot}-shot episode holds them")
+        if dropped and warning not in warnings:  # once per fold, split and shot, not per seed and order
+            warnings.append(warning)
         path = list_path(out, fold, split, shot, order, seed)
         drawn.append((path, {"dataset": index["dataset"], "fold": fold, "split": split, "pool": pool,
                              "shot": shot, "order": order, "seed": seed, "protocol": index["protocol"],

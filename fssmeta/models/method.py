@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from torch import nn
 
-from fssmeta.config import SGD_RECIPE, ConfigError, ModelConfig, OptimConfig, format_errors
+from fssmeta.config import SGD_RECIPE, ModelConfig, OptimConfig
 from fssmeta.losses import episode_losses
 
 # build(model_cfg, options, *, shot, base_classes) -> the model, with random (or `model.weights`) backbone
@@ -100,19 +100,10 @@ class Method:
     tiny: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields of a fast 65-px test model
     reference: Reference | None = None
 
-    def options_of_raw(self, raw: dict[str, Any], where: str | None = None) -> BaseModel | None:
-        """Type a raw options mapping; errors name `<where>.<option>`."""
-        if self.options is None:
-            return None
-        try:
-            return self.options.model_validate(raw)
-        except ValidationError as exc:
-            where = where or f"model.{self.key}"
-            raise ConfigError(format_errors(exc, f"{where} ({self.key} options)", prefix=where)) from None
-
     def options_of(self, cfg: ModelConfig) -> BaseModel | None:
-        """This method's typed options from `model.<key>` (defaults where absent)."""
-        return self.options_of_raw(cfg.options(self.key))
+        """This method's typed options from `model.<key>` (defaults where absent; the loader, params.py,
+        has already checked the section and names a bad key by its path)."""
+        return None if self.options is None else self.options.model_validate(cfg.options(self.key))
 
     def training_shot(self, shot: int) -> int:
         """The shots of the training episodes (and of the checkpoint) behind an evaluation at `shot`."""

@@ -132,3 +132,36 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     save_checkpoint(tmp_path / "wide.pt", model=wider)
     with pytest.raises(CheckpointError, match=r"shape: conv.weight \(3, 3, 1, 1\) vs \(2, 3, 1, 1\)"):
         resume(tmp_path / "wide.pt", model=model)
+
+
+def test_two_optimizers_step_and_checkpoint_as_one():
+    """A method with two optimisers (SCCAN's shape) and LR groups (HDMNet's): one set for the loop."""
+    from fssmeta.models.method import OptimizerSpec
+    from fssmeta.train import OptimizerSet, SchedulerSet, build_optimization
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    specs = [OptimizerSpec("heads", [{"params": list(model[0].parameters()), "lr_scale": 10.0}],
+                           OptimConfig(lr=0.01, power=0.0)),
+             OptimizerSpec("attention", [{"params": list(model[1].parameters())}],
+                           OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.01, power=0.9))]
+    optimizer, scheduler = build_optimization(specs, total_steps=4)
+    assert isinstance(optimizer, OptimizerSet) and isinstance(scheduler, SchedulerSet)
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.1), pytest.approx(1e-3)]
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.randn(5, 3)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # constant
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.75 ** 0.9)  # poly
+    state = optimizer.state_dict()
+    assert set(state) == {"heads", "attention"} and "exp_avg" in next(iter(state["attention"]["state"].values()))
+    fresh, fresh_scheduler = build_optimization(specs, total_steps=4)
+    fresh.load_state_dict(state)
+    fresh_scheduler.load_state_dict(scheduler.state_dict())
+    assert fresh.state_dict()["attention"]["state"][0]["step"] == state["attention"]["state"][0]["step"]
+    with pytest.raises(ValueError, match=r"state for \['heads'\], expected \['attention', 'heads'\]"):
+        fresh.load_state_dict({"heads": state["heads"]})
