@@ -55,6 +55,13 @@ class DataConfig(Section):
     # PFENet/BAM small-object rule: a class counts for an image only with >= 2*32*32 pixels. 0 disables it.
     min_object_pixels: int = 2048
     crowd: Literal["foreground", "ignore"] = "foreground"
+    # The query's class in an `image`-order episode (docs/protocol.md section 3): `present` = any fold class
+    # in the query image at any pixel count (PFENet/BAM `__getitem__`); `qualifying` = only the classes that
+    # pass `min_object_pixels` (fssmeta's earlier convention). Supports always follow the small-object rule.
+    query_class: Literal["present", "qualifying"] = "present"
+    # A COCO annotation whose segmentation is `[]`: left out with a warning (counted in the mask cache
+    # manifest), or reported as an error by `prepare`.
+    coco_empty_segmentation: Literal["skip", "error"] = "skip"
     # PASCAL list files (relative to root); lines are `<id>` or `JPEGImages/<id>.jpg SegmentationClassAug/<id>.png`.
     train_lists: tuple[str, ...] = ("ImageSets/Segmentation/train.txt", "ImageSets/SegmentationAug/train_noval.txt")
     test_list: str = "ImageSets/Segmentation/val.txt"
@@ -110,6 +117,10 @@ class EvalConfig(Section):
 
     resolution: Literal["original", "resized"] = "original"
     test_size: Positive = 473
+    # The square canvas at `original` resolution (docs/protocol.md section 4): `pfenet` (test_Resize), `bam`
+    # (BAM's Resize), `mean` (fssmeta's earlier mean-colour canvas), or `method` = the method's own
+    # (`Method.canvas`).
+    canvas: Literal["method", "pfenet", "bam", "mean"] = "method"
     resized_size: Positive = 400
     episode_order: Literal["image", "class"] = "image"
     folds: Annotated[tuple[NonNegative, ...], Field(min_length=1)] = (0, 1, 2, 3)
@@ -157,6 +168,10 @@ class MiningConfig(Section):
     pcl_temperature: float = 1.0
     queue_size: int = 2000  # distractor prototypes kept per class
     queue_sample: int = 1000  # negatives sampled per anchor
+    # As NTRENet's paper and release (docs/methods.md, NTRENet), each with fssmeta's earlier form as the switch:
+    do_prototype: Literal["average", "masked"] = "average"  # DOEM: mean of mask x feature | masked average
+    pcl_form: Literal["paper", "infonce"] = "paper"  # positive left out of the denominator | standard InfoNCE
+    queue_push: Literal["before", "after"] = "before"  # the batch's distractors join the queue before the loss
 
 
 class PSPNetConfig(Section):
@@ -178,6 +193,13 @@ class ModelConfig(Section):
     method: str = "bam"  # a key of fssmeta.models.METHODS
     backbone: Literal["resnet50", "resnet101", "small"] = "small"
     weights: str = ""  # local ImageNet / PSPNet weight file for the backbone; "" = random init
+    # Where a method with a frozen ImageNet backbone (PFENet, NTRENet, the baseline) takes it from: `weights`
+    # (official: `model.weights`) or `stage1` (the fold's stage-1 PSPNet encoder, fssmeta's convention where no
+    # ImageNet weights exist, as on the synthetic default). BAM always takes its encoder from stage 1, as published.
+    backbone_source: Literal["weights", "stage1"] = "weights"
+    # The frozen backbone's BN in training: `method` = each method's official convention (`Method.backbone_bn`:
+    # PFENet and NTRENet leave BN in train mode, BAM fixes it), or `frozen` / `train` for every method.
+    backbone_bn: Literal["method", "frozen", "train"] = "method"
     pspnet: PSPNetConfig = PSPNetConfig()
     memory: MemoryConfig = MemoryConfig()
     mining: MiningConfig = MiningConfig()

@@ -25,6 +25,14 @@ from fssmeta.runs import default_device, evaluation_model
 from fssmeta.train import evaluate
 
 
+def test_transform(cfg: Config, method: str | None = None) -> TestTransform:
+    """The source-domain test transform of `method` (default `model.method`): `eval.resolution` at
+    `eval.size`, on the canvas `eval.canvas` names, or the method's own for `method` (docs/protocol.md
+    section 4)."""
+    canvas = get_method(method or cfg.model.method).test_canvas(cfg.eval.canvas)
+    return TestTransform(cfg.eval.resolution, cfg.eval.size, canvas=canvas)
+
+
 def _summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     mious = [s["miou"] for s in scores]
     fbs = [s["fb_iou"] for s in scores]
@@ -49,7 +57,8 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
             episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
         loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.eval.num_workers)
-        meter = evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress, desc=f"{desc} seed {seed}")
+        meter = evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress, desc=f"{desc} seed {seed}",
+                         score_logits=transform.score_logits)
         per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
         scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
                        "per_class": per_class})
@@ -65,7 +74,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     record = get_method(method)
     index = load_index(cfg.data.prepared)
     source = IndexSource(index)
-    transform = TestTransform(cfg.eval.resolution, cfg.eval.size)
+    transform = test_transform(cfg, method)
     n_classes = folds.num_classes(cfg.data.dataset)
     results: dict[str, Any] = {}
     start = time.perf_counter()
@@ -82,7 +91,8 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
         per_fold = [results[f"fold{f}"][f"{shot}shot"]["miou_mean"] for f in cfg.eval.folds]
         per_fold_fb = [results[f"fold{f}"][f"{shot}shot"]["fbiou_mean"] for f in cfg.eval.folds]
         mean[f"{shot}shot"] = {"miou": statistics.fmean(per_fold), "fb_iou": statistics.fmean(per_fold_fb)}
-    protocol = {**index["protocol"], "resolution": cfg.eval.resolution, "test_size": cfg.eval.size,
+    protocol = {**index["protocol"], "query_class": cfg.data.query_class, "resolution": cfg.eval.resolution,
+                "test_size": cfg.eval.size, "canvas": transform.canvas if cfg.eval.resolution == "original" else "none",
                 "episode_order": cfg.eval.episode_order, "test_seeds": list(cfg.episodes.test_seeds),
                 "episodes_per_list": cfg.eval.episodes or "all",
                 "checkpoint_selection": "validation list" if record.learned else "none",
@@ -143,14 +153,15 @@ def domains(cfg: Config) -> list[str]:
 
 
 def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
-                 progress: bool = False) -> float:
+                 progress: bool = False, method: str | None = None) -> float:
     """Mean mIoU over seeds of `model` on one domain's fixed episodes, for comparing models on the SAME
     episodes (promotion): `source` = the fold's validation list(s), never the test lists; a `data.targets`
-    name = its 1-way target lists (PATNet protocol, `eval.resized_size`)."""
+    name = its 1-way target lists (PATNet protocol, `eval.resized_size`). `method` (default `model.method`)
+    is the model's method, whose canvas `eval.canvas: method` picks."""
     if domain == "source":
         paths = {seed: list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, seed)
                  for seed in cfg.episodes.val_seeds}
-        source, transform = IndexSource(load_index(cfg.data.prepared)), TestTransform(cfg.eval.resolution, cfg.eval.size)
+        source, transform = IndexSource(load_index(cfg.data.prepared)), test_transform(cfg, method)
         scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
                               f"source fold {fold}")
     elif domain in cfg.data.targets:

@@ -191,15 +191,13 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
     The model's device is used as it is; `foreground_mask` turns the probability into the mask."""
     import torch
 
-    from fssmeta.data.transforms import TestTransform
     from fssmeta.episode import Episode
-    from fssmeta.losses import resize_logits
+    from fssmeta.evaluation import test_transform
 
     if query.dtype != np.uint8 or query.ndim != 3 or query.shape[2] != 3:
         raise RequestError(f"query image: expected (H, W, 3) uint8 RGB, got {query.dtype} {query.shape}")
     check_supports(shot, supports, masks)
-    size = cfg.eval.size
-    transform = TestTransform(cfg.eval.resolution, size)
+    transform = test_transform(cfg)
     query_img, query_mask = transform(query, np.zeros(query.shape[:2], np.uint8))
     pairs = [transform(image, mask) for image, mask in zip(supports, masks)]
     device = next(model.parameters()).device
@@ -212,13 +210,7 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
     )
     with torch.inference_mode():
         logits = model(episode).logits.float()  # (1, 2, s, s)
-    height, width = query.shape[:2]
-    if cfg.eval.resolution == "original":
-        # The content sits at the top-left of the square at the same scale (TestTransform.score_mask).
-        side = max(height, width)
-        logits = resize_logits(logits, (side, side))[..., :height, :width]
-    else:
-        logits = resize_logits(logits, (height, width))
+    logits = transform.score_logits(logits, query.shape[:2])  # (1, 2, H, W), as evaluation scores it
     return logits.softmax(dim=1)[0, 1].cpu().numpy().astype(np.float32)  # (H, W)
 
 

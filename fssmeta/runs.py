@@ -76,18 +76,20 @@ def stage1_checkpoint(cfg: Config, fold: int) -> Path:
 
 def require_stage1(cfg: Config, fold: int, method: str | None = None) -> None:
     """Fail early (before workers start) when `method` starts from stage 1 and the fold has none."""
-    if get_method(method or cfg.model.method).stage1 is not None:
+    if get_method(method or cfg.model.method).stage1_for(cfg.model) is not None:
         stage1_checkpoint(cfg, fold)
 
 
 def fresh_model(cfg: Config, fold: int, shot: int, method: str | None = None) -> nn.Module:
     """`method` (default `model.method`) built for `shot` on the fold's base classes, with what its record
-    takes from the fold's stage 1 loaded (nothing when `Method.stage1` is None)."""
+    takes from the fold's stage 1 loaded (`Method.stage1_for`: nothing for a method with no stage 1, or a
+    backbone taken from `model.weights`)."""
     record = get_method(method or cfg.model.method)
+    stage1 = record.stage1_for(cfg.model)
     model = build_model(cfg.model, shot=shot, base_classes=load_fold(cfg.data.prepared, fold)["base"],
                         method=record.key)
-    if record.stage1 is not None:
-        record.stage1.load(model, read_checkpoint(stage1_checkpoint(cfg, fold))["model"])
+    if stage1 is not None:
+        stage1.load(model, read_checkpoint(stage1_checkpoint(cfg, fold))["model"])
     return model
 
 

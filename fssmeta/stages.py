@@ -24,9 +24,10 @@ from fssmeta.data.dataset import (
 )
 from fssmeta.data.episode_lists import list_path, load_episode_list
 from fssmeta.data.io import DataError
-from fssmeta.data.prepare import load_fold, load_index
+from fssmeta.data.prepare import load_fold, load_index, present_classes
 from fssmeta.data.sampler import TrainEpisodeSampler
-from fssmeta.data.transforms import TestTransform, TrainTransform, training_transform
+from fssmeta.data.transforms import TrainTransform, training_transform
+from fssmeta.evaluation import test_transform
 from fssmeta.losses import base_losses
 from fssmeta.models import get_method
 from fssmeta.models.pspnet import build_pspnet
@@ -93,7 +94,7 @@ def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
     # Under DDP each rank scores its share; `evaluate` sums the IoU counts over ranks, so the score is the same.
     episodes = episodes[distributed.rank() :: distributed.world_size()]
     index = load_index(cfg.data.prepared)
-    dataset = EpisodeDataset(episodes, IndexSource(index), TestTransform(cfg.eval.resolution, cfg.eval.size))
+    dataset = EpisodeDataset(episodes, IndexSource(index), test_transform(cfg))
     return episode_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
 
 
@@ -127,7 +128,8 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
     torch.manual_seed(tc.seed)
     model = prepare_model(fresh_model(cfg, fold, tc.shot), device, tc)
     index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
-    sampler = TrainEpisodeSampler([(k, cs) for k, cs in lists["train"]], tc.shot, seed=tc.seed)
+    sampler = TrainEpisodeSampler([(k, cs) for k, cs in lists["train"]], tc.shot, seed=tc.seed,
+                                  present=present_classes(index, cfg.data, lists, "train"))
     dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)),
                                   training_transform(method.transform, cfg.transform),
                                   length=tc.episodes_per_epoch, rank=distributed.rank(),
@@ -147,7 +149,8 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
     def validate(m: torch.nn.Module) -> dict[str, float]:
         if val_loader is None:
             return {}
-        meter = evaluate(m, val_loader, n_classes, amp=cfg.eval.amp, progress=progress, desc="validate")
+        meter = evaluate(m, val_loader, n_classes, amp=cfg.eval.amp, progress=progress, desc="validate",
+                         score_logits=val_loader.dataset.transform.score_logits)
         return {"val_miou": meter.miou(), "val_fbiou": meter.fb_iou()}
 
     loss_fn: LossFn = observe(method.loss) if observe is not None else method.loss

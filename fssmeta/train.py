@@ -151,8 +151,10 @@ def train_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.o
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, amp: bool = False,
-             progress: bool = False, desc: str = "eval", limit: int = 0) -> IoUMeter:
-    """Score fixed episodes: logits upsampled to the query mask's size, argmax, class-wise accumulated IoU.
+             progress: bool = False, desc: str = "eval", limit: int = 0,
+             score_logits: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] = resize_logits) -> IoUMeter:
+    """Score fixed episodes: logits mapped to the query mask's size by `score_logits` (the test transform's
+    `TestTransform.score_logits`; by default a plain upsampling), argmax, class-wise accumulated IoU.
 
     The sums are reduced across ranks, so every rank returns the same meter.
     """
@@ -169,7 +171,7 @@ def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, a
         episode = to_device(episode, device)
         with autocast(device, amp):
             logits = model(episode).logits
-        pred = resize_logits(logits.float(), episode.query_mask.shape[-2:]).argmax(dim=1)
+        pred = score_logits(logits.float(), tuple(episode.query_mask.shape[-2:])).argmax(dim=1)
         meter.update(pred, episode.query_mask, episode.class_id)
     meter.reduce_(distributed.all_reduce_sum)
     model.train(was_training)

@@ -2,7 +2,8 @@
 
 Every evaluation reads these files, so every model is scored on identical episodes. Layout under `out`:
 `fold<k>/<split>_<shot>shot_<order>_seed<seed>.json`, `targets/<name>/test_<shot>shot_seed<seed>.json`,
-and `manifest.json` (written last) naming every file with the protocol it was drawn under.
+and `manifest.json` (written last) naming every file with the protocol it was drawn under: the prepared
+index's record plus `query_class` (`data.query_class`, docs/protocol.md section 3).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from tqdm import tqdm
 
 from fssmeta.config import DataConfig, EpisodesConfig
 from fssmeta.data.io import DataError, read_json, write_json_atomic
-from fssmeta.data.prepare import load_fold, load_index
+from fssmeta.data.prepare import load_fold, load_index, present_classes
 from fssmeta.data.sampler import (
     check_episodes,
     class_pools,
+    episode_classes,
     sample_episodes,
     sample_target_episodes,
-    usable_classes,
 )
 
 
@@ -42,12 +43,14 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
     the 1- and k-shot means then average different class sets."""
     out = Path(out or cfg.out)
     index = load_index(data.prepared)
+    protocol = {**index["protocol"], "query_class": data.query_class}
     jobs = [(fold, split, shot, order, seed)
             for fold in cfg.folds for shot in cfg.shots for order in cfg.orders
             for split, seeds in (("test", cfg.test_seeds), ("val", cfg.val_seeds)) for seed in seeds]
     drawn: list[tuple[Path, dict[str, Any]]] = []
     files, warnings = [], []
     fold_cache: dict[int, dict[str, Any]] = {}
+    present_cache: dict[tuple[int, str], dict[str, list[int]] | None] = {}
     for fold, split, shot, order, seed in tqdm(jobs, desc="episode lists", disable=not progress, unit="list"):
         lists = fold_cache.setdefault(fold, load_fold(data.prepared, fold))
         # Checkpoint selection never looks at the test list's episodes: it uses the separate validation
@@ -57,22 +60,24 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
             raise DataError(f"episodes.val_seeds: seed {seed} is also a test seed; validation would "
                             "repeat test episodes (the dataset has no separate validation pool)")
         entries = [(key, classes) for key, classes in lists[pool]]
+        if (fold, pool) not in present_cache:
+            present_cache[fold, pool] = present_classes(index, data, lists, pool)
+        present = present_cache[fold, pool]
         count = cfg.test_episodes if split == "test" else cfg.val_episodes
         where = f"episodes fold {fold} {split} ({pool} pool) {shot}-shot {order} seed {seed}"
         try:
-            episodes = sample_episodes(entries, shot, count, seed, order)
-            check_episodes(episodes, entries, shot)
+            episodes = sample_episodes(entries, shot, count, seed, order, present=present)
+            check_episodes(episodes, entries, shot, present=present)
         except DataError as exc:
             raise DataError(f"{where}: {exc}; nothing was written") from None
-        pools = class_pools(entries)
-        dropped = sorted(set(pools) - usable_classes(pools, shot))
+        dropped = sorted(set(class_pools(entries)) - episode_classes(entries, shot, order, present))
         warning = (f"fold {fold} {split}: class(es) {dropped} have fewer than {shot + 1} images in the {pool} "
                    f"pool, so no {shot}-shot episode holds them")
         if dropped and warning not in warnings:  # once per fold, split and shot, not per seed and order
             warnings.append(warning)
         path = list_path(out, fold, split, shot, order, seed)
         drawn.append((path, {"dataset": index["dataset"], "fold": fold, "split": split, "pool": pool,
-                             "shot": shot, "order": order, "seed": seed, "protocol": index["protocol"],
+                             "shot": shot, "order": order, "seed": seed, "protocol": protocol,
                              "classes_without_episodes": dropped, "episodes": episodes}))
         files.append({"path": str(path.relative_to(out)), "fold": fold, "split": split, "pool": pool,
                       "shot": shot, "order": order, "seed": seed, "episodes": len(episodes)})
@@ -81,7 +86,7 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
         write_json_atomic(path, payload, indent=None)
     files += [{"path": str(path.relative_to(out)), "target": payload["target"], "shot": payload["shot"],
                "seed": payload["seed"], "episodes": len(payload["episodes"])} for path, payload in targets]
-    manifest = {"protocol": index["protocol"], "fingerprint": index["fingerprint"], "files": files,
+    manifest = {"protocol": protocol, "fingerprint": index["fingerprint"], "files": files,
                 "warnings": warnings}
     write_json_atomic(out / "manifest.json", manifest)
     return manifest

@@ -48,16 +48,26 @@ def load_pools(cfg: DataConfig, progress: bool = True) -> dict[str, list[SampleR
     root = dataset_root(cfg)
     if reader_format(cfg) == "voc":
         return voc_pools(cfg, root)
-    from fssmeta.data.coco import render_coco_masks  # pycocotools only when COCO is asked for
+    # pycocotools only when COCO is asked for
+    from fssmeta.data.coco import COCO_CATEGORY_IDS, CocoProblems, render_coco_masks
 
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found (expected a COCO folder with train2014/, val2014/, annotations/)")
-    cache = Path(cfg.cache_dir) / ("coco" if cfg.dataset == "coco" else "synthetic-coco")
-    return {
-        "train": render_coco_masks(root, "train", cache, cfg.crowd, progress=progress),
-        "test": render_coco_masks(root, "test", cache, cfg.crowd, progress=progress),
-        "val": [],  # COCO has no third pool: validation episodes come from the test pool with their own seeds
-    }
+    if cfg.dataset == "coco":
+        category_ids: tuple[int, ...] = COCO_CATEGORY_IDS
+        cache = Path(cfg.cache_dir) / "coco"
+    else:  # the synthetic COCO layout has its own 20 non-contiguous category ids
+        from fssmeta.data.synthetic import coco_category_id
+
+        category_ids = tuple(coco_category_id(c) for c in range(1, folds.num_classes(cfg.dataset) + 1))
+        cache = Path(cfg.cache_dir) / "synthetic-coco"
+    # one report for both annotation files: a second run must not be the first to see the test split's problems
+    problems = CocoProblems(f"COCO dataset {root}")
+    pools = {split: render_coco_masks(root, split, cache, cfg.crowd, progress, category_ids=category_ids,
+                                      empty_segmentation=cfg.coco_empty_segmentation, problems=problems)
+             for split in ("train", "test")}
+    problems.raise_if_any()
+    return {**pools, "val": []}  # COCO has no third pool: validation episodes come from the test pool's own seeds
 
 
 def count_pixels(ref: SampleRef, num_classes: int) -> dict[str, Any]:
@@ -95,6 +105,19 @@ def qualifying(row: dict[str, Any], classes: list[int], min_pixels: int) -> list
     return [c for c in classes if row["pixels"].get(str(c), 0) >= max(min_pixels, 1)]
 
 
+def present_classes(index: dict[str, Any], cfg: DataConfig, lists: dict[str, Any],
+                    pool: str) -> dict[str, list[int]] | None:
+    """What an `image`-order episode draws its query's class among (`data.query_class`, docs/protocol.md
+    section 3): None = the list's qualifying classes; for `present`, per image of the index pool, the fold's
+    classes (base for `train`, novel for `test` / `val`) it contains at any pixel count, as PFENet's and
+    BAM's `__getitem__` take them from the query mask. An HSNet training list (`train_pool: hsnet`) names
+    the class of each (image, class) line, so it keeps that class."""
+    if cfg.query_class == "qualifying" or (pool == "train" and cfg.train_pool == "hsnet"):
+        return None
+    active = sorted(int(c) for c in lists["base" if pool == "train" else "novel"])
+    return {row["key"]: [c for c in active if str(c) in row["pixels"]] for row in index["pools"][pool]}
+
+
 def fold_lists(index: dict[str, Any], cfg: DataConfig, fold: int) -> dict[str, Any]:
     """Per-fold lists `[key, [qualifying classes]]` for train (base classes) and test / val (novel classes)."""
     split = folds.fold_classes(cfg.dataset, fold, cfg.coco_split)
@@ -123,7 +146,8 @@ def fold_lists(index: dict[str, Any], cfg: DataConfig, fold: int) -> dict[str, A
 
 
 def index_fingerprint(cfg: DataConfig) -> str:
-    relevant = {k: v for k, v in config_to_dict(cfg).items() if k not in ("prepared", "targets")}
+    # query_class is read by the episodes stage only: the prepared index does not depend on it.
+    relevant = {k: v for k, v in config_to_dict(cfg).items() if k not in ("prepared", "targets", "query_class")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

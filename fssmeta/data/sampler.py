@@ -2,14 +2,16 @@
 
 An episode is one class, one query containing it and `shot` distinct supports containing it, each a
 different image from the query (docs/protocol.md section 3). Two orders exist in the field:
-- `image` (PFENet family): walk the image list in order, repeating it; draw the class among the
-  qualifying novel classes of that image, so class frequency follows image frequency;
+- `image` (PFENet family): walk the image list in order, repeating it; draw the class among the classes of
+  that image (every fold class present at any pixel count, as PFENet/BAM do, when `present` is given; else
+  its qualifying classes), so class frequency follows image frequency;
 - `class` (HSNet COCO test): draw the class uniformly, then the query among its images.
+Supports always come from the class's pool, which follows the small-object rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from fssmeta.data.io import DataError
 
 Entry = tuple[str, list[int]]  # (image key, classes that qualify in it)
+Present = Mapping[str, Sequence[int]]  # image key -> the fold classes in it at any pixel count
 
 
 def class_pools(entries: Sequence[Entry]) -> dict[int, list[str]]:
@@ -42,12 +45,48 @@ def usable_classes(pools: dict[int, list[str]], shot: int) -> set[int]:
     return {c for c, keys in pools.items() if len(set(keys)) >= shot + 1}
 
 
+def image_walk(entries: Sequence[Entry], pools: dict[int, list[str]], shot: int,
+               present: Present | None = None) -> list[tuple[str, list[int]]]:
+    """The `image`-order walk: each listed image with the classes its episode may take.
+
+    With `present`, PFENet/BAM's rule: every class of `present[key]` (in the image at any pixel count), not
+    only those passing the small-object rule. Without it, the image's qualifying classes. Either way a class
+    needs `shot` images besides the query in its pool (PFENet's support loop would never end otherwise);
+    images left with no class are dropped.
+    """
+    sizes = {c: len(keys) for c, keys in pools.items()}
+    members = {c: set(keys) for c, keys in pools.items()}
+    walk = []
+    for key, qualifying in entries:
+        if present is None:
+            candidates = qualifying
+        elif key in present:
+            candidates = present[key]
+        else:
+            raise DataError(f"image {key}: no classes recorded for it; re-run `fssmeta prepare`")
+        classes = [int(c) for c in candidates if sizes.get(int(c), 0) - (key in members.get(int(c), ())) >= shot]
+        if classes:
+            walk.append((key, classes))
+    return walk
+
+
+def episode_classes(entries: Sequence[Entry], shot: int, order: str = "image",
+                    present: Present | None = None) -> set[int]:
+    """The classes some `shot`-shot episode of `order` can hold (the others go in `classes_without_episodes`)."""
+    pools = class_pools(entries)
+    if order == "class":
+        return usable_classes(pools, shot)
+    return {c for _, classes in image_walk(entries, pools, shot, present) for c in classes}
+
+
 def sample_episodes(entries: Sequence[Entry], shot: int, count: int, seed: int, order: str = "image",
-                    support_entries: Sequence[Entry] | None = None) -> list[dict[str, Any]]:
+                    support_entries: Sequence[Entry] | None = None,
+                    present: Present | None = None) -> list[dict[str, Any]]:
     """A fixed list of `count` episodes, reproducible from `seed`.
 
     `support_entries` (default: `entries`) is where supports come from; PFENet-family tests draw both
-    from the same test list.
+    from the same test list. `present` (key -> fold classes at any pixel count) switches the `image`
+    order's query class to PFENet/BAM's rule (`data.query_class: present`); the `class` order ignores it.
     """
     if shot < 1 or count < 1:
         raise ValueError(f"shot and count must be >= 1, got shot={shot}, count={count}")
@@ -56,8 +95,7 @@ def sample_episodes(entries: Sequence[Entry], shot: int, count: int, seed: int, 
     rng = np.random.default_rng(seed)
     episodes: list[dict[str, Any]] = []
     if order == "image":
-        walk = [(key, [c for c in classes if c in usable]) for key, classes in entries]
-        walk = [(key, classes) for key, classes in walk if classes]
+        walk = image_walk(entries, pools, shot, present)
         if not walk:
             raise DataError(f"no image has a class with at least {shot + 1} images: cannot form {shot}-shot episodes")
         for i in range(count):
@@ -109,15 +147,23 @@ def sample_target_episodes(by_class: dict[int, list[int]], shot: int, count: int
     return episodes
 
 
-def check_episodes(episodes: Sequence[dict[str, Any]], entries: Sequence[Entry], shot: int) -> None:
-    """Raise DataError unless every episode is valid against the list it claims to come from."""
-    classes_of = {}
+def check_episodes(episodes: Sequence[dict[str, Any]], entries: Sequence[Entry], shot: int,
+                   present: Present | None = None) -> None:
+    """Raise DataError unless every episode is valid against the list it claims to come from: the query is
+    a listed image holding the class (qualifying, or at any pixel count with `present`), every support
+    qualifies for it."""
+    classes_of: dict[str, set[int]] = {}
     for key, classes in entries:
         classes_of.setdefault(key, set()).update(int(c) for c in classes)
     for n, ep in enumerate(episodes):
         keys = [ep["query"], *ep["supports"]]
         if len(ep["supports"]) != shot or len(set(keys)) != len(keys):
             raise DataError(f"episode {n}: needs {shot} distinct supports different from the query, got {keys}")
+        query = ep["query"]
+        if present is not None and query in classes_of:
+            if ep["class_id"] not in {int(c) for c in present.get(query, ())}:
+                raise DataError(f"episode {n}: query {query} does not hold class {ep['class_id']}")
+            keys = keys[1:]
         for key in keys:
             if ep["class_id"] not in classes_of.get(key, ()):
                 raise DataError(f"episode {n}: image {key} does not qualify for class {ep['class_id']}")
@@ -127,12 +173,12 @@ class TrainEpisodeSampler:
     """Draws training episodes on the fly; episode `i` of `epoch` on `rank` depends only on those three
     numbers and the seed, so runs are reproducible and DDP ranks see distinct episodes."""
 
-    def __init__(self, entries: Sequence[Entry], shot: int, seed: int, order: str = "image") -> None:
+    def __init__(self, entries: Sequence[Entry], shot: int, seed: int, order: str = "image",
+                 present: Present | None = None) -> None:
         self.entries = list(entries)
         self.pools = class_pools(self.entries)
         self.usable = usable_classes(self.pools, shot)
-        self.walk = [(k, [c for c in cs if c in self.usable]) for k, cs in self.entries]
-        self.walk = [(k, cs) for k, cs in self.walk if cs]
+        self.walk = image_walk(self.entries, self.pools, shot, present)  # `present`: PFENet/BAM's query class
         if not self.walk:
             raise DataError(f"no training class has at least {shot + 1} images: cannot form {shot}-shot episodes")
         self.shot, self.seed, self.order = shot, seed, order

@@ -1,4 +1,5 @@
-"""Image/mask transforms: PFENet-family training augmentation and the two test resolutions (docs/protocol.md section 4)."""
+"""Image/mask transforms: PFENet-family training augmentation, the two test resolutions and the test canvases
+(docs/protocol.md section 4)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from fssmeta.config import TransformConfig
 from fssmeta.episode import IGNORE_INDEX
+from fssmeta.losses import resize_logits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +28,9 @@ ROTATE_PROB = 0.5
 # PFENet's RandomGaussianBlur is cv2.GaussianBlur(img, (5, 5), 0); sigma 0 means OpenCV's
 # 0.3 * ((5 - 1) * 0.5 - 1) + 0.8 = 1.1.
 BLUR_KERNEL, BLUR_SIGMA = 5, 1.1
+# PFENet's and BAM's test resizes round the content's height and width down to a multiple of 8.
+CONTENT_MULTIPLE = 8
+CANVASES = ("pfenet", "bam", "mean")
 # PFENet's Crop re-draws the random crop (at most 31 more times) while it keeps < 85% of the foreground.
 CROP_KEEP_FRACTION, CROP_REDRAWS = 0.85, 31
 
@@ -138,31 +143,47 @@ def training_transform(kind: Literal["pfenet", "resize"], cfg: TransformConfig) 
 class TestTransform:
     """Deterministic test-time resizing in one of the two published conventions (`eval.resolution`).
 
-    original (PFENet family): the longer side becomes `size` keeping aspect (image bilinear, mask nearest),
-        placed at the top-left of a size x size canvas padded with the mean colour / 255; scored against
-        `score_mask`, the original-resolution mask padded to a square.
+    original (PFENet family): the content keeps its aspect at the top-left of a size x size canvas (image
+        bilinear, mask nearest, mask padding 255), drawn on one of three canvases (`eval.canvas`):
+        pfenet  PFENet's `test_Resize`: an image whose longer side exceeds `size` is scaled so that side is
+                `size`, then both sides are rounded down to a multiple of 8; a smaller image is left unscaled.
+                Black padding in pixel space, so after normalisation the pad is -mean / std.
+        bam     BAM's `Resize` (its configs' `resized_val: True`): always scaled so the longer side is `size`
+                (up or down), both sides rounded down to a multiple of 8; black padding.
+        mean    fssmeta's earlier canvas: always scaled, no rounding, padded with the mean colour (0 after
+                normalisation).
+        Scored against `score_mask`, the original mask, after `score_logits` maps the prediction back.
     resized (HSNet family): image and mask resized to size x size without keeping aspect; scored there.
     """
 
     __test__ = False  # the name starts with "Test": keep pytest from collecting it
 
-    def __init__(self, resolution: Literal["original", "resized"], size: int) -> None:
+    def __init__(self, resolution: Literal["original", "resized"], size: int,
+                 canvas: Literal["pfenet", "bam", "mean"] = "pfenet") -> None:
         if resolution not in ("original", "resized"):
             raise ValueError(f"resolution must be 'original' or 'resized', got {resolution!r}")
+        if canvas not in CANVASES:
+            raise ValueError(f"canvas must be one of {', '.join(CANVASES)}, got {canvas!r}")
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.resolution = resolution
         self.size = size
+        self.canvas = canvas
 
     def content_shape(self, height: int, width: int) -> tuple[int, int]:
         """Height and width the image content occupies in the model input."""
         if self.resolution == "resized":
             return self.size, self.size
-        # PFENet's find_new_hw: the longer side becomes `size`, the other is truncated with int().
-        # (PFENet also rounds both down to a multiple of 8 and skips images already <= size; we do not.)
+        if self.canvas == "pfenet" and max(height, width) <= self.size:
+            return height, width  # test_Resize's find_new_hw returns the original size, not rounded
+        # find_new_hw: the longer side (the height on a tie) becomes `size`, the other is truncated with int().
         if height >= width:
-            return self.size, max(1, int(width * (self.size / height)))
-        return max(1, int(height * (self.size / width))), self.size
+            new_h, new_w = self.size, int(width * (self.size / height))
+        else:
+            new_h, new_w = int(height * (self.size / width)), self.size
+        if self.canvas == "mean":
+            return max(1, new_h), max(1, new_w)
+        return _round_down(new_h), _round_down(new_w)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """image (H, W, 3) uint8 RGB, mask (H, W) uint8 -> model input (3, s, s) float32, (s, s) int64."""
@@ -174,34 +195,54 @@ class TestTransform:
             return _to_tensors(np.asarray(resized, dtype=np.float32) / 255.0, self._resize_mask(mask))
 
         new_h, new_w = self.content_shape(*mask.shape)
-        # cv2 on float32 pixels, as PFENet's test_Resize does.
+        # cv2 on float32 pixels, as PFENet's and BAM's test resizes do (an unscaled image is copied unchanged).
         content = cv2.resize(image.astype(np.float32) / 255.0, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        canvas = np.empty((self.size, self.size, 3), dtype=np.float32)
-        canvas[:] = _MEAN  # normalises to 0
+        canvas = np.zeros((self.size, self.size, 3), dtype=np.float32)  # pfenet / bam: black before normalising
+        if self.canvas == "mean":
+            canvas[:] = _MEAN  # normalises to 0
         canvas[:new_h, :new_w] = content
         mask_canvas = np.full((self.size, self.size), IGNORE_INDEX, dtype=np.uint8)
         mask_canvas[:new_h, :new_w] = cv2.resize(mask, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
         return _to_tensors(canvas, mask_canvas)
 
     def score_mask(self, mask: np.ndarray) -> torch.Tensor:
-        """The ground truth predictions are scored against, (h', w') int64.
-
-        original: the original mask padded bottom/right with 255 to a square of its longer side L; logits
-            of size x size upsampled bilinearly to L x L (PFENet: align_corners=True) line up with it,
-            since the content sits at the top-left of both with the same scale.
-        resized: the mask resized nearest to size x size.
-        """
+        """The ground truth predictions are scored against, (h', w') int64: the original (H, W) mask at
+        `original` resolution, the mask resized nearest to size x size at `resized`."""
         if mask.dtype != np.uint8 or mask.ndim != 2:
             raise ValueError(f"mask must be uint8 (H, W), got {mask.dtype} {mask.shape}")
         if self.resolution == "resized":
             return torch.from_numpy(self._resize_mask(mask).astype(np.int64))
-        height, width = mask.shape
-        side = max(height, width)
-        square = np.full((side, side), IGNORE_INDEX, dtype=np.int64)
-        square[:height, :width] = mask
-        return torch.from_numpy(square)
+        return torch.from_numpy(mask.astype(np.int64))
+
+    def score_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Model logits (B, K, h, w) over the whole input -> (B, K, H', W') aligned with `score_mask` of
+        size (H', W'); bilinear with align_corners=True, as the PFENet family upsamples its predictions.
+
+        original, pfenet / bam: the logits are cropped to the content (rounded to multiples of 8, or an
+            unscaled image) and that crop is upsampled to the original (H, W).
+        original, mean: fssmeta's earlier scoring, unchanged: the whole canvas upsampled to the longer side L
+            and cut to (H, W) (the content has the same scale along both axes there).
+        resized: upsampled to (H', W').
+        """
+        height, width = size
+        if self.resolution == "resized":
+            return resize_logits(logits, (height, width))
+        if self.canvas == "mean":
+            side = max(height, width)
+            return resize_logits(logits, (side, side))[..., :height, :width]
+        new_h, new_w = self.content_shape(height, width)
+        # Logits at a lower resolution than the input hold the content in the same fraction of the canvas.
+        rows = max(1, round(new_h * logits.shape[-2] / self.size))
+        cols = max(1, round(new_w * logits.shape[-1] / self.size))
+        return resize_logits(logits[..., :rows, :cols], (height, width))
 
     def _resize_mask(self, mask: np.ndarray) -> np.ndarray:
         as_float = torch.from_numpy(mask).float()[None, None]  # (1, 1, H, W)
         resized = F.interpolate(as_float, size=(self.size, self.size), mode="nearest")
         return resized[0, 0].numpy().astype(np.uint8)
+
+
+def _round_down(side: int) -> int:
+    """PFENet's and BAM's `(int(side / 8)) * 8`. A side under 8 (a sliver, where theirs would fail on a zero
+    size) is kept as it is."""
+    return side // CONTENT_MULTIPLE * CONTENT_MULTIPLE or max(1, side)

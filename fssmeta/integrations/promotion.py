@@ -167,8 +167,9 @@ def score_version(cfg: Config, *, version: str, domain: str, name: str | None = 
     from fssmeta.evaluation import score_domain
 
     name = name or cfg.mlflow.registered_model
-    model, _, info = load_logged_model(cfg.mlflow, f"models:/{name}/{version}")
-    return score_domain(cfg, model, domain, fold=int(info["fold"]), shot=int(info["shot"]))
+    model, model_cfg, info = load_logged_model(cfg.mlflow, f"models:/{name}/{version}")
+    return score_domain(cfg, model, domain, fold=int(info["fold"]), shot=int(info["shot"]),
+                        method=model_cfg.model.method)
 
 
 def decision_dict(decision: Decision) -> dict[str, Any]:

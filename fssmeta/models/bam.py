@@ -1,10 +1,10 @@
 """BAM (Lang et al., CVPR 2022): a frozen PSPNet base learner ensembled with a PFENet-style meta learner.
 
-Follows chunbolang/BAM `model/BAM.py`. Two deliberate differences, both marked approximate:
-- `logits` are BAM's `final_out` itself (the ensembled probability-like maps), because BAM applies
-  CrossEntropyLoss straight to them; softmax(logits) is therefore exactly what BAM's loss and argmax see.
-- the whole base learner is in eval mode; BAM's trainer only fixes BN, leaving the base head's Dropout2d(0.1)
-  active while meta-training (our base map is deterministic).
+Follows chunbolang/BAM `model/BAM.py`. `logits` are BAM's `final_out` itself (the ensembled
+probability-like maps), because BAM applies CrossEntropyLoss straight to them; softmax(logits) is therefore
+exactly what BAM's loss and argmax see. In training the base learner is frozen as BAM's trainer leaves it:
+BN fixed (`fix_bn`; `model.backbone_bn`), the base head's Dropout2d(0.1) active (`model.bam.base_dropout`;
+false keeps the whole base learner in eval mode, a deterministic base map, fssmeta's earlier convention).
 
 fssmeta's flagship is this BAM with two switches from params (all four combinations are valid):
 `model.memory.enabled` restyles the mid-level features with the RMT meta-memory (models/memory.py) and
@@ -40,6 +40,7 @@ class BAMOptions(Section):
     aspp_dilations: tuple[int, ...] = (6, 12, 18)  # meta-learner ASPP, at a 473 input
     dropout: float = 0.1  # classifier heads
     feature_dropout: float = 0.5  # down_query / down_supp (the official constant)
+    base_dropout: bool = True  # the frozen base head's Dropout2d active in meta-training, as BAM's trainer leaves it
 
 
 class BAM(nn.Module):
@@ -47,8 +48,11 @@ class BAM(nn.Module):
 
     def __init__(self, *, base_learner: PSPNet, base_classes: list[int], reduce_dim: int = 256,
                  aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, feature_dropout: float = 0.5,
-                 shot: int = 1, memory: MemoryTransfer | None = None, mining: MiningConfig | None = None) -> None:
+                 shot: int = 1, memory: MemoryTransfer | None = None, mining: MiningConfig | None = None,
+                 backbone_bn: str = "frozen", base_dropout: bool = True) -> None:
         super().__init__()
+        self.backbone_bn = backbone_bn  # "frozen" (BAM's fix_bn) | "train": the base learner's BN in training
+        self.base_dropout = base_dropout
         if len(base_classes) + 1 != base_learner.num_classes:
             raise ValueError(f"BAM: {len(base_classes)} base classes but the base learner predicts "
                              f"{base_learner.num_classes} channels (expected 1 + number of base classes)")
@@ -76,7 +80,7 @@ class BAM(nn.Module):
             self.bgem = ntm.BackgroundElimination(reduce_dim)
             self.init_res = ops.residual_pair(reduce_dim)
             self.init_cls = ops.classifier(reduce_dim, dropout)
-            self.doem = ntm.DistractorElimination(reduce_dim)
+            self.doem = ntm.DistractorElimination(reduce_dim, mining.do_prototype)
             self.queue = ntm.DistractorQueue(reduce_dim, mining.queue_size, mining.queue_sample)
         self.ensemble.add_kshot_weights()  # last, as BAM creates it: the same random initialisation
 
@@ -87,7 +91,12 @@ class BAM(nn.Module):
 
     def train(self, mode: bool = True) -> BAM:
         super().train(mode)
-        self.base_learner.eval()  # frozen BN statistics and a deterministic base map
+        self.base_learner.eval()  # frozen: no gradients, fixed BN statistics, a deterministic base map ...
+        if mode:  # ... except what BAM's trainer leaves in train mode
+            for module in self.base_learner.modules():
+                if (isinstance(module, nn.modules.batchnorm._BatchNorm) and self.backbone_bn == "train") or (
+                        isinstance(module, nn.Dropout2d) and self.base_dropout):
+                    module.train()
         return self
 
     def base_map(self, query_layer4: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
@@ -159,14 +168,18 @@ class BAM(nn.Module):
     def _contrast(self, query_feat: torch.Tensor, meta_logits: torch.Tensor, prototype: torch.Tensor,
                   class_id: torch.Tensor, distractors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Weighted PCL: anchor = query prototype under the predicted foreground, positive = the support
-        prototype, negatives = this class's queued distractor prototypes; then this batch's distractors join
-        the queue (after the loss, so an episode is never its own negative)."""
+        prototype, negatives = this class's queued distractor prototypes. This batch's distractors join the
+        queue before the loss (NTRENet's order, `model.mining.queue_push: before`) or after it."""
+        cfg = self.mining
+        if cfg.queue_push == "before":
+            self.queue.push(class_id, *distractors)
         predicted = meta_logits.argmax(dim=1).to(query_feat.dtype)  # (B, h, w), no gradient through argmax
         anchor = ops.masked_average_pool(query_feat, predicted)  # (B, D)
         negatives = [self.queue.negatives(int(c)) for c in class_id]
-        loss = ntm.prototypical_contrastive_loss(anchor, prototype, negatives, self.mining.pcl_temperature)
-        self.queue.push(class_id, *distractors)
-        return self.mining.pcl_weight * loss
+        loss = ntm.prototypical_contrastive_loss(anchor, prototype, negatives, cfg.pcl_temperature, cfg.pcl_form)
+        if cfg.queue_push == "after":
+            self.queue.push(class_id, *distractors)
+        return cfg.pcl_weight * loss
 
 
 def build(cfg: ModelConfig, options: BAMOptions, *, shot: int, base_classes: list[int]) -> BAM:
@@ -176,12 +189,13 @@ def build(cfg: ModelConfig, options: BAMOptions, *, shot: int, base_classes: lis
                aspp_dilations=options.aspp_dilations, dropout=options.dropout,
                feature_dropout=options.feature_dropout, shot=shot,
                memory=build_memory(cfg.memory, mid_channels(base_learner.backbone)),
-               mining=cfg.mining if cfg.mining.enabled else None)
+               mining=cfg.mining if cfg.mining.enabled else None, backbone_bn=METHOD.bn_mode(cfg),
+               base_dropout=options.base_dropout)
 
 
 METHOD = Method(
     key="bam", build=build, options=BAMOptions, stage1=Stage1("base_learner"), parts=frozenset({"memory", "mining"}),
     summary="base-learner / meta-learner ensemble (CVPR 2022); with model.memory / model.mining: the flagship",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "bam": {"reduce_dim": 32, "aspp_dilations": (1, 2, 3)}},
-    reference=Reference(4_917_254, {"backbone": "resnet50"}, published="4.92M (+27 at 5 shots)"),
+    reference=Reference(4_917_254, {"backbone": "resnet50"}, published="4.92M (+27 at 5 shots)"), canvas="bam",
 )

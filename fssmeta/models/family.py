@@ -12,10 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fssmeta.config import SGD_RECIPE
 from fssmeta.episode import DIAGNOSTIC_PREFIX, Episode
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet
 from fssmeta.models.memory import MemoryTransfer
+
+# PFENet's PASCAL recipe: base_lr 0.0025 with every parameter group at 10x (its poly schedule, index_split -1),
+# an effective 0.025 at its batch of 4; SGD momentum 0.9, weight decay 1e-4, poly 0.9. NTRENet trains the same.
+PFENET_RECIPE = SGD_RECIPE.model_copy(update={"lr": 0.025})
 
 
 class SupportFeatures(NamedTuple):
@@ -114,11 +119,16 @@ def mid_channels(backbone: ResNet) -> int:
 
 
 class FrozenBackboneModel(nn.Module):
-    """Base of the meta learners over a frozen `self.backbone`: `train()` keeps it in eval mode."""
+    """Base of the meta learners over a frozen `self.backbone` (no gradients). `backbone_bn` is the BN
+    convention in training (`Method.bn_mode`): "frozen" keeps the backbone in eval mode (fixed running
+    statistics); "train" leaves its BN in train mode, as PFENet's and NTRENet's official trainers do (batch
+    statistics, running averages updated under no_grad). Evaluation is eval mode either way."""
 
     backbone: nn.Module
+    backbone_bn: str = "frozen"
 
     def train(self, mode: bool = True) -> FrozenBackboneModel:
         super().train(mode)
-        self.backbone.eval()  # frozen BN: ImageNet running statistics stay fixed (PFENet's fix_bn)
+        if self.backbone_bn == "frozen":
+            self.backbone.eval()
         return self

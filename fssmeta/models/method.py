@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from fssmeta.config import SGD_RECIPE, ModelConfig, OptimConfig
+from fssmeta.config import SGD_RECIPE, ConfigError, ModelConfig, OptimConfig
 from fssmeta.losses import episode_losses
 
 # build(model_cfg, options, *, shot, base_classes) -> the model, with random (or `model.weights`) backbone
@@ -97,6 +97,13 @@ class Method:
     loss: LossFn = episode_losses  # (model, episode) -> the loss dict the loop sums (diag_* logged only)
     learned: bool = True  # False: nothing to train (the non-learned baseline)
     parts: frozenset[str] = frozenset()  # the family parts it takes: "memory" (model.memory), "mining" (model.mining)
+    # The frozen backbone's BN while training, as the official trainer leaves it (`model.backbone_bn: method`):
+    # "frozen" = eval mode (running statistics fixed, BAM's fix_bn), "train" = batch statistics and running
+    # averages updated under no_grad (PFENet's and NTRENet's trainers, which never fix BN).
+    backbone_bn: Literal["frozen", "train"] = "frozen"
+    # The test canvas at `eval.resolution: original` under `eval.canvas: method` (docs/protocol.md section 4):
+    # "pfenet" = PFENet's test_Resize (images up to the test size unscaled), "bam" = BAM's Resize.
+    canvas: Literal["pfenet", "bam"] = "pfenet"
     tiny: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields of a fast 65-px test model
     reference: Reference | None = None
 
@@ -104,6 +111,26 @@ class Method:
         """This method's typed options from `model.<key>` (defaults where absent; the loader, params.py,
         has already checked the section and names a bad key by its path)."""
         return None if self.options is None else self.options.model_validate(cfg.options(self.key))
+
+    def bn_mode(self, cfg: ModelConfig) -> Literal["frozen", "train"]:
+        """The backbone BN convention a run uses: `model.backbone_bn`, or this method's own for `method`."""
+        return self.backbone_bn if cfg.backbone_bn == "method" else cfg.backbone_bn
+
+    def test_canvas(self, setting: str) -> str:
+        """The test canvas a run uses: `eval.canvas` (`setting`), or this method's own for `method`."""
+        return self.canvas if setting == "method" else setting
+
+    def stage1_for(self, cfg: ModelConfig) -> Stage1 | None:
+        """What this run takes from the fold's stage 1: a base learner always; a backbone only with
+        `model.backbone_source: stage1`. With `weights` the backbone is `model.weights`, which must be set
+        (a randomly initialised frozen backbone would train nothing meaningful)."""
+        if self.stage1 is None or self.stage1.part != "backbone" or cfg.backbone_source == "stage1":
+            return self.stage1
+        if not cfg.weights:
+            raise ConfigError(f"model.backbone_source: `weights` (the official frozen ImageNet backbone of "
+                              f"{self.key}) needs model.weights, a local weights file; set "
+                              "model.backbone_source: stage1 to borrow the fold's stage-1 PSPNet encoder instead")
+        return None
 
     def training_shot(self, shot: int) -> int:
         """The shots of the training episodes (and of the checkpoint) behind an evaluation at `shot`."""

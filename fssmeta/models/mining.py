@@ -102,20 +102,23 @@ def distractor_mask(bg_logits: Tensor, init_logits: Tensor) -> Tensor:
 
 
 class DistractorElimination(nn.Module):
-    """DOEM's merge: concat(feature, tiled distracting-object prototype) -> 1x1 conv (no bias) -> ReLU."""
+    """DOEM's merge: concat(feature, tiled distracting-object prototype) -> 1x1 conv (no bias) -> ReLU.
 
-    def __init__(self, dim: int) -> None:
+    `prototype`: "average" (NTRENet's: the mean of mask x feature over ALL pixels, so it shrinks with the
+    distractor's area) or "masked" (sum / (area + 5e-4), `model.mining.do_prototype: masked`)."""
+
+    def __init__(self, dim: int, prototype: str = "average") -> None:
         super().__init__()
         self.merge = nn.Sequential(nn.Conv2d(2 * dim, dim, 1, bias=False), nn.ReLU(inplace=True))
+        self.prototype = prototype
 
     def forward(self, feat: Tensor, query_feat: Tensor, do_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(B, D, h, w) feature to merge into, (B, D, h, w) query feature, (B, 1, h, w) 0/1 mask ->
-        ((B, D, h, w) merged feature, (B, D) distractor prototype; zero where the mask is empty).
-
-        The prototype is a masked average (sum / (area + 5e-4)); approximate: the official code averages
-        mask * feature over ALL pixels, which shrinks the prototype with the distractor's area.
-        """
-        do_prototype = masked_average_pool(query_feat, do_mask)  # (B, D)
+        ((B, D, h, w) merged feature, (B, D) distractor prototype; zero where the mask is empty)."""
+        if self.prototype == "average":
+            do_prototype = (query_feat * do_mask).mean(dim=(2, 3))  # (B, D)
+        else:
+            do_prototype = masked_average_pool(query_feat, do_mask)
         merged = self.merge(torch.cat([feat, _tiled(do_prototype, feat)], 1))
         return merged, do_prototype
 
@@ -168,13 +171,17 @@ class DistractorQueue:
         return sum(t.shape[0] for t in self._store.values())
 
 
-def prototypical_contrastive_loss(anchor: Tensor, positive: Tensor, negatives: list[Tensor],
-                                  temperature: float = 1.0) -> Tensor:
-    """InfoNCE over cosine similarities: (B, D) anchors, (B, D) positives, B tensors (k_b, D) -> scalar.
+PCL_EPS = 1e-8  # NTRENet's: inside the log of the paper form
 
-    mean over b of -log(exp(s_pos) / (exp(s_pos) + sum_k exp(s_neg_k))), s = cosine / temperature. With no
-    negatives a term is exactly 0 (still part of the graph). Approximate: the official code leaves the
-    positive out of the denominator and adds 1e-8 inside the log; this is the standard InfoNCE form.
+
+def prototypical_contrastive_loss(anchor: Tensor, positive: Tensor, negatives: list[Tensor],
+                                  temperature: float = 1.0, form: str = "paper") -> Tensor:
+    """PCL over cosine similarities: (B, D) anchors, (B, D) positives, B tensors (k_b, D) -> scalar, the
+    mean over b, s = cosine / temperature, of
+    - "paper" (NTRENet's paper and release): -log(exp(s_pos) / sum_k exp(s_neg_k) + 1e-8), the positive
+      left out of the denominator;
+    - "infonce": -log(exp(s_pos) / (exp(s_pos) + sum_k exp(s_neg_k))), the standard form.
+    With no negatives a term is exactly 0 (still part of the graph).
     """
     anchor_unit = F.normalize(anchor.float(), dim=-1)  # (B, D); a zero vector stays zero, no NaN
     positive_unit = F.normalize(positive.float(), dim=-1)
@@ -183,5 +190,11 @@ def prototypical_contrastive_loss(anchor: Tensor, positive: Tensor, negatives: l
         pos = (anchor_unit[b] * positive_unit[b]).sum()[None]  # (1,)
         neg_sim = F.normalize(neg.to(anchor_unit), dim=-1) @ anchor_unit[b]  # (k_b,)
         logits = torch.cat([pos, neg_sim]) / temperature  # (1 + k_b,)
-        terms.append(torch.logsumexp(logits, dim=0) - logits[0])
+        if form == "infonce":
+            terms.append(torch.logsumexp(logits, dim=0) - logits[0])
+        elif neg.shape[0] == 0:
+            terms.append(logits[0] * 0)
+        else:
+            ratio = torch.exp(logits[0] - torch.logsumexp(logits[1:], dim=0))
+            terms.append(-torch.log(ratio + PCL_EPS))
     return torch.stack(terms).mean()

@@ -9,12 +9,13 @@ published. Approximate (open in the paper / code, or deliberately different):
 - PCL positive = the support prototype used by the segmentation path (mask resized bilinearly), where the
   official code re-pools with a nearest-resized mask; anchor = masked average of the query feature under
   the final prediction's argmax at feature size, as officially.
-- the queue receives the batch's distractor prototypes AFTER the loss, so a batch is never its own negative
-  (officially they are pushed first); which ones: as officially, per query and per support shot, the
-  masked average of the reduced feature where the background map says "not background" and the ground
-  truth says "not the class" (the per-scale DOEM prototypes use the initial prediction instead).
-- the DOEM prototype is a masked average (mining.DistractorElimination), officially a plain average of
-  mask * feature; PCL is the standard InfoNCE (positive in the denominator); see models/mining.py.
+- the queue receives, as officially, per query and per support shot, the masked average of the reduced
+  feature where the background map says "not background" and the ground truth says "not the class" (the
+  per-scale DOEM prototypes use the initial prediction instead), and only non-empty ones (officially an
+  empty mask pushes a zero vector).
+As the paper and release, each with a switch keeping fssmeta's earlier form (`model.mining`): the DOEM
+prototype is the plain average of mask x feature (`do_prototype`), PCL leaves the positive out of the
+denominator (`pcl_form`), and the batch's distractors join the queue before the loss (`queue_push`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fssmeta.episode import Episode, SegOutput
 from fssmeta.losses import cross_entropy, resize_logits
 from fssmeta.models import mining, ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
-from fssmeta.models.family import FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.family import PFENET_RECIPE, FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
 from fssmeta.models.memory import MemoryTransfer, build_memory
 from fssmeta.models.method import Method, Reference, Stage1
 
@@ -58,9 +59,10 @@ class NTRENet(FrozenBackboneModel):
 
     def __init__(self, *, backbone: ResNet, mining_cfg: MiningConfig, reduce_dim: int = 256,
                  pyramid_bins: tuple[int, ...] = (60, 30, 15, 8), dropout: float = 0.1, feature_dropout: float = 0.5,
-                 shot: int = 1, memory: MemoryTransfer | None = None) -> None:
+                 shot: int = 1, memory: MemoryTransfer | None = None, backbone_bn: str = "frozen") -> None:
         super().__init__()
         self.backbone = freeze_(backbone)
+        self.backbone_bn = backbone_bn  # "frozen" | "train" (FrozenBackboneModel)
         self.memory = memory  # RMT feature restyling (models/memory.py), or None
         self.pyramid_bins = tuple(pyramid_bins)
         self.shot = shot  # shots it is trained for; forward averages over however many an episode has
@@ -75,7 +77,7 @@ class NTRENet(FrozenBackboneModel):
         self.init_merge = nn.ModuleList(ops.merge_conv(2 * reduce_dim + 1, reduce_dim) for _ in pyramid_bins)
         self.initial_conv = nn.ModuleList(ops.residual_pair(reduce_dim) for _ in pyramid_bins)
         self.initial_cls = nn.ModuleList(ops.classifier(reduce_dim, dropout) for _ in pyramid_bins)
-        self.do_merge = nn.ModuleList(mining.DistractorElimination(reduce_dim) for _ in pyramid_bins)
+        self.do_merge = nn.ModuleList(mining.DistractorElimination(reduce_dim, mining_cfg.do_prototype) for _ in pyramid_bins)
         # PFENet's inter-scale path and final head.
         self.alpha_conv = nn.ModuleList(
             nn.Sequential(nn.Conv2d(2 * reduce_dim, reduce_dim, 1, bias=False), nn.ReLU())
@@ -136,33 +138,42 @@ class NTRENet(FrozenBackboneModel):
 
     def mining_losses(self, episode: Episode, query_feat: torch.Tensor, supp_feat: torch.Tensor,
                       prototype: torch.Tensor, bg_logits: torch.Tensor, final: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted BG loss and PCL; then pushes this batch's distractor prototypes to the queue.
+        """Weighted BG loss and PCL; this batch's distractor prototypes join the queue before the loss (NTRENet,
+        `model.mining.queue_push: before`: an episode's own distractors are among its negatives) or after it.
 
         query_feat (B, D, h, w), supp_feat (B*S, D, h, w), prototype (B, D), bg_logits and final (B, 2, h, w).
         """
         B, S = episode.support_imgs.shape[:2]
-        support_masks = episode.support_masks.flatten(0, 1)  # (B*S, H, W)
         supp_bg_logits = self.background(supp_feat)  # (B*S, 2, h, w)
         shot_bg = supp_bg_logits.view(B, S, *supp_bg_logits.shape[1:])
         bg_terms = [mining.background_loss(bg_logits, episode.query_mask)]
         bg_terms += [mining.background_loss(shot_bg[:, s], episode.support_masks[:, s]) for s in range(S)]
 
+        w = self.mining_cfg
+        if w.queue_push == "before":
+            self._push_distractors(episode, query_feat, supp_feat, bg_logits, supp_bg_logits)
         predicted_fg = final.argmax(dim=1, keepdim=True).to(query_feat.dtype)  # (B, 1, h, w), no gradient
         anchor = ops.masked_average_pool(query_feat, predicted_fg)  # (B, D)
         negatives = [self.distractor_queue.negatives(int(c)) for c in episode.class_id]
-        pcl = mining.prototypical_contrastive_loss(anchor, prototype, negatives, self.mining_cfg.pcl_temperature)
-
-        with torch.no_grad():
-            query_do = label_distractor_mask(bg_logits, episode.query_mask)  # (B, 1, h, w)
-            supp_do = label_distractor_mask(supp_bg_logits, support_masks)  # (B*S, 1, h, w)
-            do_prototypes = torch.cat([ops.masked_average_pool(query_feat, query_do),
-                                       ops.masked_average_pool(supp_feat, supp_do)])  # (B + B*S, D)
-            valid = torch.cat([query_do.flatten(1).sum(1), supp_do.flatten(1).sum(1)]) > 0  # (B + B*S,)
-            class_ids = torch.cat([episode.class_id, episode.class_id.repeat_interleave(S)])
-            self.distractor_queue.push(class_ids, do_prototypes, valid)
-
-        w = self.mining_cfg
+        pcl = mining.prototypical_contrastive_loss(anchor, prototype, negatives, w.pcl_temperature, w.pcl_form)
+        if w.queue_push == "after":
+            self._push_distractors(episode, query_feat, supp_feat, bg_logits, supp_bg_logits)
         return {"bg": w.bg_weight * torch.stack(bg_terms).mean(), "pcl": w.pcl_weight * pcl}
+
+    @torch.no_grad()
+    def _push_distractors(self, episode: Episode, query_feat: torch.Tensor, supp_feat: torch.Tensor,
+                          bg_logits: torch.Tensor, supp_bg_logits: torch.Tensor) -> None:
+        """Per query and support shot, the masked average of the reduced feature where the background map
+        says "not background" and the ground truth "not the class", into the class's queue (non-empty only)."""
+        S = episode.support_imgs.shape[1]
+        support_masks = episode.support_masks.flatten(0, 1)  # (B*S, H, W)
+        query_do = label_distractor_mask(bg_logits, episode.query_mask)  # (B, 1, h, w)
+        supp_do = label_distractor_mask(supp_bg_logits, support_masks)  # (B*S, 1, h, w)
+        do_prototypes = torch.cat([ops.masked_average_pool(query_feat, query_do),
+                                   ops.masked_average_pool(supp_feat, supp_do)])  # (B + B*S, D)
+        valid = torch.cat([query_do.flatten(1).sum(1), supp_do.flatten(1).sum(1)]) > 0  # (B + B*S,)
+        class_ids = torch.cat([episode.class_id, episode.class_id.repeat_interleave(S)])
+        self.distractor_queue.push(class_ids, do_prototypes, valid)
 
 
 def build(cfg: ModelConfig, options: NTRENetOptions, *, shot: int, base_classes: list[int]) -> NTRENet:
@@ -172,12 +183,13 @@ def build(cfg: ModelConfig, options: NTRENetOptions, *, shot: int, base_classes:
     return NTRENet(backbone=backbone, mining_cfg=cfg.mining, reduce_dim=options.reduce_dim,
                    pyramid_bins=options.pyramid_bins, dropout=options.dropout,
                    feature_dropout=options.feature_dropout, shot=shot,
-                   memory=build_memory(cfg.memory, mid_channels(backbone)))
+                   memory=build_memory(cfg.memory, mid_channels(backbone)), backbone_bn=METHOD.bn_mode(cfg))
 
 
 METHOD = Method(
     key="ntrenet", build=build, options=NTRENetOptions, stage1=Stage1("backbone"),
     parts=frozenset({"memory", "mining"}),  # mines always; `model.mining` gives its weights
+    backbone_bn="train", recipe=PFENET_RECIPE,  # NERTNet's train.py never fixes BN
     summary="non-target region elimination: background and distracting-object mining (CVPR 2022)",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "ntrenet": {"reduce_dim": 32, "pyramid_bins": (9, 5, 3, 2)}},
     reference=Reference(20_846_868, {"backbone": "resnet50"}, published="~20.9M"),

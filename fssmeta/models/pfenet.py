@@ -16,7 +16,7 @@ from fssmeta.config import ModelConfig, Section
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
-from fssmeta.models.family import FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.family import PFENET_RECIPE, FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
 from fssmeta.models.memory import MemoryTransfer, build_memory
 from fssmeta.models.method import Method, Reference, Stage1
 
@@ -31,13 +31,14 @@ class PFENetOptions(Section):
 
 
 class PFENet(FrozenBackboneModel):
-    """Prior-guided feature enrichment network; the backbone is frozen and kept in eval mode."""
+    """Prior-guided feature enrichment network over a frozen backbone (BN convention: `backbone_bn`)."""
 
     def __init__(self, *, backbone: ResNet, reduce_dim: int = 256, pyramid_bins: tuple[int, ...] = (60, 30, 15, 8),
                  dropout: float = 0.1, feature_dropout: float = 0.5, shot: int = 1,
-                 memory: MemoryTransfer | None = None) -> None:
+                 memory: MemoryTransfer | None = None, backbone_bn: str = "frozen") -> None:
         super().__init__()
         self.backbone = freeze_(backbone)
+        self.backbone_bn = backbone_bn  # "frozen" | "train" (FrozenBackboneModel)
         self.memory = memory  # RMT feature restyling (models/memory.py), or None
         self.pyramid_bins = tuple(pyramid_bins)
         self.shot = shot  # shots it is trained for; forward averages over however many an episode has
@@ -93,11 +94,12 @@ def build(cfg: ModelConfig, options: PFENetOptions, *, shot: int, base_classes: 
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
     return PFENet(backbone=backbone, reduce_dim=options.reduce_dim, pyramid_bins=options.pyramid_bins,
                   dropout=options.dropout, feature_dropout=options.feature_dropout, shot=shot,
-                  memory=build_memory(cfg.memory, mid_channels(backbone)))
+                  memory=build_memory(cfg.memory, mid_channels(backbone)), backbone_bn=METHOD.bn_mode(cfg))
 
 
 METHOD = Method(
     key="pfenet", build=build, options=PFENetOptions, stage1=Stage1("backbone"), parts=frozenset({"memory"}),
+    backbone_bn="train", recipe=PFENET_RECIPE,  # PFENet's train.py never fixes BN
     summary="prior mask + multi-scale feature enrichment (TPAMI 2020)",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32}, "pfenet": {"reduce_dim": 32, "pyramid_bins": (9, 5, 3, 2)}},
     reference=Reference(10_817_034, {"backbone": "resnet50"}, published="10.8M"),

@@ -35,13 +35,16 @@ def test_shapes():
     assert bgem(feat, bgmm.prototype()).shape == (3, 8, 5, 6)
     assert bgem(feat, torch.randn(3, 8)).shape == (3, 8, 5, 6)
 
-    doem = mining.DistractorElimination(8)
     mask = torch.zeros(3, 1, 5, 6)
-    mask[:, :, :2] = 1
+    mask[:, :, :2] = 1  # 12 of 30 pixels
+    doem = mining.DistractorElimination(8)  # NTRENet's: the plain average of mask x feature
     merged, prototype = doem(feat, feat, mask)
     assert merged.shape == (3, 8, 5, 6) and prototype.shape == (3, 8)
-    torch.testing.assert_close(prototype, masked_average_pool(feat, mask))
+    torch.testing.assert_close(prototype, feat[:, :, :2].sum(dim=(2, 3)) / 30)
     assert (merged >= 0).all()  # ReLU after the merge
+    _, masked = mining.DistractorElimination(8, "masked")(feat, feat, mask)  # model.mining.do_prototype: masked
+    torch.testing.assert_close(masked, masked_average_pool(feat, mask))
+    torch.testing.assert_close(masked * 12 / 30, prototype, rtol=1e-3, atol=1e-5)
 
 
 def test_background_mining_parameter_count():
@@ -152,12 +155,14 @@ def test_queue_follows_the_last_push_and_is_not_state():
 def test_pcl_hand_value_and_ordering():
     anchor = torch.tensor([[1.0, 0.0, 0.0]])
     negatives = [torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])]  # orthogonal to the anchor
-    good = mining.prototypical_contrastive_loss(anchor, anchor.clone(), negatives)
-    torch.testing.assert_close(good, torch.tensor(-math.log(math.e / (math.e + 2))))
-    bad = mining.prototypical_contrastive_loss(negatives[0][:1], anchor, negatives)  # anchor = a negative
-    assert good < bad
-    sharper = mining.prototypical_contrastive_loss(anchor, anchor.clone(), negatives, temperature=0.1)
-    assert sharper < good
+    for form, expected in (("paper", -math.log(math.e / 2 + mining.PCL_EPS)),  # the positive not in the denominator
+                           ("infonce", -math.log(math.e / (math.e + 2)))):
+        good = mining.prototypical_contrastive_loss(anchor, anchor.clone(), negatives, form=form)
+        torch.testing.assert_close(good, torch.tensor(expected))
+        bad = mining.prototypical_contrastive_loss(negatives[0][:1], anchor, negatives, form=form)  # anchor = a negative
+        assert good < bad
+        sharper = mining.prototypical_contrastive_loss(anchor, anchor.clone(), negatives, temperature=0.1, form=form)
+        assert sharper < good
 
 
 def test_pcl_without_negatives_and_gradients():
@@ -169,7 +174,8 @@ def test_pcl_without_negatives_and_gradients():
     assert torch.isfinite(anchor.grad).all()
 
     anchor.grad = None
-    loss = mining.prototypical_contrastive_loss(anchor, positive, [torch.randn(3, 4), torch.zeros(0, 4)])
+    loss = mining.prototypical_contrastive_loss(anchor, positive, [torch.randn(3, 4), torch.zeros(0, 4)],
+                                                form="infonce")
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert anchor.grad[0].abs().sum() > 0

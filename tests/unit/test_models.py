@@ -106,12 +106,15 @@ def check_forward_backward(method: str, shot: int) -> None:
             assert p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+    # The record's BN convention for the frozen part: "frozen" (BAM's fix_bn) keeps BN in eval mode and its
+    # statistics fixed; "train" (PFENet's and NTRENet's official trainers) updates them under no_grad.
+    bn_train = get_method(method).bn_mode(tiny_cfg(method)) == "train"
     for module in frozen_modules(model):
         assert not any(p.requires_grad for p in module.parameters())
-        assert not any(m.training for m in module.modules())
-        for k, v in module.state_dict().items():
-            if "running" in k:
-                assert torch.equal(v, stats[k]), f"{k} drifted in a train-mode forward"
+        bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(m.training == bn_train for m in bns)
+        moved = [k for k, v in module.state_dict().items() if "running_mean" in k and not torch.equal(v, stats[k])]
+        assert bool(moved) == bn_train, f"BN convention {'train' if bn_train else 'frozen'}: moved {moved[:3]}"
     if method == "bam" and shot > 1:
         assert any(n.startswith("ensemble.kshot_rw") for n, _ in model.named_parameters())
 
@@ -150,8 +153,11 @@ def test_bam_kshot_adds_the_published_27():
     assert count_learnable(five) - count_learnable(one) == 27
 
 
-def test_ntrenet_queue_fills_in_training_only():
-    model = make_model("ntrenet")
+@pytest.mark.parametrize("queue_push", ["before", "after"])
+def test_ntrenet_queue_fills_in_training_only(queue_push: str):
+    torch.manual_seed(0)
+    mining_cfg = {"queue_push": queue_push, "pcl_form": "infonce"}  # infonce: a loss with negatives is > 0
+    model = build_model(tiny_cfg("ntrenet", mining=mining_cfg), shot=1, base_classes=PASCAL_FOLD0_BASE)
     with torch.no_grad():  # "not background" everywhere: every non-target pixel is a distractor
         model.background.head[-1].bias.copy_(torch.tensor([10.0, -10.0]))
     episode = make_episode(1)
@@ -161,7 +167,8 @@ def test_ntrenet_queue_fills_in_training_only():
 
     first = model.train()(episode)
     assert len(model.distractor_queue) == 4  # per episode one query and one support prototype
-    assert first.extra_losses["pcl"] == 0  # the batch is not its own negative: the queue was empty
+    # NTRENet pushes first, so an episode's own distractors are among its negatives; "after": the queue was empty
+    assert (first.extra_losses["pcl"] > 0) == (queue_push == "before")
     second = model(episode)
     assert len(model.distractor_queue) == 8
     assert second.extra_losses["pcl"] > 0
@@ -179,8 +186,28 @@ def test_count_learnable_counts_shared_tensors_once():
     assert count_learnable(model) == 16
 
 
+def test_bam_base_learner_modes_in_training():
+    """BAM's trainer fixes BN but leaves the base head's Dropout2d active (`model.bam.base_dropout`, the
+    official default); base_dropout false keeps the base learner wholly in eval mode (a deterministic map)."""
+    episode = make_episode(1)
+    for base_dropout in (True, False):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg("bam", bam={**get_method("bam").tiny["bam"], "base_dropout": base_dropout}),
+                            shot=1, base_classes=PASCAL_FOLD0_BASE).train()
+        modes = {type(m).__name__: m.training for m in model.base_learner.modules()
+                 if isinstance(m, (nn.BatchNorm2d, nn.Dropout2d))}
+        assert modes == {"BatchNorm2d": False, "Dropout2d": base_dropout}
+        with torch.no_grad():
+            layer4 = model.backbone(episode.query_img)["layer4"]
+            first, second = (model.base_map(layer4, episode.class_id) for _ in range(2))
+        assert torch.equal(first, second) != base_dropout
+        assert not any(m.training for m in model.eval().base_learner.modules())
+
+
 def test_bam_excludes_episode_class_from_base_map_only_in_training():
-    model = make_model("bam")
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("bam", bam={**get_method("bam").tiny["bam"], "base_dropout": False}),
+                        shot=1, base_classes=PASCAL_FOLD0_BASE)
     episode = make_episode(1, class_ids=(8, 3))  # 8 is base class index 2 (channel 3); 3 is novel
     with torch.no_grad():
         layer4 = model.backbone(episode.query_img)["layer4"]
@@ -198,6 +225,28 @@ def test_bam_rejects_mismatched_shots():
     model = make_model("bam", shot=5).eval()
     with pytest.raises(ValueError, match="5 shots"):
         model(make_episode(3))
+
+
+def test_backbone_source(tmp_path):
+    """`model.backbone_source`: BAM always takes stage 1 (its base learner); the frozen-backbone methods take
+    the stage-1 encoder only with `stage1`, else `model.weights` (official), which must then be set."""
+    from fssmeta.config import ConfigError
+    from fssmeta.models.backbone import build_backbone
+
+    assert get_method("bam").stage1_for(tiny_cfg("bam")).part == "base_learner"
+    for method in ("pfenet", "ntrenet", "baseline"):
+        record = get_method(method)
+        assert record.stage1_for(tiny_cfg(method, backbone_source="stage1")).part == "backbone"
+        with pytest.raises(ConfigError, match=r"model\.backbone_source.*needs model\.weights"):
+            record.stage1_for(tiny_cfg(method))  # the official default, with no weights file
+    torch.manual_seed(5)
+    weights = tmp_path / "imagenet.pth"
+    torch.save({"state_dict": build_backbone("small", "deep_stem").state_dict()}, weights)
+    cfg = tiny_cfg("pfenet", weights=str(weights))
+    assert get_method("pfenet").stage1_for(cfg) is None  # nothing taken from stage 1
+    model = build_model(cfg, shot=1, base_classes=PASCAL_FOLD0_BASE)
+    saved = torch.load(weights)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.backbone.state_dict().items())
 
 
 def test_build_model_unknown_method():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fssmeta.data.io import DataError, read_mask
 from fssmeta.data.pascal import read_list, voc_pools
 from fssmeta.data.prepare import fold_lists, load_fold, prepare
 from tests.conftest import box_mask, write_voc
+from tests.unit.test_coco import annotations, make_coco
 
 
 def voc_config(root, tmp_path, **kw) -> DataConfig:
@@ -124,3 +126,26 @@ def test_failed_prepare_keeps_previous_outputs(tiny_voc, tmp_path):
         prepare(voc_config(tiny_voc, tmp_path), progress=False)
     assert (tmp_path / "prepared" / "fold0.json").read_bytes() == before
     assert not list((tmp_path / "prepared").glob(".*tmp"))
+
+
+def test_prepare_reports_every_coco_problem_at_once(tmp_path):
+    root = tmp_path / "COCO"
+    train = make_coco(root, [*annotations(), {**annotations()[0], "id": 42, "category_id": 30}], "train2014")
+    empty = {"id": 41, "image_id": 102, "category_id": 1, "iscrowd": 0, "segmentation": []}
+    test = make_coco(root, [*annotations(), empty], "val2014")
+    Image.new("RGB", (11, 8)).save(root / "val2014" / "COCO_val2014_000000000101.jpg")  # the entry states 10x8
+    paths = {"root": str(root), "cache_dir": str(tmp_path / "cache"), "prepared": str(tmp_path / "prepared")}
+    for mode, count in (("skip", 2), ("error", 3)):
+        with pytest.raises(DataError) as err, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prepare(DataConfig(dataset="coco", coco_empty_segmentation=mode, **paths), progress=False)
+        lines = str(err.value).splitlines()
+        assert f"{count} problem(s)" in lines[0], lines
+        assert f"  {train}: annotation 42: unknown category id 30 (not one of the 80 category ids)" in lines
+        assert any(line.startswith(f"  {test}: image 101 (COCO_val2014_000000000101.jpg): stated size 10x8 "
+                                   "differs from the image file's 11x8") for line in lines)
+        # `skip` leaves the empty annotation out with a warning; `error` lists it with the rest
+        skipped = [w for w in caught if "left out 1 annotation(s) with an empty segmentation" in str(w.message)]
+        assert len(skipped) == (mode == "skip")
+        assert any(line.startswith(f"  {test}: annotation 41 of image 102") for line in lines) == (mode == "error")
+    assert not (tmp_path / "prepared").exists()

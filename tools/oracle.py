@@ -1,0 +1,444 @@
+"""Oracle parity fixtures: the official PFENet / BAM forward on fssmeta's seeded weights, recorded.
+
+    python tools/oracle.py --method pfenet --official /tmp/official/PFENet --out tests/fixtures/oracle/pfenet.pt
+    python tools/oracle.py --method bam --official /tmp/official/BAM --out tests/fixtures/oracle/bam.pt
+
+`--official` is a local checkout of the pinned commit (`OFFICIAL` below). Its code is imported from that path
+and run in a scratch directory (its constructors load `initmodel/...` weight files relative to the working
+directory; fssmeta's weights, renamed to the official keys, are written there), with `.cuda()` made a no-op
+on CPU. Nothing of it is copied into this project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
+with `fssmeta_model` and compares its forward with the recorded outputs; docs/parity.md says what is pinned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fssmeta.config import ModelConfig
+from fssmeta.episode import Episode
+from fssmeta.models import build_model, get_method
+from fssmeta.models.ops import scaled_bins
+from fssmeta.models.pspnet import build_pspnet
+
+FORMAT = 1
+SEED = 0
+BASE_CLASSES = tuple(range(6, 21))  # PASCAL-5i fold 0: classes 1-5 are novel
+TRAIN_CLASS = 9  # the episode's class in the training-mode (loss) run: a base class, so BAM leaves it out
+# Official normalisation (PFENet / BAM train.py): RGB in [0, 255], ImageNet mean and std scaled by 255.
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class Official:
+    repo: str
+    commit: str
+    files: dict[str, str]  # the official files the oracle runs -> sha256 at `commit`
+
+
+OFFICIAL = {
+    "pfenet": Official("dvlab-research/PFENet", "a5056754d232829644e84d36b1e1d30818bd4c4f", {
+        "model/PFENet.py": "0011d602797f196d190f1ac3cdf15b150b6d4ce11c99a1461168eddc6a8e2b41",
+        "model/resnet.py": "f5b9f3b6094743b4f28e17f3b9dadbb4900f49d5f9e63d36d53920a25bb08131",
+    }),
+    "bam": Official("chunbolang/BAM", "c0f935c30e3b2b8055d5e1d65e846f6738a4a358", {
+        "model/BAM.py": "68fcdb85bdff68b160178869ac7ce92f1f4e1e1f885c991221d86809781bb5aa",
+        "model/PSPNet.py": "11366432c7f5fc8f681fd69706e7d8c827863ec22926376a85a5c13386e52578",
+        "model/PPM.py": "bb880faf64e9585076204738565fc5e82198dbc217f4d40f97656f20b089ba04",
+        "model/ASPP.py": "12bb1ffc5cd6f93f31ff4a520663f9cbae2714ba3a22e0ad1965608608c2f938",
+        "model/resnet.py": "3ac40d4a757390bb983ef1c97371c7edcdef5eeba0b3bcd2735dfb788f9957bb",
+        "util/config.py": "cbf78b74cb5fb715d075d19c3de3cfcd78495fbc80dccd3ec4c48756bd27244a",
+        "config/pascal/pascal_split0_resnet50.yaml":
+            "cd03ddfaeaa9bf2b6efe8bf4f07168f4f6dcdf545d0b6dbea23311d8a26b01a2",
+    }),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One recorded forward. `bins`: the official PFENet `ppm_scales` at this size, which fssmeta's default
+    `pyramid_bins` (60, 30, 15, 8) scale to exactly (`ops.scaled_bins`; checked in `main`)."""
+
+    name: str
+    shot: int
+    size: int  # square input; (size - 1) % 8 == 0 as the official forward asserts
+    bins: tuple[int, ...]
+    losses: bool  # also record the training-mode losses (BN and dropout in eval mode)
+
+
+CASES = (
+    Case("1-shot", 1, 225, (29, 15, 7, 4), losses=True),  # 29x29 features
+    Case("5-shot", 5, 129, (17, 9, 4, 2), losses=False),  # 17x17 features
+)
+
+
+# ----------------------------------------------------------------------------------------------- fssmeta side
+
+def model_config(method: str) -> ModelConfig:
+    """The ResNet-50 reference layout with every option at its default (no memory, no mining)."""
+    return ModelConfig(method=method, backbone="resnet50")
+
+
+@torch.no_grad()
+def perturb_(model: nn.Module, seed: int) -> None:
+    """Redraw every BatchNorm's affine parameters and running statistics, and BAM's two pass-through merge
+    convs, from a seeded generator. At their constant initial values (BN 1 / 0 / 0 / 1, merges [1, 0]) a BN
+    mapped onto the wrong official layer would still agree, and `cls_merge` = [1, 0] would hide the whole
+    base learner from the output."""
+    g = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            shape = module.weight.shape
+            module.weight.copy_(torch.rand(shape, generator=g) + 0.5)
+            module.bias.copy_(0.1 * torch.randn(shape, generator=g))
+            module.running_mean.copy_(0.1 * torch.randn(shape, generator=g))
+            module.running_var.copy_(torch.rand(shape, generator=g) + 0.5)
+        elif name.endswith(("gram_merge", "cls_merge")):
+            module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=g))
+
+
+def fssmeta_model(method: str, shot: int, seed: int = SEED) -> nn.Module:
+    """fssmeta's model as the fixture pins it: a random stage-1 PSPNet (seed) loaded through the method's
+    `Stage1` record (BAM: the base learner; PFENet: its encoder as the backbone), the method under
+    seed + 1, then `perturb_` (seed + 2). Eval mode, CPU, fp32."""
+    cfg = model_config(method)
+    record = get_method(method)
+    torch.manual_seed(seed)
+    pspnet = build_pspnet(cfg, 1 + len(BASE_CLASSES))
+    torch.manual_seed(seed + 1)
+    model = build_model(cfg, shot=shot, base_classes=list(BASE_CLASSES))
+    record.stage1.load(model, pspnet.state_dict())
+    perturb_(model, seed + 2)
+    return model.eval()
+
+
+def fingerprint(model: nn.Module) -> tuple[list[str], torch.Tensor]:
+    """State-dict names and (N, 2) float64 [sum, sum of squares] per entry: a cheap check that fssmeta's
+    initialisation (or `perturb_`) has not changed since the fixture was recorded."""
+    names, values = [], []
+    for name, tensor in model.state_dict().items():
+        t = tensor.double()
+        names.append(name)
+        values.append(torch.stack([t.sum(), t.pow(2).sum()]))
+    return names, torch.stack(values)
+
+
+def make_inputs(seed: int, size: int, shot: int) -> dict[str, torch.Tensor]:
+    """A query and `shot` supports of one synthetic "class": an ellipse of a shared colour with pixel noise
+    on a smooth random background. Images (uint8 RGB), masks (uint8: 1 inside, 255 on a thin ring outside
+    the ellipse as VOC's boundaries, 0 elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.rand(3, generator=g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    images, masks = [], []
+    for _ in range(1 + shot):
+        background = F.interpolate(torch.rand(1, 3, 5, 5, generator=g), size=(size, size), mode="bilinear",
+                                   align_corners=True)[0]
+        cy, cx = (torch.rand(2, generator=g) - 0.5) * 0.8
+        ry, rx = 0.25 + 0.3 * torch.rand(2, generator=g)
+        radius = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        inside = radius <= 1
+        texture = colour[:, None, None] + 0.15 * torch.randn(3, size, size, generator=g)
+        image = torch.where(inside, texture, background)
+        images.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
+        mask = inside.to(torch.uint8)
+        mask[(radius > 1) & (radius <= 1.2)] = 255
+        masks.append(mask)
+    return {"query_img": images[0][None], "query_mask": masks[0][None],  # (1, 3, H, W), (1, H, W)
+            "support_imgs": torch.stack(images[1:])[None],  # (1, S, 3, H, W)
+            "support_masks": torch.stack(masks[1:])[None]}  # (1, S, H, W)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3, H, W) -> float32 as the official loaders feed the models."""
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def episode(inputs: dict[str, torch.Tensor], class_id: int) -> Episode:
+    return Episode(support_imgs=normalise(inputs["support_imgs"]), support_masks=inputs["support_masks"].long(),
+                   query_img=normalise(inputs["query_img"]), query_mask=inputs["query_mask"].long(),
+                   class_id=torch.tensor([class_id]))
+
+
+def train_mode_(model: nn.Module) -> nn.Module:
+    """Training mode for the loss comparison, with every BN and dropout in eval mode: deterministic, and the
+    official BAM trainer's `fix_bn` (fssmeta keeps frozen BN in eval mode for every method)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d)):
+            module.eval()
+    return model
+
+
+def fssmeta_losses(method: str, model: nn.Module, batch: Episode) -> dict[str, float]:
+    """The method record's loss dict (CE of the final logits, `aux` = mean CE of the deep-supervision
+    heads: PFENet's 4 scale heads, BAM's meta head) in `train_mode_`."""
+    with torch.no_grad():
+        losses = get_method(method).loss(train_mode_(model), batch)
+    model.eval()
+    return {k: float(v) for k, v in losses.items()}
+
+
+# ---------------------------------------------------------------------------------------------- official side
+
+@contextlib.contextmanager
+def cpu_only() -> Iterator[None]:
+    """Make the official code's hard-wired CUDA calls run on CPU: `Tensor.cuda` / `Module.cuda` return self
+    (PFENet's forward has `.cuda()` tensors as default arguments, built at import) and
+    `torch.arange(..., device='cuda')` (BAM's training-mode base map) allocates on CPU."""
+    saved = torch.Tensor.cuda, nn.Module.cuda, torch.arange
+
+    def arange(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return saved[2](*args, **kwargs)
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    torch.arange = arange
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, nn.Module.cuda, torch.arange = saved
+
+
+def check_checkout(method: str, path: Path) -> dict[str, str]:
+    """The checkout's files must be those of the pinned commit; returns their sha256."""
+    pinned = OFFICIAL[method]
+    if (path / ".git").exists():
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        if head != pinned.commit:
+            sys.exit(f"{path}: HEAD is {head}, the oracle pins {pinned.repo}@{pinned.commit}")
+    hashes = {}
+    for rel, expected in pinned.files.items():
+        digest = hashlib.sha256((path / rel).read_bytes()).hexdigest()
+        if digest != expected:
+            sys.exit(f"{path / rel}: sha256 {digest} is not that of {pinned.repo}@{pinned.commit} ({expected})")
+        hashes[rel] = digest
+    return hashes
+
+
+def import_official(method: str, path: Path) -> types.ModuleType:
+    """Import the official model module from the checkout (the caller has entered `cpu_only`)."""
+    sys.path.insert(0, str(path))
+    if method == "bam":
+        # BAM's model imports util.util for a data helper only; that module pulls in seaborn, pandas, scipy,
+        # matplotlib, which the model never uses. A stub stands in for it.
+        stub = types.ModuleType("util.util")
+        stub.get_train_val_set = None
+        sys.modules["util.util"] = stub
+        import model.BAM as official
+    else:
+        import model.PFENet as official
+    return official
+
+
+def bam_args(path: Path, shot: int):
+    """BAM's args, as its train.py builds them from config/pascal/pascal_split0_resnet50.yaml."""
+    from util import config
+
+    args = config.load_cfg_from_cfg_file(str(path / "config/pascal/pascal_split0_resnet50.yaml"))
+    args.shot = shot
+    return args
+
+
+def official_key(method: str, key: str) -> str:
+    """The fssmeta state-dict key that fills official `key` (PFENet, BAM, or BAM's stage-1 PSPNet file)."""
+    stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # layer0.<i>
+    backbone = "backbone." if method == "pfenet" else "base_learner.backbone."
+    head, _, rest = key.partition(".")
+    if head == "encoder":  # PSPNet's encoder = Sequential(layer0, ..., layer4), the same modules again
+        index, _, rest = rest.partition(".")
+        head = f"layer{index}"
+    if head == "layer0":
+        index, _, param = rest.partition(".")
+        return f"{backbone}{stem[index]}.{param}"
+    if head in ("layer1", "layer2", "layer3", "layer4"):
+        return f"{backbone}{head}.{rest}"
+    if head in ("ppm", "cls") and method == "pspnet":
+        return f"base_learner.{key}"
+    if head == "learner_base":  # Sequential(PSPNet.ppm, PSPNet.cls)
+        index, _, rest = rest.partition(".")
+        return f"base_learner.{('ppm', 'cls')[int(index)]}.{rest}"
+    if head == "ASPP_meta":  # layer6_0 = image pooling, layer6_1 = 1x1, layer6_2..4 = dilations 6, 12, 18
+        branch, _, rest = rest.partition(".")
+        index = int(branch.removeprefix("layer6_"))
+        return f"aspp.image_pool.{rest}" if index == 0 else f"aspp.branches.{index - 1}.{rest}"
+    if head in ("gram_merge", "cls_merge", "kshot_rw"):
+        return f"ensemble.{key}"
+    return key
+
+
+# fssmeta entries with no official counterpart: PSPNet's layer3 auxiliary head (semseg's; BAM's PSPNet has
+# none; it is not used in BAM's forward) and BAM's sorted base-class ids.
+UNMAPPED = ("base_learner.aux.", "base_classes")
+
+
+def to_official(method: str, official: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fssmeta's `state` renamed onto `official`'s keys; every official key filled with a tensor of its shape."""
+    mapped, used = {}, set()
+    for key, target in official.state_dict().items():
+        source = official_key(method, key)
+        if source not in state:
+            raise KeyError(f"official {key}: no fssmeta entry {source}")
+        if state[source].shape != target.shape:
+            raise ValueError(f"official {key} {tuple(target.shape)} vs fssmeta {source} {tuple(state[source].shape)}")
+        mapped[key] = state[source].clone()
+        used.add(source)
+    left = [k for k in state if k not in used and not k.startswith(UNMAPPED)]
+    if method != "pspnet" and left:
+        raise ValueError(f"fssmeta entries with no official counterpart: {left}")
+    return mapped
+
+
+def official_model(method: str, module: types.ModuleType, path: Path, case: Case, state: dict[str, torch.Tensor],
+                   scratch: Path) -> nn.Module:
+    """Construct the official model as its train.py does, loading from `initmodel/` in `scratch` the files
+    its constructors read, then fssmeta's whole state mapped onto its keys (strict)."""
+    initmodel = scratch / "initmodel"
+    initmodel.mkdir(exist_ok=True)
+    # The ImageNet ResNet-50 file both constructors load (strict=False): fssmeta's backbone keys ARE the
+    # PSPNet resnet50_v2 keys.
+    prefix = "backbone." if method == "pfenet" else "base_learner.backbone."
+    torch.save({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
+               initmodel / "resnet50_v2.pth")
+    if method == "pfenet":
+        model = module.PFENet(layers=50, classes=2, zoom_factor=8, criterion=nn.CrossEntropyLoss(ignore_index=255),
+                              BatchNorm=nn.BatchNorm2d, pretrained=True, shot=case.shot,
+                              ppm_scales=list(case.bins), vgg=False)
+    else:
+        args = bam_args(path, case.shot)
+        # BAM's constructor loads its fold's stage-1 PSPNet from this path (key names of its PSPNet OneModel).
+        pspnet = sys.modules["model.PSPNet"].OneModel(args)
+        stage1 = initmodel / "PSPNet" / args.data_set / f"split{args.split}" / f"resnet{args.layers}"
+        stage1.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": to_official("pspnet", pspnet, state)}, stage1 / "best.pth")
+        model = module.OneModel(args, cls_type="Base")
+    model.load_state_dict(to_official(method, model, state), strict=True)
+    return model.eval()
+
+
+def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Eval-mode official forward -> the final logits (B, 2, H, W); BAM also its meta and base learners'
+    outputs at feature size, taken by hooks on `cls_meta` and `learner_base`."""
+    x = normalise(inputs["query_img"])
+    s_x = normalise(inputs["support_imgs"])
+    s_y = inputs["support_masks"].float()
+    with torch.no_grad():
+        if method == "pfenet":
+            return {"logits": model(x, s_x, s_y)}
+        captured = {}
+        hooks = [model.cls_meta.register_forward_hook(lambda m, i, o: captured.__setitem__("meta_logits", o)),
+                 model.learner_base.register_forward_hook(lambda m, i, o: captured.__setitem__("base_logits", o))]
+        final, _, _ = model(x, s_x, s_y, None, None, cat_idx=None)
+        for hook in hooks:
+            hook.remove()
+    return {"logits": final, **captured}
+
+
+def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The official training-mode losses, named as fssmeta's loss dict: `ce` = main_loss, `aux` = PFENet's
+    aux_loss (mean over its 4 heads) / BAM's aux_loss1 (meta head). BAM's aux_loss2 (the frozen base
+    learner's own CE) carries no gradient and has no fssmeta counterpart."""
+    x = normalise(inputs["query_img"])
+    s_x = normalise(inputs["support_imgs"])
+    s_y = inputs["support_masks"].float()
+    y = inputs["query_mask"].float()
+    with torch.no_grad():
+        train_mode_(model)
+        if method == "pfenet":
+            _, main_loss, aux_loss = model(x, s_x, s_y, y)
+        else:
+            cat_idx = [torch.tensor([BASE_CLASSES.index(TRAIN_CLASS)])]  # index among the base classes
+            _, main_loss, aux_loss, _ = model(x, s_x, s_y, y, y, cat_idx=cat_idx)
+        model.eval()
+    return {"ce": float(main_loss), "aux": float(aux_loss)}
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+def record_case(method: str, case: Case, module: types.ModuleType, path: Path, scratch: Path) -> dict:
+    feature = (case.size - 1) // 8 + 1
+    options = get_method(method).options_of(model_config(method))
+    if method == "pfenet" and [b for b, _ in scaled_bins(options.pyramid_bins, (feature, feature))] != list(case.bins):
+        raise ValueError(f"{case.name}: fssmeta's bins at {feature}x{feature} are not the official {case.bins}")
+    model = fssmeta_model(method, case.shot)
+    names, values = fingerprint(model)
+    inputs = make_inputs(SEED + case.size + case.shot, case.size, case.shot)
+    official = official_model(method, module, path, case, model.state_dict(), scratch)
+    outputs = run_official(method, official, inputs)
+    entry = {"name": case.name, "shot": case.shot, "size": case.size, "feature_size": feature,
+             "official_bins": list(case.bins) if method == "pfenet" else None,
+             "fingerprint_names": names, "fingerprint": values, **inputs,
+             "class_id": 1, "train_class_id": TRAIN_CLASS,  # eval: a novel class; losses: a base class
+             "outputs": outputs}
+    with torch.no_grad():
+        ours = model(episode(inputs, 1)).logits
+    entry["max_abs_diff_at_recording"] = float((ours - outputs["logits"]).abs().max())
+    if case.losses:
+        entry["losses"] = official_losses(method, official, inputs)
+        mine = fssmeta_losses(method, model, episode(inputs, TRAIN_CLASS))
+        entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
+    if not case.losses:
+        del entry["query_mask"]  # only the loss run reads it
+    print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
+          f" (|official| <= {float(outputs['logits'].abs().max()):.3g})"
+          + (f", losses {entry['losses']} diff {entry['loss_diff_at_recording']}" if case.losses else ""))
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True, choices=sorted(OFFICIAL))
+    parser.add_argument("--official", required=True, type=Path, help="checkout of the pinned official commit")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--scratch", type=Path, help="working directory for the official run (default: a temp dir)")
+    args = parser.parse_args(argv)
+    official_path = args.official.resolve()
+    out = args.out.resolve()
+    hashes = check_checkout(args.method, official_path)
+    scratch = args.scratch.resolve() if args.scratch else Path(tempfile.mkdtemp(prefix="fssmeta-oracle-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    cwd = Path.cwd()
+    try:
+        os.chdir(scratch)  # the official constructors read initmodel/... relative to the working directory
+        with cpu_only():
+            module = import_official(args.method, official_path)
+            cases = [record_case(args.method, case, module, official_path, scratch) for case in CASES]
+    finally:
+        os.chdir(cwd)
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    pinned = OFFICIAL[args.method]
+    fixture = {
+        "format": FORMAT, "method": args.method, "seed": SEED, "base_classes": list(BASE_CLASSES),
+        "model_config": model_config(args.method).model_dump(),
+        "official": {"repo": pinned.repo, "commit": pinned.commit, "files": hashes},
+        "torch": str(torch.__version__), "normalise": {"mean": list(MEAN), "std": list(STD)},
+        "generated_by": "tools/oracle.py", "cases": cases,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(fixture, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
