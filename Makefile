@@ -30,7 +30,7 @@ test-unit: setup
 
 # shellcheck (Debian's package; .ci/run installs it) checks the infra/local scripts when present.
 lint: setup
-	$(BIN)/ruff check fssmeta tests benchmarks pipelines
+	$(BIN)/ruff check fssmeta tests benchmarks pipelines tools
 	@if command -v shellcheck >/dev/null; then shellcheck -x infra/local/*.sh; \
 	else echo "shellcheck not installed: infra/local/*.sh not checked (apt-get install shellcheck)"; fi
 

@@ -177,6 +177,7 @@ class MiningConfig(Section):
 class PSPNetConfig(Section):
     """The stage-1 PSPNet (BAM's base learner; the backbone a method may take from stage 1)."""
 
+    aux_head: bool = False  # semseg's layer3 deep-supervision head; BAM's stage-1 PSPNet has none
     ppm_dim: int = 512  # pyramid pooling branch width, stated at ResNet-50/101 (2048 / 4); scaled on `small`
     ppm_bins: tuple[int, ...] = (1, 2, 3, 6)
     dropout: float = 0.1
@@ -259,6 +260,25 @@ class TrainConfig(Section):
     grad_clip: float = 0.0
     out: str = "runs"
     log_every: int = 20  # steps between progress-bar metric refreshes
+
+
+class BaseTrainConfig(TrainConfig):
+    """Stage 1, the PSPNet base learner, as BAM trains it (`train_base.py`, its `*_base.yaml` configs).
+    `optim.lr` is the head's rate (PPM and classifier); the encoder trains at `lr x encoder_lr_scale`
+    (PASCAL: 2.5e-3 and 2.5e-4, scale 0.1; COCO: 2.5e-3 for both, scale 1). `val_episodes` here counts
+    validation IMAGES per epoch, from the dataset's validation pool, scored by base-class mIoU."""
+
+    images: Literal["all", "meta"] = "all"  # every training image, novel pixels -> background | the meta list
+    encoder_lr_scale: Annotated[float, Field(gt=0)] = 0.1
+    select: Literal["best", "last"] = "best"  # the stage-1 checkpoint later stages load: best on validation | last
+    transform: TransformConfig = TransformConfig(crop_size=417, scale_min=0.5, scale_max=2.0)  # BAM's PASCAL stage 1
+
+    @model_validator(mode="after")
+    def _selection(self) -> BaseTrainConfig:
+        if self.select == "best" and self.val_episodes == 0:
+            raise ValueError("select: `best` needs validation images (val_episodes > 0); set select: last to "
+                             "keep the last epoch's base learner")
+        return self
 
 
 class ReportConfig(Section):
@@ -379,7 +399,7 @@ class Config(Section):
     transform: TransformConfig = TransformConfig()
     eval: EvalConfig = EvalConfig()
     model: ModelConfig = ModelConfig()
-    train_base: TrainConfig = TrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=0.01))  # over SGD_RECIPE
+    train_base: BaseTrainConfig = BaseTrainConfig(epochs=6, batch_size=8, optim=OptimConfig(lr=2.5e-3))  # over SGD_RECIPE
     train: TrainConfig = TrainConfig(optim=OptimConfig(lr=0.05))  # as params.yaml: the CPU default rate
     report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()

@@ -25,7 +25,7 @@ from fssmeta.runs import default_device, evaluation_model
 from fssmeta.train import evaluate
 
 
-def test_transform(cfg: Config, method: str | None = None) -> TestTransform:
+def scoring_transform(cfg: Config, method: str | None = None) -> TestTransform:
     """The source-domain test transform of `method` (default `model.method`): `eval.resolution` at
     `eval.size`, on the canvas `eval.canvas` names, or the method's own for `method` (docs/protocol.md
     section 4)."""
@@ -74,7 +74,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     record = get_method(method)
     index = load_index(cfg.data.prepared)
     source = IndexSource(index)
-    transform = test_transform(cfg, method)
+    transform = scoring_transform(cfg, method)
     n_classes = folds.num_classes(cfg.data.dataset)
     results: dict[str, Any] = {}
     start = time.perf_counter()
@@ -161,7 +161,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int,
     if domain == "source":
         paths = {seed: list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, seed)
                  for seed in cfg.episodes.val_seeds}
-        source, transform = IndexSource(load_index(cfg.data.prepared)), test_transform(cfg, method)
+        source, transform = IndexSource(load_index(cfg.data.prepared)), scoring_transform(cfg, method)
         scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
                               f"source fold {fold}")
     elif domain in cfg.data.targets:

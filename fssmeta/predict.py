@@ -192,12 +192,12 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
     import torch
 
     from fssmeta.episode import Episode
-    from fssmeta.evaluation import test_transform
+    from fssmeta.evaluation import scoring_transform
 
     if query.dtype != np.uint8 or query.ndim != 3 or query.shape[2] != 3:
         raise RequestError(f"query image: expected (H, W, 3) uint8 RGB, got {query.dtype} {query.shape}")
     check_supports(shot, supports, masks)
-    transform = test_transform(cfg)
+    transform = scoring_transform(cfg)
     query_img, query_mask = transform(query, np.zeros(query.shape[:2], np.uint8))
     pairs = [transform(image, mask) for image, mask in zip(supports, masks)]
     device = next(model.parameters()).device

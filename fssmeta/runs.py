@@ -67,8 +67,9 @@ def fold_base_classes(cfg: Config, fold: int) -> list[int]:
 
 
 def stage1_checkpoint(cfg: Config, fold: int) -> Path:
-    """The fold's stage-1 PSPNet checkpoint; a missing one names the command that trains it."""
-    base = base_dir(cfg, fold) / "last.pt"
+    """The fold's stage-1 PSPNet checkpoint (`train_base.select`: `best.pt`, selected on validation, or
+    `last.pt`); a missing one names the command that trains it."""
+    base = base_dir(cfg, fold) / f"{cfg.train_base.select}.pt"
     if not base.is_file():
         raise DataError(f"{base}: no stage-1 base learner for fold {fold}; run `fssmeta train-base --fold {fold}` first")
     return base

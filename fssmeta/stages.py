@@ -26,11 +26,12 @@ from fssmeta.data.episode_lists import list_path, load_episode_list
 from fssmeta.data.io import DataError
 from fssmeta.data.prepare import load_fold, load_index, present_classes
 from fssmeta.data.sampler import TrainEpisodeSampler
-from fssmeta.data.transforms import TrainTransform, training_transform
-from fssmeta.evaluation import test_transform
+from fssmeta.data.transforms import ResizeTransform, TrainTransform, training_transform
+from fssmeta.episode import IGNORE_INDEX
+from fssmeta.evaluation import scoring_transform
 from fssmeta.losses import base_losses
 from fssmeta.models import get_method
-from fssmeta.models.pspnet import build_pspnet
+from fssmeta.models.pspnet import PSPNet, build_pspnet
 from fssmeta.runs import base_dir, default_device, fresh_model, meta_dir
 from fssmeta.train import (
     FitResult,
@@ -63,26 +64,86 @@ def _resume_payload(run: Path, model: torch.nn.Module, optimizer: Any, scheduler
     return None
 
 
+def base_training_keys(cfg: Config, fold: int) -> list[str]:
+    """Stage 1's images: every image of the train pool (`train_base.images: all`, BAM's base list, novel
+    pixels relabelled background by the dataset) or the fold's meta-training list (`meta`)."""
+    if cfg.train_base.images == "meta":
+        return [key for key, _ in load_fold(cfg.data.prepared, fold)["train"]]
+    return [row["key"] for row in load_index(cfg.data.prepared)["pools"]["train"]]
+
+
+def base_param_groups(model: PSPNet, encoder_lr_scale: float) -> list[dict[str, Any]]:
+    """BAM's stage-1 groups: the encoder at lr x `encoder_lr_scale`, the PPM and classifier at lr."""
+    encoder = list(model.backbone.parameters())
+    in_encoder = {id(p) for p in encoder}
+    return [{"params": encoder, "lr_scale": encoder_lr_scale},
+            {"params": [p for p in model.parameters() if id(p) not in in_encoder]}]
+
+
+def base_validation(cfg: Config, base_classes: list[int]) -> DataLoader | None:
+    """Up to `train_base.val_episodes` images of the validation pool, resized to the crop size, labelled as
+    in training (base classes 1..n, everything else 0); None when validation is off. Selecting on the test
+    pool is refused: a dataset without a validation pool (COCO) trains stage 1 with `select: last`."""
+    tc = cfg.train_base
+    if tc.val_episodes == 0:
+        return None
+    index = load_index(cfg.data.prepared)
+    keys = [row["key"] for row in index["pools"].get("val", [])][: tc.val_episodes]
+    if not keys:
+        raise DataError(f"train_base.select: best needs a validation pool, and {cfg.data.dataset} at "
+                        f"{cfg.data.prepared} has none; set train_base.select: last and train_base.val_episodes: 0")
+    dataset = BaseSegmentationDataset(keys, IndexSource(index, ("val",)), ResizeTransform(tc.transform.crop_size),
+                                      base_classes, seed=tc.seed)
+    return DataLoader(dataset, batch_size=tc.batch_size, shuffle=False, num_workers=tc.num_workers)
+
+
+@torch.no_grad()
+def base_miou(model: torch.nn.Module, loader: DataLoader, num_classes: int) -> float:
+    """Mean IoU over background and the base classes present (BAM's stage-1 validation), ignoring 255."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inter = torch.zeros(num_classes, dtype=torch.float64)
+    union = torch.zeros(num_classes, dtype=torch.float64)
+    for image, label in loader:
+        pred = model(image.to(device)).logits.argmax(1).cpu()
+        valid = label != IGNORE_INDEX
+        pred, label = pred[valid], label[valid]
+        area_pred, area_label = (torch.bincount(x, minlength=num_classes).double() for x in (pred, label))
+        both = torch.bincount(pred[pred == label], minlength=num_classes).double()
+        inter += both
+        union += area_pred + area_label - both
+    model.train(was_training)
+    seen = union > 0
+    return float((inter[seen] / union[seen]).mean()) if seen.any() else 0.0
+
+
 def train_base(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,
                device: torch.device | None = None) -> FitResult:
-    """Stage 1: the PSPNet base learner, supervised on the fold's base classes (novel pixels -> 0). BAM's base
-    learner; the encoder a method with `Stage1("backbone")` and the baseline start from."""
+    """Stage 1: the PSPNet base learner, supervised on the fold's base classes (novel pixels -> 0), as BAM
+    trains it (`train_base`: images, encoder / head rates, its own transform, the checkpoint selected on
+    validation). BAM's base learner; the encoder a method with `Stage1("backbone")` may start from."""
     device = device or default_device()
     tc = cfg.train_base
     torch.manual_seed(tc.seed)
-    index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
-    model = prepare_model(build_pspnet(cfg.model, 1 + len(lists["base"])), device, tc)
-    dataset = BaseSegmentationDataset([key for key, _ in lists["train"]], IndexSource(index, ("train",)),
-                                      TrainTransform(cfg.transform), lists["base"], seed=tc.seed,
-                                      length=tc.episodes_per_epoch)
+    base = load_fold(cfg.data.prepared, fold)["base"]
+    model = prepare_model(build_pspnet(cfg.model, 1 + len(base)), device, tc)
+    dataset = BaseSegmentationDataset(base_training_keys(cfg, fold),
+                                      IndexSource(load_index(cfg.data.prepared), ("train",)),
+                                      TrainTransform(tc.transform), base, seed=tc.seed, length=tc.episodes_per_epoch)
     loader = _loader(dataset, tc)
-    optimizer = build_optimizer(model.parameters(), tc.optim)
+    optimizer = build_optimizer(base_param_groups(model, tc.encoder_lr_scale), tc.optim)
     scheduler = build_scheduler(optimizer, tc.optim, tc.epochs * len(loader))
     run = base_dir(cfg, fold)
     start = _resume_payload(run, model, optimizer, scheduler, resume_run)
+    val_loader = base_validation(cfg, base)
+
+    def validate(m: torch.nn.Module) -> dict[str, float]:
+        return {} if val_loader is None else {"val_miou": base_miou(m, val_loader, 1 + len(base))}
+
     return fit(model, train_loader=loader, loss_fn=base_losses, optimizer=optimizer, scheduler=scheduler,
-               epochs=tc.epochs, checkpoint_dir=run, config=config_to_dict(cfg), start=start, amp=tc.amp,
-               grad_clip=tc.grad_clip, progress=progress, desc=f"base fold {fold}")
+               epochs=tc.epochs, validate=validate, checkpoint_dir=run, config=config_to_dict(cfg), start=start,
+               amp=tc.amp, grad_clip=tc.grad_clip, progress=progress, desc=f"base fold {fold}")
 
 
 def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
@@ -94,7 +155,7 @@ def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
     # Under DDP each rank scores its share; `evaluate` sums the IoU counts over ranks, so the score is the same.
     episodes = episodes[distributed.rank() :: distributed.world_size()]
     index = load_index(cfg.data.prepared)
-    dataset = EpisodeDataset(episodes, IndexSource(index), test_transform(cfg))
+    dataset = EpisodeDataset(episodes, IndexSource(index), scoring_transform(cfg))
     return episode_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
 
 

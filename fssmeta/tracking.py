@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fssmeta.config import Config, config_to_dict
-from fssmeta.models import get_method
 from fssmeta.data.io import write_json_atomic
+from fssmeta.models import get_method
 
 
 class Tracker(Protocol):

@@ -89,9 +89,13 @@ CASES = (
 
 # ----------------------------------------------------------------------------------------------- fssmeta side
 
-def model_config(method: str) -> ModelConfig:
-    """The ResNet-50 reference layout with every option at its default (no memory, no mining)."""
-    return ModelConfig(method=method, backbone="resnet50")
+# The `model` settings each fixture is recorded at (every other option at its default: no memory, no mining):
+# the ResNet-50 reference layout; PFENet borrows its backbone from the stage-1 PSPNet (fssmeta's convention
+# without ImageNet weights), which the oracle then hands to the official model as its "ImageNet" file.
+MODEL_CONFIG = {
+    "pfenet": {"method": "pfenet", "backbone": "resnet50", "backbone_source": "stage1"},
+    "bam": {"method": "bam", "backbone": "resnet50"},
+}
 
 
 @torch.no_grad()
@@ -112,17 +116,16 @@ def perturb_(model: nn.Module, seed: int) -> None:
             module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=g))
 
 
-def fssmeta_model(method: str, shot: int, seed: int = SEED) -> nn.Module:
-    """fssmeta's model as the fixture pins it: a random stage-1 PSPNet (seed) loaded through the method's
-    `Stage1` record (BAM: the base learner; PFENet: its encoder as the backbone), the method under
-    seed + 1, then `perturb_` (seed + 2). Eval mode, CPU, fp32."""
-    cfg = model_config(method)
-    record = get_method(method)
+def fssmeta_model(config: dict, shot: int, seed: int = SEED) -> nn.Module:
+    """fssmeta's model as a fixture pins it, from its `model` settings (`MODEL_CONFIG`): a random stage-1
+    PSPNet (seed) loaded through the method's stage-1 record (BAM: the base learner; PFENet: its encoder as
+    the backbone), the method under seed + 1, then `perturb_` (seed + 2). Eval mode, CPU, fp32."""
+    cfg = ModelConfig(**config)
     torch.manual_seed(seed)
     pspnet = build_pspnet(cfg, 1 + len(BASE_CLASSES))
     torch.manual_seed(seed + 1)
     model = build_model(cfg, shot=shot, base_classes=list(BASE_CLASSES))
-    record.stage1.load(model, pspnet.state_dict())
+    get_method(cfg.method).stage1_for(cfg).load(model, pspnet.state_dict())
     perturb_(model, seed + 2)
     return model.eval()
 
@@ -172,24 +175,29 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def episode(inputs: dict[str, torch.Tensor], class_id: int) -> Episode:
+    """fssmeta's batch of one episode from a case's uint8 inputs (an all-background query mask where the
+    case stores none: only the loss run reads it)."""
+    query_img = normalise(inputs["query_img"])
+    query_mask = inputs.get("query_mask", torch.zeros(1, *query_img.shape[-2:], dtype=torch.uint8))
     return Episode(support_imgs=normalise(inputs["support_imgs"]), support_masks=inputs["support_masks"].long(),
-                   query_img=normalise(inputs["query_img"]), query_mask=inputs["query_mask"].long(),
-                   class_id=torch.tensor([class_id]))
+                   query_img=query_img, query_mask=query_mask.long(), class_id=torch.tensor([class_id]))
 
 
-def train_mode_(model: nn.Module) -> nn.Module:
-    """Training mode for the loss comparison, with every BN and dropout in eval mode: deterministic, and the
-    official BAM trainer's `fix_bn` (fssmeta keeps frozen BN in eval mode for every method)."""
+def train_mode_(model: nn.Module, fix_bn: bool = False) -> nn.Module:
+    """Training mode for the loss comparison with every dropout off (deterministic); `fix_bn` puts every BN
+    in eval mode as BAM's trainer does (`model.apply(fix_bn)`). fssmeta's own `train()` decides its BN
+    (`model.backbone_bn: method`: PFENet's backbone BN in train mode, BAM's fixed, as the official trainers)."""
     model.train()
     for module in model.modules():
-        if isinstance(module, (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d)):
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)) or (fix_bn and isinstance(module, nn.BatchNorm2d)):
             module.eval()
     return model
 
 
-def fssmeta_losses(method: str, model: nn.Module, batch: Episode) -> dict[str, float]:
+def fssmeta_losses(model: nn.Module, method: str, batch: Episode) -> dict[str, float]:
     """The method record's loss dict (CE of the final logits, `aux` = mean CE of the deep-supervision
-    heads: PFENet's 4 scale heads, BAM's meta head) in `train_mode_`."""
+    heads: PFENet's 4 scale heads, BAM's meta head) in `train_mode_`. Run it last: in PFENet's convention
+    the backbone BN running statistics move."""
     with torch.no_grad():
         losses = get_method(method).loss(train_mode_(model), batch)
     model.eval()
@@ -363,7 +371,7 @@ def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tenso
     s_y = inputs["support_masks"].float()
     y = inputs["query_mask"].float()
     with torch.no_grad():
-        train_mode_(model)
+        train_mode_(model, fix_bn=method == "bam")  # PFENet's train.py never fixes BN; BAM's does
         if method == "pfenet":
             _, main_loss, aux_loss = model(x, s_x, s_y, y)
         else:
@@ -377,10 +385,11 @@ def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tenso
 
 def record_case(method: str, case: Case, module: types.ModuleType, path: Path, scratch: Path) -> dict:
     feature = (case.size - 1) // 8 + 1
-    options = get_method(method).options_of(model_config(method))
+    config = MODEL_CONFIG[method]
+    options = get_method(method).options_of(ModelConfig(**config))
     if method == "pfenet" and [b for b, _ in scaled_bins(options.pyramid_bins, (feature, feature))] != list(case.bins):
         raise ValueError(f"{case.name}: fssmeta's bins at {feature}x{feature} are not the official {case.bins}")
-    model = fssmeta_model(method, case.shot)
+    model = fssmeta_model(config, case.shot)
     names, values = fingerprint(model)
     inputs = make_inputs(SEED + case.size + case.shot, case.size, case.shot)
     official = official_model(method, module, path, case, model.state_dict(), scratch)
@@ -395,7 +404,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
     entry["max_abs_diff_at_recording"] = float((ours - outputs["logits"]).abs().max())
     if case.losses:
         entry["losses"] = official_losses(method, official, inputs)
-        mine = fssmeta_losses(method, model, episode(inputs, TRAIN_CLASS))
+        mine = fssmeta_losses(model, method, episode(inputs, TRAIN_CLASS))
         entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
     if not case.losses:
         del entry["query_mask"]  # only the loss run reads it
@@ -430,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     pinned = OFFICIAL[args.method]
     fixture = {
         "format": FORMAT, "method": args.method, "seed": SEED, "base_classes": list(BASE_CLASSES),
-        "model_config": model_config(args.method).model_dump(),
+        "model_config": MODEL_CONFIG[args.method],
+        "model_config_resolved": ModelConfig(**MODEL_CONFIG[args.method]).model_dump(),  # for the record
         "official": {"repo": pinned.repo, "commit": pinned.commit, "files": hashes},
         "torch": str(torch.__version__), "normalise": {"mean": list(MEAN), "std": list(STD)},
         "generated_by": "tools/oracle.py", "cases": cases,

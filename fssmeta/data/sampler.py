@@ -64,7 +64,8 @@ def image_walk(entries: Sequence[Entry], pools: dict[int, list[str]], shot: int,
             candidates = present[key]
         else:
             raise DataError(f"image {key}: no classes recorded for it; re-run `fssmeta prepare`")
-        classes = [int(c) for c in candidates if sizes.get(int(c), 0) - (key in members.get(int(c), ())) >= shot]
+        supports = {int(c): sizes.get(int(c), 0) - (key in members.get(int(c), ())) for c in candidates}
+        classes = [c for c, available in supports.items() if available >= shot]
         if classes:
             walk.append((key, classes))
     return walk

@@ -17,8 +17,9 @@ REFERENCE_LAYER4 = 2048  # ResNet-50/101 layer4 width, at which `model.pspnet.pp
 
 
 class PSPNet(nn.Module):
-    """Backbone -> PPM -> 3x3 conv (ppm_dim) BN ReLU Dropout2d -> 1x1 classifier, plus semseg's auxiliary
-    head on layer3. The backbone is trainable here; BAM freezes the whole model afterwards."""
+    """Backbone -> PPM -> 3x3 conv (ppm_dim) BN ReLU Dropout2d -> 1x1 classifier, plus (optionally,
+    `model.pspnet.aux_head`) semseg's auxiliary head on layer3, which BAM's own PSPNet does not have. The
+    backbone is trainable here; BAM freezes the whole model afterwards."""
 
     def __init__(self, *, backbone: ResNet, num_classes: int, ppm_dim: int = 512,
                  bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, aux_head: bool = True) -> None:
@@ -77,4 +78,4 @@ def build_pspnet(cfg: ModelConfig, num_classes: int) -> PSPNet:
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
     ppm_dim = max(1, cfg.pspnet.ppm_dim * backbone.channels["layer4"] // REFERENCE_LAYER4)
     return PSPNet(backbone=backbone, num_classes=num_classes, ppm_dim=ppm_dim, bins=cfg.pspnet.ppm_bins,
-                  dropout=cfg.pspnet.dropout)
+                  dropout=cfg.pspnet.dropout, aux_head=cfg.pspnet.aux_head)

@@ -412,9 +412,16 @@ def test_aspp_and_ppm():
 
 # --- PSPNet -----------------------------------------------------------------------------------------------
 
+def test_pspnet_without_aux_head_by_default():
+    """BAM's stage-1 PSPNet has no layer3 head (`model.pspnet.aux_head` false, the default)."""
+    model = build_pspnet(ModelConfig(backbone="small"), num_classes=16)
+    assert model.aux is None and not any(k.startswith("aux.") for k in model.state_dict())
+    assert model.train()(torch.randn(2, 3, 65, 65)).aux_logits == []
+
+
 def test_pspnet_shapes_and_gradients():
     torch.manual_seed(0)
-    model = build_pspnet(ModelConfig(backbone="small"), num_classes=16)
+    model = build_pspnet(ModelConfig(backbone="small", pspnet={"aux_head": True}), num_classes=16)
     assert isinstance(model, PSPNet) and model.num_classes == 16
     image = torch.randn(2, 3, 65, 65)  # batch 2: the 1x1 pyramid bin's BN needs > 1 value in training
     out = model.train()(image)
@@ -434,7 +441,7 @@ def test_pspnet_shapes_and_gradients():
 
 def test_pspnet_resnet50_parameter_count():
     with torch.device("meta"):
-        model = build_pspnet(ModelConfig(backbone="resnet50"), num_classes=16)
+        model = build_pspnet(ModelConfig(backbone="resnet50", pspnet={"aux_head": True}), num_classes=16)
     ppm = 4 * (2048 * 512 + 2 * 512)
     cls = 4096 * 512 * 9 + 2 * 512 + 512 * 16 + 16
     aux = 1024 * 256 * 9 + 2 * 256 + 256 * 16 + 16

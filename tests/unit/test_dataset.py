@@ -14,7 +14,7 @@ from fssmeta.data.dataset import (
     episode_label,
     episode_loader,
 )
-from fssmeta.data.prepare import load_fold, load_index, prepare
+from fssmeta.data.prepare import load_fold, load_index, prepare, present_classes
 from fssmeta.data.sampler import TrainEpisodeSampler, sample_episodes
 from fssmeta.data.transforms import TestTransform, TrainTransform
 from fssmeta.episode import Episode
@@ -57,11 +57,13 @@ def test_fixed_episodes_resized_batch(prepared, shot):
 def test_original_resolution_scores_at_image_size(prepared):
     index = load_index(prepared)
     entries = [(k, cs) for k, cs in load_fold(prepared, 0)["test"]]
-    dataset = EpisodeDataset(sample_episodes(entries, 1, 2, seed=0), IndexSource(index), TestTransform("original", 32))
+    transform = TestTransform("original", 32)
+    dataset = EpisodeDataset(sample_episodes(entries, 1, 2, seed=0), IndexSource(index), transform)
     ep = next(iter(episode_loader(dataset, batch_size=1)))
     assert ep.query_img.shape == (1, 3, 32, 32)
-    # the 40x64 ground truth padded with 255 to a 64x64 square (PFENet's scoring at original size)
-    assert ep.query_mask.shape == (1, 64, 64) and (ep.query_mask[0, 40:] == 255).all()
+    # the 40x64 ground truth itself (PFENet's scoring at original size); the logits are mapped onto it
+    assert ep.query_mask.shape == (1, 40, 64)
+    assert transform.score_logits(torch.zeros(1, 2, 32, 32), (40, 64)).shape == (1, 2, 40, 64)
     with pytest.raises(ValueError, match="batch_size 1"):
         episode_loader(dataset, batch_size=2)
 
@@ -88,3 +90,12 @@ def test_training_episodes_are_seeded_per_epoch_and_rank(prepared):
     single = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), transform, length=6)
     joint = torch.cat([a.query_img, first(1, 0).query_img])
     assert torch.equal(joint, torch.stack([single[i].query_img for i in range(6)]))
+
+
+def test_present_classes_follow_data_query_class(prepared):
+    index, lists = load_index(prepared), load_fold(prepared, 0)  # fold 0: novel 1..5, base 6..20
+    train = present_classes(index, DataConfig(), lists, "train")
+    assert train["tr05"] == [6] and train["tr20"] == [20] and train["tr07"] == [7, 8]  # base classes only
+    assert present_classes(index, DataConfig(), lists, "test")["te000"] == [1]
+    assert present_classes(index, DataConfig(query_class="qualifying"), lists, "test") is None
+    assert present_classes(index, DataConfig(train_pool="hsnet"), lists, "train") is None  # lines name a class

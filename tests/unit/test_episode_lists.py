@@ -88,3 +88,31 @@ def test_a_list_that_cannot_be_drawn_names_it_and_writes_nothing(voc3, tmp_path,
     assert "episodes fold 0 test (test pool) 3-shot image seed 0: no image has a class with at least 4 images" in err
     assert "nothing was written" in err
     assert not (tmp_path / "episodes").exists()  # not even the 1-shot lists drawn before it
+
+
+def test_query_class_rule_is_recorded_and_changes_the_lists(tmp_path, capsys):
+    # te00: class 1 on 64 x 36 = 2304 pixels (qualifies) and class 2 on 20 x 25 = 500 pixels (present only);
+    # the other test images hold one class each on 64 x 40 pixels.
+    masks = {f"tr{c:02d}": box_mask((64, 64), [(c, 0, 0, 64, 64)]) for c in range(1, 21)}
+    masks |= {f"te{i:02d}": box_mask((64, 64), [(i % 20 + 1, 0, 0, 64, 40)]) for i in range(1, 60)}
+    masks["te00"] = box_mask((64, 64), [(1, 0, 0, 64, 36), (2, 0, 39, 20, 25)])
+    root = write_voc(tmp_path / "VOC2012", masks, [f"tr{c:02d}" for c in range(1, 21)], [f"te{i:02d}" for i in range(60)])
+    index = None
+    lists = {}
+    for rule in ("present", "qualifying"):
+        args = run(tmp_path / rule, root, "--set", f"data.query_class={rule}", "--set", "episodes.folds=[0]",
+                   "--set", "episodes.orders=[image]", "--set", "episodes.test_episodes=200")
+        assert main(["prepare", *args]) == 0 and main(["episodes", *args]) == 0
+        manifest = json.loads((tmp_path / rule / "episodes" / "manifest.json").read_text())
+        assert manifest["protocol"]["query_class"] == rule
+        lists[rule] = load_episode_list(list_path(tmp_path / rule / "episodes", 0, "test", 1, "image", 0))
+        assert lists[rule]["protocol"]["query_class"] == rule
+        index = json.loads((tmp_path / rule / "prepared" / "index.json").read_text())
+    capsys.readouterr()
+    pixels = {row["key"]: row["pixels"] for row in index["pools"]["test"]}
+    on_te00 = {rule: {ep["class_id"] for ep in lists[rule]["episodes"] if ep["query"] == "te00"} for rule in lists}
+    assert on_te00["present"] == {1, 2} and on_te00["qualifying"] == {1}
+    for rule in lists:
+        for ep in lists[rule]["episodes"]:  # supports always pass the 2048-pixel rule
+            assert all(pixels[k].get(str(ep["class_id"]), 0) >= 2048 for k in ep["supports"])
+    assert lists["present"]["episodes"] != lists["qualifying"]["episodes"]

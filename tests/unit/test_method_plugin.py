@@ -79,6 +79,8 @@ def test_stub_trains_and_evaluates_from_its_record_alone(stub, data, monkeypatch
     result = json.loads((root / "results" / "fold0" / "stub.json").read_text())
     assert set(result["results"]["fold0"]) == {"1shot", "5shot"}
     assert result["protocol"]["trained_shots"] == "1 (evaluated at every shot)"
+    # the conventions the numbers were measured under: the query-class rule and the method's own canvas
+    assert result["protocol"]["query_class"] == "present" and result["protocol"]["canvas"] == "pfenet"
     for shot in ("1shot", "5shot"):
         assert 0.0 <= result["results"]["fold0"][shot]["miou_mean"] <= 1.0
     assert not (root / "runs" / "fold0" / "stub-5shot" / POINTER).exists()  # only the DVC stage writes pointers

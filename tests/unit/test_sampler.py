@@ -80,3 +80,54 @@ def test_train_sampler_depends_on_epoch_rank_index_only():
     assert first != [sampler.draw(0, 1, i)[0] for i in range(20)]
     check_episodes(first, ENTRIES, 1)
     assert class_pools(ENTRIES)[1][-1] == "multi"
+
+
+# "big" holds a large object of class 1 (qualifying) and a 500-pixel object of class 2 (present only);
+# b0..b3 hold class 2 large enough to qualify, a0..a3 class 1.
+SMALL_OBJECT = [("big", [1]), *[(f"a{i}", [1]) for i in range(4)], *[(f"b{i}", [2]) for i in range(4)]]
+PRESENT = {"big": [1, 2], **{f"a{i}": [1] for i in range(4)}, **{f"b{i}": [2] for i in range(4)}}
+
+
+@pytest.mark.parametrize("shot", [1, 4])
+def test_present_rule_lets_a_small_object_be_the_querys_class(shot):
+    present = sample_episodes(SMALL_OBJECT, shot, 200, seed=0, order="image", present=PRESENT)
+    qualifying = sample_episodes(SMALL_OBJECT, shot, 200, seed=0, order="image")
+    on_big = [ep["class_id"] for ep in present if ep["query"] == "big"]
+    assert 2 in on_big and 1 in on_big  # drawn among both classes the query holds
+    assert {ep["class_id"] for ep in qualifying if ep["query"] == "big"} == {1}
+    pools = class_pools(SMALL_OBJECT)
+    for ep in present:  # supports always come from the class's pool: they pass the small-object rule
+        assert set(ep["supports"]) <= set(pools[ep["class_id"]])
+        assert ep["class_id"] == 1 or "big" not in ep["supports"]
+    check_episodes(present, SMALL_OBJECT, shot, present=PRESENT)
+    with pytest.raises(DataError, match="does not qualify for class 2"):
+        check_episodes(present, SMALL_OBJECT, shot)  # the qualifying rule's check refuses them
+    # the class order is unchanged by the rule
+    assert sample_episodes(SMALL_OBJECT, shot, 50, seed=0, order="class", present=PRESENT) == \
+        sample_episodes(SMALL_OBJECT, shot, 50, seed=0, order="class")
+
+
+def test_present_rule_needs_enough_supports_besides_the_query():
+    # Class 2 qualifies in one image only: no 1-shot episode can hold it when "b0" is the query, but "big"
+    # (class 2 present, not qualifying) can be a class-2 query with the support "b0".
+    entries = [("big", [1]), ("a0", [1]), ("b0", [2])]
+    eps = sample_episodes(entries, 1, 60, seed=0, present={"big": [1, 2], "a0": [1], "b0": [2]})
+    assert {(ep["query"], ep["class_id"]) for ep in eps} == {("big", 1), ("big", 2), ("a0", 1)}
+    assert all(ep["supports"] == ["b0"] for ep in eps if ep["class_id"] == 2)
+
+
+def test_check_episodes_under_present_refuses_a_class_the_query_lacks():
+    good = sample_episodes(SMALL_OBJECT, 1, 5, seed=0, present=PRESENT)
+    with pytest.raises(DataError, match="query a0 does not hold class 2"):
+        check_episodes([{"class_id": 2, "query": "a0", "supports": ["b0"]}], SMALL_OBJECT, 1, present=PRESENT)
+    with pytest.raises(DataError, match="does not qualify"):  # an unlisted query is refused either way
+        check_episodes([{**good[0], "query": "elsewhere"}], SMALL_OBJECT, 1, present=PRESENT)
+
+
+def test_train_sampler_follows_the_present_rule():
+    present = TrainEpisodeSampler(SMALL_OBJECT, shot=1, seed=0, present=PRESENT)
+    qualifying = TrainEpisodeSampler(SMALL_OBJECT, shot=1, seed=0)
+    drawn = [present.draw(0, 0, i)[0] for i in range(300)]
+    assert any(ep["query"] == "big" and ep["class_id"] == 2 for ep in drawn)
+    assert all(ep["class_id"] == 1 for ep in (qualifying.draw(0, 0, i)[0] for i in range(300)) if ep["query"] == "big")
+    check_episodes(drawn, SMALL_OBJECT, 1, present=PRESENT)

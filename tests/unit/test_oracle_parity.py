@@ -1,0 +1,119 @@
+"""fssmeta's PFENet and BAM against the official forward passes recorded by tools/oracle.py.
+
+Each fixture (tests/fixtures/oracle/<method>.pt) holds the inputs, the seed, a fingerprint of fssmeta's weights
+and the official outputs on those weights, with the official repository and commit. The official code is
+never imported here. docs/parity.md says what is pinned and how to regenerate a fixture (never by hand).
+
+Tolerance, fp32 on CPU: max |fssmeta - official| <= 1e-4 + 1e-4 * max |official| over every output element
+(recorded differences are about 1e-6); losses within 1e-5 + 1e-5 * |official|.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fssmeta.config import ModelConfig
+from fssmeta.models import get_method
+from fssmeta.models.ops import scaled_bins
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "oracle"
+ATOL = RTOL = 1e-4
+LOSS_TOL = 1e-5
+REGENERATE = "regenerate it with tools/oracle.py (docs/parity.md) if the change is intended"
+
+
+def _load_oracle():
+    """tools/oracle.py (not a package): the one definition of the fixture's model, inputs and fingerprint."""
+    spec = importlib.util.spec_from_file_location("fssmeta_tools_oracle", ROOT / "tools" / "oracle.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+oracle = _load_oracle()
+_fixtures: dict[str, dict] = {}
+
+
+def fixture_of(method: str) -> dict:
+    if method not in _fixtures:
+        fixture = torch.load(FIXTURES / f"{method}.pt", weights_only=True)
+        assert fixture["format"] == oracle.FORMAT and fixture["generated_by"] == "tools/oracle.py"
+        assert fixture["official"]["commit"] == oracle.OFFICIAL[method].commit, f"{method}.pt: {REGENERATE}"
+        assert fixture["normalise"] == {"mean": list(oracle.MEAN), "std": list(oracle.STD)}
+        assert tuple(fixture["base_classes"]) == oracle.BASE_CLASSES
+        _fixtures[method] = fixture
+    return _fixtures[method]
+
+
+def case_of(method: str, name: str) -> dict:
+    return next(c for c in fixture_of(method)["cases"] if c["name"] == name)
+
+
+def check_fingerprint(method: str, case: dict, model: torch.nn.Module) -> None:
+    """Fail with the first drifted entry when fssmeta's initial weights are not those recorded."""
+    names, values = oracle.fingerprint(model)
+    recorded = case["fingerprint_names"]
+    if names != recorded:
+        added = sorted(set(names) - set(recorded))[:5]
+        removed = sorted(set(recorded) - set(names))[:5]
+        pytest.fail(f"{method}: fssmeta's state dict is not the one recorded (added {added}, removed {removed}, "
+                    f"or reordered): the model's layout changed; {REGENERATE}")
+    close = torch.isclose(values, case["fingerprint"], rtol=1e-5, atol=1e-6).all(dim=1)
+    if not close.all():
+        i = int((~close).nonzero()[0])
+        pytest.fail(f"{method}: fssmeta's seeded weights drifted from the recording, first at {names[i]} "
+                    f"(sum, sum of squares {values[i].tolist()} vs {case['fingerprint'][i].tolist()}): "
+                    f"initialisation order or the oracle's build changed; {REGENERATE}")
+
+
+def assert_close(label: str, ours: torch.Tensor, official: torch.Tensor) -> None:
+    assert ours.shape == official.shape, f"{label}: shape {tuple(ours.shape)} vs official {tuple(official.shape)}"
+    diff = (ours - official).abs().max().item()
+    scale = official.abs().max().item()
+    print(f"{label}: max |fssmeta - official| = {diff:.3g} (max |official| = {scale:.3g})")
+    assert diff <= ATOL + RTOL * scale, f"{label}: max |fssmeta - official| = {diff:.3g} > {ATOL} + {RTOL} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", [case.name for case in oracle.CASES])
+@pytest.mark.parametrize("method", sorted(oracle.OFFICIAL))
+def test_forward_matches_official(method: str, name: str) -> None:
+    fixture, case = fixture_of(method), case_of(method, name)
+    model = oracle.fssmeta_model(fixture["model_config"], case["shot"], fixture["seed"])
+    check_fingerprint(method, case, model)
+    inputs = {k: case[k] for k in ("query_img", "support_imgs", "support_masks", "query_mask") if k in case}
+
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    if method == "bam":  # the meta and base learners' outputs at feature size, as the oracle hooked them
+        hooks = [model.cls_meta.register_forward_hook(lambda m, i, o: captured.__setitem__("meta_logits", o)),
+                 model.base_learner.cls[-1].register_forward_hook(
+                     lambda m, i, o: captured.__setitem__("base_logits", o))]
+    with torch.no_grad():
+        captured["logits"] = model(oracle.episode(inputs, case["class_id"])).logits
+    for hook in hooks:
+        hook.remove()
+    for key, official in case["outputs"].items():
+        assert_close(f"{method} {name} {key}", captured[key], official)
+
+    if "losses" in case:  # last: PFENet's training mode moves its backbone BN statistics
+        ours = oracle.fssmeta_losses(model, method, oracle.episode(inputs, case["train_class_id"]))
+        for key, official in case["losses"].items():
+            print(f"{method} {name} loss {key}: fssmeta {ours[key]:.7g}, official {official:.7g}")
+            assert abs(ours[key] - official) <= LOSS_TOL * (1 + abs(official)), f"{method} {name} loss {key}"
+
+
+def test_fixture_bins_are_the_official_ones() -> None:
+    """The PFENet fixture runs the official model with fixed bins that fssmeta's default `pyramid_bins` scale
+    to exactly at the fixture's feature sizes; at the 473 reference size (60x60) they are PFENet's own."""
+    options = get_method("pfenet").options_of(ModelConfig(**fixture_of("pfenet")["model_config"]))
+    for case in fixture_of("pfenet")["cases"]:
+        size = (case["feature_size"], case["feature_size"])
+        assert [b for b, _ in scaled_bins(options.pyramid_bins, size)] == case["official_bins"]
+    assert scaled_bins(options.pyramid_bins, (60, 60)) == [(60, 60), (30, 30), (15, 15), (8, 8)]
