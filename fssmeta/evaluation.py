@@ -33,6 +33,16 @@ def scoring_transform(cfg: Config, method: str | None = None) -> TestTransform:
     return TestTransform(cfg.eval.resolution, cfg.eval.size, canvas=canvas)
 
 
+def backbone_record(cfg: Config, method: str) -> str:
+    """Where `method`'s frozen backbone came from, for the results' protocol record and the report."""
+    stage1 = get_method(method).stage1_for(cfg.model)
+    if stage1 is not None and stage1.part == "base_learner":
+        return f"{cfg.model.backbone}, the stage-1 PSPNet's (base learner)"
+    if stage1 is not None:
+        return f"{cfg.model.backbone}, the stage-1 PSPNet encoder (model.backbone_source: stage1)"
+    return f"{cfg.model.backbone}, {cfg.model.weights or 'random init'} (model.weights)"
+
+
 def _summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
     mious = [s["miou"] for s in scores]
     fbs = [s["fb_iou"] for s in scores]
@@ -96,6 +106,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
                 "episode_order": cfg.eval.episode_order, "test_seeds": list(cfg.episodes.test_seeds),
                 "episodes_per_list": cfg.eval.episodes or "all",
                 "checkpoint_selection": "validation list" if record.learned else "none",
+                "backbone": backbone_record(cfg, record.key), "backbone_bn": record.bn_mode(cfg.model),
                 "trained_shots": "each shot" if record.trains_each_shot else "1 (evaluated at every shot)"}
     seconds = time.perf_counter() - start
     for fold in cfg.eval.folds:

@@ -406,7 +406,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
         entry["losses"] = official_losses(method, official, inputs)
         mine = fssmeta_losses(model, method, episode(inputs, TRAIN_CLASS))
         entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
-    if not case.losses:
+    else:
         del entry["query_mask"]  # only the loss run reads it
     print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
           f" (|official| <= {float(outputs['logits'].abs().max()):.3g})"
