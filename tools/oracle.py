@@ -237,6 +237,8 @@ def check_checkout(method: str, path: Path) -> dict[str, str]:
             sys.exit(f"{path}: HEAD is {head}, the oracle pins {pinned.repo}@{pinned.commit}")
     hashes = {}
     for rel, expected in pinned.files.items():
+        if not (path / rel).is_file():
+            sys.exit(f"{path}: no {rel}; is this a checkout of {pinned.repo}@{pinned.commit}?")
         digest = hashlib.sha256((path / rel).read_bytes()).hexdigest()
         if digest != expected:
             sys.exit(f"{path / rel}: sha256 {digest} is not that of {pinned.repo}@{pinned.commit} ({expected})")

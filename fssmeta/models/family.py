@@ -38,14 +38,21 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
 
     Layer4 sees only the object: PFENet multiplies layer3 by the mask (bilinear, align_corners) before layer4,
     so the prior compares the query with object features uncontaminated by the support background.
+    One backbone pass per shot over the B episodes, as the official code does: with BN in train mode
+    (`Method.backbone_bn`) the batch statistics are then those of one shot's B supports, not of all B*S.
     """
-    images = support_imgs.flatten(0, 1)  # (B*S, 3, H, W)
+    B, S = support_imgs.shape[:2]
     fg_mask = ops.foreground(support_masks.flatten(0, 1))  # (B*S, H, W)
-    feat = backbone.layer1(backbone.layer0(images))
-    layer2 = backbone.layer2(feat)
-    layer3 = backbone.layer3(layer2)
-    mask = F.interpolate(fg_mask[:, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
-    layer4 = backbone.layer4(layer3 * mask)
+    shot_masks = fg_mask.view(B, S, *fg_mask.shape[1:])
+    per_shot = []
+    for s in range(S):
+        feat = backbone.layer1(backbone.layer0(support_imgs[:, s]))  # (B, C1, h, w)
+        layer2 = backbone.layer2(feat)
+        layer3 = backbone.layer3(layer2)
+        mask = F.interpolate(shot_masks[:, s, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+        per_shot.append((layer2, layer3, backbone.layer4(layer3 * mask)))
+    # (B, S, ...) flattened shot-major within each episode, the order of `fg_mask`
+    layer2, layer3, layer4 = (torch.stack(maps, 1).flatten(0, 1) for maps in zip(*per_shot, strict=True))
     return SupportFeatures(layer2, layer3, layer4, fg_mask)
 
 

@@ -180,6 +180,21 @@ def test_ntrenet_queue_fills_in_training_only(queue_push: str):
     assert not any("queue" in k for k in model.state_dict())
 
 
+def test_support_features_run_one_pass_per_shot():
+    """With BN in train mode (PFENet's convention) the batch statistics are one shot's B supports, as in the
+    official per-shot loop, not all B*S supports at once."""
+    from fssmeta.models.family import support_features
+
+    model = make_model("pfenet").train()
+    assert model.backbone.training  # backbone_bn "train"
+    episode = make_episode(3)
+    with torch.no_grad():
+        feats = support_features(model.backbone, episode.support_imgs, episode.support_masks)
+        alone = support_features(model.backbone, episode.support_imgs[:, 1:2], episode.support_masks[:, 1:2])
+    torch.testing.assert_close(feats.layer4.view(2, 3, *feats.layer4.shape[1:])[:, 1], alone.layer4)
+    torch.testing.assert_close(feats.layer2.view(2, 3, *feats.layer2.shape[1:])[:, 1], alone.layer2)
+
+
 def test_count_learnable_counts_shared_tensors_once():
     shared = nn.Linear(3, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared)
