@@ -1,12 +1,15 @@
-"""Oracle parity fixtures: the official PFENet / BAM forward on fssmeta's seeded weights, recorded.
+"""Oracle parity fixtures: the official PFENet / BAM / NTRENet forward on fssmeta's seeded weights, recorded.
 
     python tools/oracle.py --method pfenet --official /tmp/official/PFENet --out tests/fixtures/oracle/pfenet.pt
     python tools/oracle.py --method bam --official /tmp/official/BAM --out tests/fixtures/oracle/bam.pt
+    python tools/oracle.py --method ntrenet --official /tmp/official/NERTNet --out tests/fixtures/oracle/ntrenet.pt
 
 `--official` is a local checkout of the pinned commit (`OFFICIAL` below). Its code is imported from that path
 and run in a scratch directory (its constructors load `initmodel/...` weight files relative to the working
 directory; fssmeta's weights, renamed to the official keys, are written there), with `.cuda()` made a no-op
-on CPU. Nothing of it is copied into this project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
+on CPU. NTRENet's release does not import as published: its files are copied into the scratch directory and the
+explicit text substitutions in `PATCHES` (recorded in the fixture) are applied there. Nothing of it is copied
+into this project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
 with `fssmeta_model` and compares its forward with the recorded outputs; docs/parity.md says what is pinned.
 """
 
@@ -66,7 +69,24 @@ OFFICIAL = {
         "config/pascal/pascal_split0_resnet50.yaml":
             "cd03ddfaeaa9bf2b6efe8bf4f07168f4f6dcdf545d0b6dbea23311d8a26b01a2",
     }),
+    "ntrenet": Official("LIUYUANWEI98/NERTNet", "1fe13ad33ecd15eac7c752452c45c07cc4f9bbef", {
+        "model/ourmodel.py": "d00a64ad64fe14a59adabab68db41587d455e162951ccfd4afd487bb6d6ec30e",
+        "model/prototypical_contrast.py": "57c183b9d6a7c750cae96b303e1551fe418ffde02a01d6071113e78f3ceb7962",
+        "model/base/resnet.py": "f5b9f3b6094743b4f28e17f3b9dadbb4900f49d5f9e63d36d53920a25bb08131",
+        "config/pascal_split0_resnet50.yaml": "13aec87c2c24543878bed5195a893c03a6fdf27dfdad48c30a7e62d9c0d2575f",
+    }),
 }
+
+# The smallest text substitutions that make an official release import and run its eval forward, applied to a
+# copy in the scratch directory: (file, old, new, reason). None changes what the forward computes.
+PATCHES = {
+    "ntrenet": (
+        ("model/ourmodel.py", "vgg=False\uff0cbgpro_num = 1):", "vgg=False, bgpro_num = 1):",
+         "SyntaxError: a full-width comma (U+FF0C) between two keyword parameters of NTRENet.__init__"),
+    ),
+}
+# Methods whose fixture records the eval-mode forward only (no training losses).
+EVAL_ONLY = ("ntrenet",)
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,7 @@ CASES = (
 MODEL_CONFIG = {
     "pfenet": {"method": "pfenet", "backbone": "resnet50", "backbone_source": "stage1"},
     "bam": {"method": "bam", "backbone": "resnet50"},
+    "ntrenet": {"method": "ntrenet", "backbone": "resnet50", "backbone_source": "stage1"},
 }
 
 
@@ -114,6 +135,11 @@ def perturb_(model: nn.Module, seed: int) -> None:
             module.running_var.copy_(torch.rand(shape, generator=g) + 0.5)
         elif name.endswith(("gram_merge", "cls_merge")):
             module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=g))
+    # NTRENet's background prototype, zero-initialised: at zero neither its mapping nor the half of each
+    # BGM / BGEM merge conv that reads it would be exercised. (None in PFENet / BAM: their draws are unchanged.)
+    for name, param in model.named_parameters():
+        if name.endswith("bg_prototype"):
+            param.copy_(torch.rand(param.shape, generator=g))
 
 
 def fssmeta_model(config: dict, shot: int, seed: int = SEED) -> nn.Module:
@@ -246,9 +272,34 @@ def check_checkout(method: str, path: Path) -> dict[str, str]:
     return hashes
 
 
+def patched_copy(method: str, path: Path, scratch: Path) -> tuple[Path, dict[str, str]]:
+    """Copy the official files into `scratch/official` and apply `PATCHES[method]` (each must match exactly
+    once); returns the copy and the sha256 of each patched file."""
+    root = scratch / "official"
+    for rel in OFFICIAL[method].files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path / rel, root / rel)
+    hashes = {}
+    for rel, old, new, _ in PATCHES.get(method, ()):
+        text = (root / rel).read_text(encoding="utf-8")
+        if text.count(old) != 1:
+            sys.exit(f"{rel}: patch {old!r} matches {text.count(old)} times, not once")
+        (root / rel).write_text(text.replace(old, new), encoding="utf-8")
+    for rel, *_ in PATCHES.get(method, ()):
+        hashes[rel] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+    return root, hashes
+
+
 def import_official(method: str, path: Path) -> types.ModuleType:
     """Import the official model module from the checkout (the caller has entered `cpu_only`)."""
     sys.path.insert(0, str(path))
+    if method == "ntrenet":
+        # ourmodel.py imports model.base.vgg for its VGG-16 option only; the stub keeps torchvision's VGG
+        # weights out (the ResNet-50 path never reads it).
+        stub = types.ModuleType("model.base.vgg")
+        sys.modules["model.base.vgg"] = stub
+        import model.ourmodel as official
+        return official
     if method == "bam":
         # BAM's model imports util.util for a data helper only; that module pulls in seaborn, pandas, scipy,
         # matplotlib, which the model never uses. A stub stands in for it.
@@ -273,7 +324,7 @@ def bam_args(path: Path, shot: int):
 def official_key(method: str, key: str) -> str:
     """The fssmeta state-dict key that fills official `key` (PFENet, BAM, or BAM's stage-1 PSPNet file)."""
     stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # layer0.<i>
-    backbone = "backbone." if method == "pfenet" else "base_learner.backbone."
+    backbone = "backbone." if method in ("pfenet", "ntrenet") else "base_learner.backbone."
     head, _, rest = key.partition(".")
     if head == "encoder":  # PSPNet's encoder = Sequential(layer0, ..., layer4), the same modules again
         index, _, rest = rest.partition(".")
@@ -294,12 +345,27 @@ def official_key(method: str, key: str) -> str:
         return f"aspp.image_pool.{rest}" if index == 0 else f"aspp.branches.{index - 1}.{rest}"
     if head in ("gram_merge", "cls_merge", "kshot_rw"):
         return f"ensemble.{key}"
+    if method == "ntrenet":
+        if key == "bg_prototype":
+            return "background.bg_prototype"
+        index, _, rest = rest.partition(".")
+        renamed = {"down_bg": "background.down", "bg_res1": "background.residual", "bg_cls": "background.head"}
+        if head in renamed:
+            return f"{renamed[head]}.{index}.{rest}"
+        per_scale = {"init_merge1": "bg_merge.{}.merge", "init_merge2": "init_merge.{}",
+                     "inital_beta_conv": "initial_conv.{}", "inital_inner_cls": "initial_cls.{}",
+                     "init_merge3": "do_merge.{}.merge"}
+        if head in per_scale:
+            return f"{per_scale[head].format(index)}.{rest}"
     return key
 
 
 # fssmeta entries with no official counterpart: PSPNet's layer3 auxiliary head (semseg's; BAM's PSPNet has
 # none; it is not used in BAM's forward) and BAM's sorted base-class ids.
 UNMAPPED = ("base_learner.aux.", "base_classes")
+# fssmeta entries stored in another layout than their official counterpart: NTRENet's background prototype
+# is (D,) here, (1, D, 1, 1) officially.
+RESHAPED = ("background.bg_prototype",)
 
 
 def to_official(method: str, official: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -309,6 +375,10 @@ def to_official(method: str, official: nn.Module, state: dict[str, torch.Tensor]
         source = official_key(method, key)
         if source not in state:
             raise KeyError(f"official {key}: no fssmeta entry {source}")
+        if source in RESHAPED and state[source].numel() == target.numel():
+            mapped[key] = state[source].reshape(target.shape).clone()  # same values, official layout
+            used.add(source)
+            continue
         if state[source].shape != target.shape:
             raise ValueError(f"official {key} {tuple(target.shape)} vs fssmeta {source} {tuple(state[source].shape)}")
         mapped[key] = state[source].clone()
@@ -327,13 +397,21 @@ def official_model(method: str, module: types.ModuleType, path: Path, case: Case
     initmodel.mkdir(exist_ok=True)
     # The ImageNet ResNet-50 file both constructors load (strict=False): fssmeta's backbone keys ARE the
     # PSPNet resnet50_v2 keys.
-    prefix = "backbone." if method == "pfenet" else "base_learner.backbone."
+    prefix = "backbone." if method in ("pfenet", "ntrenet") else "base_learner.backbone."
     torch.save({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
                initmodel / "resnet50_v2.pth")
     if method == "pfenet":
         model = module.PFENet(layers=50, classes=2, zoom_factor=8, criterion=nn.CrossEntropyLoss(ignore_index=255),
                               BatchNorm=nn.BatchNorm2d, pretrained=True, shot=case.shot,
                               ppm_scales=list(case.bins), vgg=False)
+    elif method == "ntrenet":
+        # As train.py, from config/pascal_split0_resnet50.yaml (layers 50, vgg False), with the bins of the
+        # case (as PFENet) and bgpro_num 1, the constructor's default: the config's bgpro_num 2 builds a
+        # (1, 512, 1, 1) prototype that init_merge1 (512 input channels) cannot take with the 256-d query
+        # (768 channels), so the published config does not run; 1 is the layout fssmeta follows.
+        model = module.NTRENet(layers=50, classes=2, zoom_factor=8, criterion=nn.CrossEntropyLoss(ignore_index=255),
+                               BatchNorm=nn.BatchNorm2d, pretrained=True, shot=case.shot,
+                               ppm_scales=list(case.bins), vgg=False, bgpro_num=1)
     else:
         args = bam_args(path, case.shot)
         # BAM's constructor loads its fold's stage-1 PSPNet from this path (key names of its PSPNet OneModel).
@@ -356,6 +434,18 @@ def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor])
         if method == "pfenet":
             return {"logits": model(x, s_x, s_y)}
         captured = {}
+        if method == "ntrenet":
+            # The background map (bg_cls, run once on the query in eval mode) and each scale's initial
+            # prediction (inital_inner_cls), at feature / bin size. Keywords of forward's own signature:
+            # train.py's validation call passes `neg_dict=`, which forward does not take (TypeError).
+            hooks = [model.bg_cls.register_forward_hook(lambda m, i, o: captured.__setitem__("bg_logits", o))]
+            for idx, head in enumerate(model.inital_inner_cls):
+                hooks.append(head.register_forward_hook(
+                    lambda m, i, o, idx=idx: captured.__setitem__(f"initial_logits_{idx}", o)))
+            final = model(s_x=s_x, s_y=s_y, x=x, y=inputs["query_mask"].float(), classes=None)
+            for hook in hooks:
+                hook.remove()
+            return {"logits": final, **captured}
         hooks = [model.cls_meta.register_forward_hook(lambda m, i, o: captured.__setitem__("meta_logits", o)),
                  model.learner_base.register_forward_hook(lambda m, i, o: captured.__setitem__("base_logits", o))]
         final, _, _ = model(x, s_x, s_y, None, None, cat_idx=None)
@@ -389,7 +479,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
     feature = (case.size - 1) // 8 + 1
     config = MODEL_CONFIG[method]
     options = get_method(method).options_of(ModelConfig(**config))
-    if method == "pfenet" and [b for b, _ in scaled_bins(options.pyramid_bins, (feature, feature))] != list(case.bins):
+    if method in ("pfenet", "ntrenet") and [b for b, _ in scaled_bins(options.pyramid_bins, (feature, feature))] != list(case.bins):
         raise ValueError(f"{case.name}: fssmeta's bins at {feature}x{feature} are not the official {case.bins}")
     model = fssmeta_model(config, case.shot)
     names, values = fingerprint(model)
@@ -397,14 +487,14 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
     official = official_model(method, module, path, case, model.state_dict(), scratch)
     outputs = run_official(method, official, inputs)
     entry = {"name": case.name, "shot": case.shot, "size": case.size, "feature_size": feature,
-             "official_bins": list(case.bins) if method == "pfenet" else None,
+             "official_bins": list(case.bins) if method in ("pfenet", "ntrenet") else None,
              "fingerprint_names": names, "fingerprint": values, **inputs,
              "class_id": 1, "train_class_id": TRAIN_CLASS,  # eval: a novel class; losses: a base class
              "outputs": outputs}
     with torch.no_grad():
         ours = model(episode(inputs, 1)).logits
     entry["max_abs_diff_at_recording"] = float((ours - outputs["logits"]).abs().max())
-    if case.losses:
+    if case.losses and method not in EVAL_ONLY:
         entry["losses"] = official_losses(method, official, inputs)
         mine = fssmeta_losses(model, method, episode(inputs, TRAIN_CLASS))
         entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
@@ -412,7 +502,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
         del entry["query_mask"]  # only the loss run reads it
     print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
           f" (|official| <= {float(outputs['logits'].abs().max()):.3g})"
-          + (f", losses {entry['losses']} diff {entry['loss_diff_at_recording']}" if case.losses else ""))
+          + (f", losses {entry['losses']} diff {entry['loss_diff_at_recording']}" if "losses" in entry else ""))
     return entry
 
 
@@ -431,9 +521,12 @@ def main(argv: list[str] | None = None) -> None:
     cwd = Path.cwd()
     try:
         os.chdir(scratch)  # the official constructors read initmodel/... relative to the working directory
+        run_path, patched = official_path, {}
+        if args.method in PATCHES:
+            run_path, patched = patched_copy(args.method, official_path, scratch)
         with cpu_only():
-            module = import_official(args.method, official_path)
-            cases = [record_case(args.method, case, module, official_path, scratch) for case in CASES]
+            module = import_official(args.method, run_path)
+            cases = [record_case(args.method, case, module, run_path, scratch) for case in CASES]
     finally:
         os.chdir(cwd)
         if not args.scratch:
@@ -443,7 +536,10 @@ def main(argv: list[str] | None = None) -> None:
         "format": FORMAT, "method": args.method, "seed": SEED, "base_classes": list(BASE_CLASSES),
         "model_config": MODEL_CONFIG[args.method],
         "model_config_resolved": ModelConfig(**MODEL_CONFIG[args.method]).model_dump(),  # for the record
-        "official": {"repo": pinned.repo, "commit": pinned.commit, "files": hashes},
+        "official": {"repo": pinned.repo, "commit": pinned.commit, "files": hashes,
+                     "patches": [{"file": rel, "old": old, "new": new, "reason": why}
+                                 for rel, old, new, why in PATCHES.get(args.method, ())],
+                     "patched_files": patched},
         "torch": str(torch.__version__), "normalise": {"mean": list(MEAN), "std": list(STD)},
         "generated_by": "tools/oracle.py", "cases": cases,
     }

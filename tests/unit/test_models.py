@@ -295,3 +295,13 @@ def test_stage1_load(method: str):
     del state["backbone.layer4.0.conv2.weight"]
     with pytest.raises(ValueError, match="missing.*layer4.0.conv2.weight"):
         stage1.load(model, state)
+
+
+def test_coco_pyramid_bins_need_their_own_setting():
+    """PFENet on COCO (641 input, 81x81 features) pools to (81, 40, 20, 10). The PASCAL bins scaled to 81
+    round to (81, 41, 20, 11), so docs/data.md sets `pyramid_bins: [81, 40, 20, 10]` for COCO, which the
+    scaling then leaves exactly as official."""
+    from fssmeta.models.ops import scaled_bins
+
+    assert [b for b, _ in scaled_bins((60, 30, 15, 8), (81, 81))] == [81, 41, 20, 11]
+    assert [b for b, _ in scaled_bins((81, 40, 20, 10), (81, 81))] == [81, 40, 20, 10]

@@ -1,4 +1,4 @@
-"""fssmeta's PFENet and BAM against the official forward passes recorded by tools/oracle.py.
+"""fssmeta's PFENet, BAM and NTRENet against the official forward passes recorded by tools/oracle.py.
 
 Each fixture (tests/fixtures/oracle/<method>.pt) holds the inputs, the seed, a fingerprint of fssmeta's weights
 and the official outputs on those weights, with the official repository and commit. The official code is
@@ -95,6 +95,10 @@ def test_forward_matches_official(method: str, name: str) -> None:
         hooks = [model.cls_meta.register_forward_hook(lambda m, i, o: captured.__setitem__("meta_logits", o)),
                  model.base_learner.cls[-1].register_forward_hook(
                      lambda m, i, o: captured.__setitem__("base_logits", o))]
+    if method == "ntrenet":  # the query's background map and each scale's initial prediction (eval: run once)
+        hooks = [model.background.head.register_forward_hook(lambda m, i, o: captured.__setitem__("bg_logits", o))]
+        hooks += [head.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(f"initial_logits_{idx}", o))
+                  for idx, head in enumerate(model.initial_cls)]
     with torch.no_grad():
         captured["logits"] = model(oracle.episode(inputs, case["class_id"])).logits
     for hook in hooks:
@@ -112,8 +116,17 @@ def test_forward_matches_official(method: str, name: str) -> None:
 def test_fixture_bins_are_the_official_ones() -> None:
     """The PFENet fixture runs the official model with fixed bins that fssmeta's default `pyramid_bins` scale
     to exactly at the fixture's feature sizes; at the 473 reference size (60x60) they are PFENet's own."""
-    options = get_method("pfenet").options_of(ModelConfig(**fixture_of("pfenet")["model_config"]))
-    for case in fixture_of("pfenet")["cases"]:
-        size = (case["feature_size"], case["feature_size"])
-        assert [b for b, _ in scaled_bins(options.pyramid_bins, size)] == case["official_bins"]
-    assert scaled_bins(options.pyramid_bins, (60, 60)) == [(60, 60), (30, 30), (15, 15), (8, 8)]
+    for method in ("pfenet", "ntrenet"):  # NTRENet's official pyramid is PFENet's
+        options = get_method(method).options_of(ModelConfig(**fixture_of(method)["model_config"]))
+        for case in fixture_of(method)["cases"]:
+            size = (case["feature_size"], case["feature_size"])
+            assert [b for b, _ in scaled_bins(options.pyramid_bins, size)] == case["official_bins"]
+        assert scaled_bins(options.pyramid_bins, (60, 60)) == [(60, 60), (30, 30), (15, 15), (8, 8)]
+
+
+def test_ntrenet_fixture_records_its_patches() -> None:
+    """The official NTRENet ran from a patched copy: the fixture lists each substitution, as tools/oracle.py
+    defines them, and the sha256 of the unpatched files (those of the pinned commit)."""
+    official = fixture_of("ntrenet")["official"]
+    assert official["files"] == oracle.OFFICIAL["ntrenet"].files
+    assert [tuple(p.values()) for p in official["patches"]] == [tuple(p) for p in oracle.PATCHES["ntrenet"]]
