@@ -305,3 +305,13 @@ def test_coco_pyramid_bins_need_their_own_setting():
 
     assert [b for b, _ in scaled_bins((60, 30, 15, 8), (81, 81))] == [81, 41, 20, 11]
     assert [b for b, _ in scaled_bins((81, 40, 20, 10), (81, 81))] == [81, 40, 20, 10]
+
+
+def test_recipes_are_the_official_effective_rates():
+    """PFENet and NTRENet: base_lr 0.0025 with every group at 10x = 0.025 effective (PASCAL, batch 4); BAM
+    0.005 x 10 = 0.05. `train.optim` keys a run sets win over the recipe."""
+    from fssmeta.config import OptimConfig
+
+    assert {k: get_method(k).training_recipe(OptimConfig()).lr for k in ("pfenet", "ntrenet", "bam")} == {
+        "pfenet": 0.025, "ntrenet": 0.025, "bam": 0.05}
+    assert get_method("pfenet").training_recipe(OptimConfig(lr=0.05)).lr == 0.05
