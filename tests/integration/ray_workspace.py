@@ -49,6 +49,7 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
         "model.backbone": "small", "model.bam.reduce_dim": 16, "model.pspnet.ppm_dim": 16,
         "model.bam.aspp_dilations": [1, 2, 3],
         "train_base.out": str(root / "runs"), "train_base.epochs": 1, "train_base.episodes_per_epoch": 32,
+        "train_base.transform.crop_size": 65, "train_base.val_episodes": 8,
         "train.out": str(root / "runs"), "train.epochs": 2, "train.episodes_per_epoch": 8, "train.batch_size": 2,
         "train.val_episodes": 4, "ray.num_workers": 2, "ray.resources_per_worker": {"CPU": 1.0},
         "ray.num_cpus": 2, "ray.max_failures": 0, "mlflow.enabled": False,

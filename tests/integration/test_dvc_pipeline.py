@@ -29,7 +29,7 @@ TINY = {
     "transform": {"crop_size": 65},
     "eval": {"test_size": 65, "resized_size": 97, "folds": [0], "shots": [1], "episodes": 20},
     "model": {"pspnet": {"ppm_dim": 16}, "bam": {"reduce_dim": 16, "aspp_dilations": [1, 2, 3]}},
-    "train_base": {"epochs": 1, "episodes_per_epoch": 32},
+    "train_base": {"epochs": 1, "episodes_per_epoch": 32, "val_episodes": 10, "transform": {"crop_size": 65}},
     "train": {"epochs": 1, "episodes_per_epoch": 16, "batch_size": 4, "val_episodes": 10},
     "ray": {"num_workers": 1, "num_cpus": 2},
     "tune": {"trials": 2, "max_concurrent_trials": 1,

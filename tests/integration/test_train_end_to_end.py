@@ -26,6 +26,10 @@ def workspace(tmp_path_factory):
         "eval.out": root / "results",
         "model.bam.aspp_dilations": "[1, 2, 3]",
         "train_base.out": root / "runs", "train_base.epochs": 6, "train_base.episodes_per_epoch": 320,
+        # stage 1 as before BAM's recipe became the default: one rate from random init, crops of 97
+        "train_base.optim.lr": 0.01, "train_base.encoder_lr_scale": 1.0, "train_base.transform.crop_size": 97,
+        "train_base.transform.scale_min": 0.9, "train_base.transform.scale_max": 1.1,
+        "train_base.val_episodes": 30,
         "train.out": root / "runs", "train.epochs": 4, "train.episodes_per_epoch": 160,
         "train.val_episodes": 40,
     }
