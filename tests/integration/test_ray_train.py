@@ -57,7 +57,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch(workspace, ray_env, 
     # Same seed, no dropout and no augmentation that pads or rotates (both add ignored pixels, which make a
     # rank's mean loss weigh its pixels differently from the global mean): 2 workers x batch 2 and 1 worker
     # x batch 4 see the same episodes at every step, so DDP's averaged gradients equal the single batch's.
-    same = {"model.bam.dropout": 0.0, "model.bam.feature_dropout": 0.0, "transform.scale_min": 1.0,
+    same = {"model.bam.dropout": 0.0, "model.bam.feature_dropout": 0.0, "model.bam.base_dropout": False,
+            "transform.scale_min": 1.0,
             "transform.scale_max": 1.0, "transform.rotate_degrees": 0.0, "train.epochs": 1, "train.val_episodes": 0}
     states = {}
     for workers, batch in ((2, 2), (1, 4)):

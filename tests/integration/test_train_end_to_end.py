@@ -30,6 +30,7 @@ def workspace(tmp_path_factory):
         "train_base.optim.lr": 0.01, "train_base.encoder_lr_scale": 1.0, "train_base.transform.crop_size": 97,
         "train_base.transform.scale_min": 0.9, "train_base.transform.scale_max": 1.1,
         "train_base.val_episodes": 30,
+        "model.backbone_source": "stage1",  # the baseline: no ImageNet weights here
         "train.out": root / "runs", "train.epochs": 4, "train.episodes_per_epoch": 160,
         "train.val_episodes": 40,
     }
