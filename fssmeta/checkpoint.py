@@ -3,6 +3,7 @@ atomically and loaded safely with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,30 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a bad file
-        raise CheckpointError(f"{path}: corrupt or not a fssmeta checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: not a safe fssmeta checkpoint: corrupt, or it holds objects other than "
+                              f"tensors and plain data ({type(exc).__name__}: {_load_failure(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
         raise CheckpointError(f"{path}: not a fssmeta checkpoint (format {FORMAT} with a 'model' entry expected)")
     return payload
+
+
+def _load_failure(exc: Exception) -> str:
+    """What torch found wrong, without its advice to retry with `weights_only=False` (which runs code from the
+    file) or to allowlist the file's classes: neither is right for a file that should hold only tensors."""
+    message = str(exc)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    message = message.split("Please use `torch.serialization", 1)[0].split("Check the documentation of torch.load", 1)[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+    return " ".join(lines) or "unreadable"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -1,9 +1,10 @@
 """`fssmeta ...` subcommands: show-config, methods, folds, synthesize, prepare, episodes, train-base, tune, train, evaluate,
-promote, predict."""
+register, promote, predict."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -174,6 +175,24 @@ def _train_ray(cfg: Config, *, progress: bool) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from fssmeta.data.io import read_json
+
+    if args.name:
+        args.set = [*args.set, f"mlflow.registered_model={args.name}"]
+    cfg = _config(args)
+    metrics = read_json(args.metrics, "metrics file") if args.metrics else {}
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in metrics.values()):
+        raise ValueError(f"--metrics {args.metrics}: expected a JSON object of metric names to numbers")
+    from fssmeta.integrations.registry import register_checkpoint
+
+    info = register_checkpoint(cfg, args.checkpoint, metrics=metrics)
+    state = "registered" if info["created"] else "already registered"
+    print(f"{args.checkpoint}: {info['model_uri']} {state} (run {info['run_id']})")
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from fssmeta.integrations.promotion import PromotionRefused, promote, rollback, score_version
 
@@ -242,7 +261,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise RequestError(f"--support {value}: expected IMAGE:MASK (the support image and its mask file)")
         pairs.append((Path(image), Path(mask)))
     supports = [read_image_file(image, "support image") for image, _ in pairs]
-    masks = [read_image_file(mask, "support mask", mask=True) for _, mask in pairs]
+    masks = [read_image_file(mask, "support mask", mask=True, mask_threshold=args.mask_threshold,
+                             mask_class=args.mask_class) for _, mask in pairs]
     queries = [Path(q) for q in args.query]
     for query in queries:  # read one at a time below; missing ones fail before any work
         if not query.is_file():
@@ -327,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
     p.add_argument("--fold", type=int, default=None,
                    help="with --targets: the source fold's model (default: eval.target_fold)")
+    p = add("register", cmd_register, "register a trained checkpoint as a version of the MLflow registered model "
+                                       "(fold, shot and protocol tags from its stored config; idempotent)")
+    p.add_argument("--checkpoint", required=True, help="a .pt checkpoint written by training")
+    p.add_argument("--name", help="registered model name (default: mlflow.registered_model)")
+    p.add_argument("--metrics", help="a JSON object of metric names to numbers, recorded as metric.<name> tags")
     p = add("promote", cmd_promote, "move champion-<domain> to a registered version if it wins on that domain")
     p.add_argument("--model", help="registered model name (default: mlflow.registered_model)")
     p.add_argument("--domain", required=True, help="`source` or a data.targets name")
@@ -337,8 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a logged model (models:/fssmeta@champion-source, models:/fssmeta/3, runs:/...) or a .pt "
                         "checkpoint written by training")
     p.add_argument("--support", action="append", required=True, metavar="IMG:MASK",
-                   help="a support image and its mask (0 background, other values foreground; 255 = ignore "
-                        "beside other values); once per shot")
+                   help="a support image and its mask (0 background; one other value foreground, 255 = ignore "
+                        "beside one class value; several classes need --mask-class, anti-aliased masks "
+                        "--mask-threshold); once per shot")
+    p.add_argument("--mask-threshold", type=int, metavar="T",
+                   help="read the support masks as value >= T = foreground, else background (anti-aliased 0/255 "
+                        "masks, e.g. 128)")
+    p.add_argument("--mask-class", type=int, metavar="ID",
+                   help="read the support masks as label maps: value ID = foreground, 255 = ignore, others background")
     p.add_argument("--query", action="append", required=True, metavar="IMG", help="a query image; repeatable")
     p.add_argument("--out", required=True, help="output folder: <stem>_mask/_probability/_overlay.png per query, "
                                                  "predictions.json")
@@ -356,8 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # an output or cache folder that is a file, unwritable, or on a full disk
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"fssmeta {args.command}: error: {where}{exc.strerror or exc} (check the folder the params or "
-              f"--out name)", file=sys.stderr)
+        reason = {errno.EEXIST: "a file is there, not a folder", errno.ENOTDIR: "a file is in the way of this folder",
+                  errno.EACCES: "permission denied (not writable)"}.get(exc.errno, exc.strerror or str(exc))
+        print(f"fssmeta {args.command}: error: {where}{reason} (check the folder the params or --out name)",
+              file=sys.stderr)
         return 2
 
 

@@ -1,5 +1,9 @@
 """Segment a query from supports with a trained model: the one core behind serving (the MLflow pyfunc model) and
-`fssmeta predict`, with the image and mask decoding rules both use."""
+`fssmeta predict`, with the image and mask decoding rules and the size limits both use.
+
+Cost is bounded by the query's own size: every image is refused from its header beyond the pixel, longer-side
+and aspect-ratio limits (each environment-overridable), the model runs on its fixed `eval.test_size` canvas,
+and its logits are resampled straight to the query's (H, W), never through a square of the longer side."""
 
 from __future__ import annotations
 
@@ -12,28 +16,55 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fssmeta.config import Config
 from fssmeta.episode import IGNORE_INDEX
 
-MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before any pixel is decoded
-MAX_PIXELS_ENV = "FSSMETA_MAX_IMAGE_PIXELS"  # overrides MAX_IMAGE_PIXELS; read at every call
+# Limits per image, checked from the header before any pixel is decoded; each read from its environment variable
+# at every call. The output (H, W) probability and its PNGs scale with the pixels; the side and aspect limits keep
+# a sliver from shrinking to nothing on the model's square canvas (at 64:1 and test_size 473 the short side
+# keeps 7 pixels).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_PIXELS_ENV = "FSSMETA_MAX_IMAGE_PIXELS"
+MAX_IMAGE_SIDE = 8192
+MAX_SIDE_ENV = "FSSMETA_MAX_IMAGE_SIDE"
+MAX_ASPECT_RATIO = 64  # longer side / shorter side
+MAX_ASPECT_ENV = "FSSMETA_MAX_ASPECT_RATIO"
+MAX_REQUEST_ROWS = 8  # episodes per served request: each holds 1 + shot images of up to MAX_IMAGE_PIXELS
+MAX_ROWS_ENV = "FSSMETA_MAX_REQUEST_ROWS"
 IMAGE_FORMATS = ("PNG", "JPEG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REQUEST_COLUMNS = ("query_img", "support_imgs", "support_masks")
+MASK_OPTIONS = ("mask_threshold", "mask_class")  # optional per-row request fields, `--mask-threshold/--mask-class`
 
-MASK_RULE = """Masks are single-channel PNGs (8-bit, palette or 16-bit; RGB/RGBA ones are converted to grayscale):
-  0 = background; 255 = ignore when the mask also holds other non-zero values (PASCAL: 255 outlines the
-  objects), else foreground (a plain black/white mask); any other value = foreground (e.g. a VOC class id).
-  A JPEG mask (lossy) is thresholded at 128 instead, with no ignore label."""
+MASK_RULE = """Masks are single-channel PNGs (8-bit, palette or 16-bit; RGB/RGBA ones are converted to grayscale),
+read by one of three rules:
+  default: 0 = background. One non-zero value only (a plain 0/255 or 0/1 mask): it is foreground. One value v
+    besides 0 and 255 (a PASCAL one-class mask): v = foreground, 255 = ignore (PASCAL outlines objects with it).
+    Several values besides 0 and 255 (a multi-class label map, or an anti-aliased mask's soft edge) are
+    ambiguous: an error that lists them; choose one of the two options below.
+  mask threshold T (`--mask-threshold T`, request field `mask_threshold`): value >= T = foreground, else
+    background, no ignore label; for anti-aliased 0/255 masks (e.g. T = 128).
+  mask class ID (`--mask-class ID`, request field `mask_class`): a label map; value == ID = foreground,
+    255 = ignore (unless ID is 255), any other value = background; the mask must hold ID.
+  A JPEG mask (lossy) is thresholded at 128 (or T) with no ignore label; a mask class needs a PNG.
+Images and masks are first turned upright by their EXIF orientation (as viewers show them), and 16-bit images
+scaled to 8 bits by their bit depth."""
 
 PYFUNC_INPUT = f"""Input: a pandas DataFrame (over HTTP: `dataframe_records` or `dataframe_split`), one episode per row:
   query_img      a base64-encoded PNG or JPEG image (any size)
   support_imgs   a list of `shot` base64-encoded PNG or JPEG images (sizes may differ from the query's)
   support_masks  a list of `shot` base64-encoded masks, each the size of its support image
+  mask_threshold optional integer, mask_class optional integer (at most one of them; absent or null = the
+                 default rule): how this row's support masks are read
 {MASK_RULE}
-Images hold at most {MAX_PIXELS_ENV} pixels (default {MAX_IMAGE_PIXELS}).
-Output: one dict per row, at the query's own size:
+Images hold at most {MAX_PIXELS_ENV} pixels (default {MAX_IMAGE_PIXELS}), a longer side of at most
+{MAX_SIDE_ENV} (default {MAX_IMAGE_SIDE}) and an aspect ratio of at most {MAX_ASPECT_ENV}:1 (default
+{MAX_ASPECT_RATIO}:1); a request holds at most {MAX_ROWS_ENV} rows (default {MAX_REQUEST_ROWS}). Beyond a limit
+the request is refused (400) with a message naming it.
+Output: one dict per row, at the query's own size as displayed (after its EXIF orientation; the output carries
+no orientation tag):
   mask                    base64 PNG, mode L, 255 = foreground, 0 = background
   foreground_probability  base64 PNG, mode L, round(255 * p)
   foreground_fraction     share of the query's pixels in the mask
@@ -74,36 +105,124 @@ def load_training_checkpoint(checkpoint: str | Path, *, shot: int | None = None,
 # --------------------------------------------------------------------------------------------- decoding
 
 
-def max_image_pixels() -> int:
-    """The pixel limit per image: FSSMETA_MAX_IMAGE_PIXELS if set, else MAX_IMAGE_PIXELS."""
-    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+def _env_limit(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
     if not value:
-        return MAX_IMAGE_PIXELS
+        return default
     try:
         limit = int(value)
     except ValueError:
         limit = 0
     if limit < 1:
-        raise ValueError(f"{MAX_PIXELS_ENV}: expected a positive integer, got {value!r}")
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return limit
 
 
-def mask_labels(values: np.ndarray) -> np.ndarray:
-    """Stored mask values (H, W) -> labels 0/1/255 by the rule in MASK_RULE."""
+def max_image_pixels() -> int:
+    """The pixel limit per image: FSSMETA_MAX_IMAGE_PIXELS if set, else MAX_IMAGE_PIXELS."""
+    return _env_limit(MAX_PIXELS_ENV, MAX_IMAGE_PIXELS)
+
+
+def max_image_side() -> int:
+    """The limit on an image's longer side: FSSMETA_MAX_IMAGE_SIDE if set, else MAX_IMAGE_SIDE."""
+    return _env_limit(MAX_SIDE_ENV, MAX_IMAGE_SIDE)
+
+
+def max_aspect_ratio() -> int:
+    """The limit on longer side / shorter side: FSSMETA_MAX_ASPECT_RATIO if set, else MAX_ASPECT_RATIO."""
+    return _env_limit(MAX_ASPECT_ENV, MAX_ASPECT_RATIO)
+
+
+def max_request_rows() -> int:
+    """The limit on rows (episodes) per served request: FSSMETA_MAX_REQUEST_ROWS if set, else MAX_REQUEST_ROWS."""
+    return _env_limit(MAX_ROWS_ENV, MAX_REQUEST_ROWS)
+
+
+def check_limits() -> None:
+    """ValueError naming the variable if any limit's environment variable is malformed (for a server's start)."""
+    max_image_pixels(), max_image_side(), max_aspect_ratio(), max_request_rows()
+
+
+def check_image_size(width: int, height: int, what: str) -> None:
+    """RequestError naming the limit and its variable unless a width x height image is within the pixel,
+    longer-side and aspect-ratio limits."""
+    pixels, side, short = width * height, max(width, height), max(1, min(width, height))
+    if pixels > (limit := max_image_pixels()):
+        raise RequestError(f"{what}: image too large: {width}x{height} = {pixels} pixels, at most {limit} allowed "
+                           f"({MAX_PIXELS_ENV})")
+    if side > (limit := max_image_side()):
+        raise RequestError(f"{what}: image too long: {width}x{height}, its longer side {side} pixels, at most "
+                           f"{limit} allowed ({MAX_SIDE_ENV})")
+    if side > short * (limit := max_aspect_ratio()):
+        raise RequestError(f"{what}: image too thin: {width}x{height}, an aspect ratio of {side / short:.1f}:1, at "
+                           f"most {limit}:1 allowed ({MAX_ASPECT_ENV})")
+
+
+def check_mask_options(threshold: int | None, class_id: int | None) -> None:
+    """RequestError unless at most one of a mask threshold (1-65535) and a mask class (1-65535) is given."""
+    if threshold is not None and class_id is not None:
+        raise RequestError("mask threshold and mask class both given: use one (a threshold for anti-aliased 0/255 "
+                           "masks, a class for label maps)")
+    for name, value in (("mask threshold", threshold), ("mask class", class_id)):
+        if value is not None and not 1 <= value <= 65535:
+            raise RequestError(f"{name} {value}: expected an integer from 1 to 65535")
+
+
+def _values_listing(values: np.ndarray) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:12])
+    return shown + (f", ... ({len(values)} values)" if len(values) > 12 else "")
+
+
+def mask_labels(values: np.ndarray, what: str = "mask", *, threshold: int | None = None,
+                class_id: int | None = None) -> np.ndarray:
+    """Stored mask values (H, W) -> labels 0/1/255 by the rule in MASK_RULE: `threshold` T or `class_id` ID if
+    given (at most one), else the default rule; an ambiguous mask or a missing class is a RequestError naming
+    `what`."""
     values = np.asarray(values)
+    check_mask_options(threshold, class_id)
+    if threshold is not None:
+        return (values >= threshold).astype(np.uint8)
+    if values.dtype == np.uint8:  # the values present: bincount is linear, unique sorts
+        present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+    else:
+        present = np.unique(values)
+    if class_id is not None:
+        if class_id not in present:
+            raise RequestError(f"{what}: mask class {class_id} is not in the mask (values found: "
+                               f"{_values_listing(present)})")
+        labels = (values == class_id).astype(np.uint8)
+        if class_id != 255:
+            labels[values == 255] = IGNORE_INDEX
+        return labels
+    classes = present[(present != 0) & (present != 255)]
+    if len(classes) > 1:
+        raise RequestError(f"{what}: ambiguous mask: it holds {len(classes)} values besides 0 and 255 "
+                           f"({_values_listing(classes)}): for a label map pick one class with --mask-class ID "
+                           f"(request field mask_class), for an anti-aliased 0/255 mask give --mask-threshold T "
+                           f"(mask_threshold), e.g. 128")
     labels = (values != 0).astype(np.uint8)
-    if (values == 255).any() and ((values != 0) & (values != 255)).any():
+    if len(classes) == 1 and 255 in present:
         labels[values == 255] = IGNORE_INDEX
     return labels
 
 
-def decode_image(data: bytes, what: str, *, mask: bool = False, form: str = "a PNG or JPEG image") -> np.ndarray:
-    """PNG or JPEG bytes -> an RGB image (H, W, 3) uint8, or with `mask` labels (H, W) uint8 0/1/255.
+def _to_8bit(image: Image.Image, data: bytes) -> np.ndarray:
+    """A 16- or 32-bit grayscale image ('I;16*', 'I') -> (H, W) uint8 scaled by its bit depth (the PNG header's;
+    Pillow's own conversion clips at 255 instead)."""
+    depth = data[24] if data.startswith(PNG_SIGNATURE) and len(data) > 24 else 16
+    top = (1 << depth) - 1
+    values = np.clip(np.asarray(image).astype(np.int64), 0, top)
+    return ((values * 255 + top // 2) // top).astype(np.uint8)
 
-    The size is checked against `max_image_pixels()` from the header, before any pixel is decoded; every
-    failure is a RequestError naming `what`.
+
+def decode_image(data: bytes, what: str, *, mask: bool = False, form: str = "a PNG or JPEG image",
+                 mask_threshold: int | None = None, mask_class: int | None = None) -> np.ndarray:
+    """PNG or JPEG bytes -> an RGB image (H, W, 3) uint8, or with `mask` labels (H, W) uint8 0/1/255 by
+    MASK_RULE (`mask_threshold` / `mask_class` choose its options), both turned upright by the EXIF orientation.
+
+    The size is checked against the limits (`check_image_size`) from the header, before any pixel is decoded;
+    every failure is a RequestError naming `what`.
     """
-    limit = max_image_pixels()
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:  # PIL's own limit, far above the default one
@@ -111,23 +230,28 @@ def decode_image(data: bytes, what: str, *, mask: bool = False, form: str = "a P
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise RequestError(f"{what}: not {form}") from None
     with image:
-        width, height = image.size
-        if width * height > limit:
-            raise RequestError(f"{what}: image too large: {width}x{height} = {width * height} pixels, at most "
-                               f"{limit} allowed ({MAX_PIXELS_ENV})")
+        check_image_size(*image.size, what)
         try:
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # as viewers show it; the result carries no orientation
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise RequestError(f"{what}: not {form} (corrupt or truncated: {exc})") from None
         if not mask:
+            if image.mode.startswith("I"):  # 16-bit grayscale PNG (16-bit RGB comes as 8-bit "RGB" already)
+                return np.repeat(_to_8bit(image, data)[..., None], 3, axis=2)
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
         if image.format in ("JPEG", "MPO"):  # lossy: 255 and 0 come back as 250-255 and 0-5
-            return (np.asarray(image.convert("L")) >= 128).astype(np.uint8)
+            if mask_class is not None:
+                raise RequestError(f"{what}: a JPEG mask is lossy: a mask class needs a PNG label map")
+            check_mask_options(mask_threshold, None)
+            return (np.asarray(image.convert("L")) >= (mask_threshold or 128)).astype(np.uint8)
         single = image.mode in ("L", "P") or image.mode.startswith("I")  # "1" and colour: to 8-bit gray
-        return mask_labels(np.asarray(image if single else image.convert("L")))
+        return mask_labels(np.asarray(image if single else image.convert("L")), what, threshold=mask_threshold,
+                           class_id=mask_class)
 
 
-def decode_base64(value: Any, what: str, *, mask: bool = False) -> np.ndarray:
+def decode_base64(value: Any, what: str, *, mask: bool = False, mask_threshold: int | None = None,
+                  mask_class: int | None = None) -> np.ndarray:
     """A base64-encoded PNG or JPEG string (whitespace and a `data:...;base64,` prefix allowed) -> `decode_image`."""
     form = "a base64-encoded PNG or JPEG image"
     if isinstance(value, bytes):
@@ -140,15 +264,17 @@ def decode_base64(value: Any, what: str, *, mask: bool = False) -> np.ndarray:
         data = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what}: not {form} (invalid base64)") from None
-    return decode_image(data, what, mask=mask, form=form)
+    return decode_image(data, what, mask=mask, form=form, mask_threshold=mask_threshold, mask_class=mask_class)
 
 
-def read_image_file(path: str | Path, what: str, *, mask: bool = False) -> np.ndarray:
+def read_image_file(path: str | Path, what: str, *, mask: bool = False, mask_threshold: int | None = None,
+                    mask_class: int | None = None) -> np.ndarray:
     """A PNG or JPEG file -> `decode_image`; a missing file is a RequestError naming it."""
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"{what} {path}: file not found")
-    return decode_image(path.read_bytes(), f"{what} {path}", mask=mask)
+    return decode_image(path.read_bytes(), f"{what} {path}", mask=mask, mask_threshold=mask_threshold,
+                        mask_class=mask_class)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -188,7 +314,8 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
                    masks: Sequence[np.ndarray]) -> np.ndarray:
     """Foreground probability (H, W) float32 of `query` (H, W, 3) uint8 RGB at its own size, given `shot`
     supports (h, w, 3) uint8 and their (h, w) masks (0/1/255), resized as `cfg.eval` scores them.
-    The model's device is used as it is; `foreground_mask` turns the probability into the mask."""
+    The model's device is used as it is; `foreground_mask` turns the probability into the mask. Every image
+    must be within the size limits (`check_image_size`); the largest tensor is the (H, W) output."""
     import torch
 
     from fssmeta.episode import Episode
@@ -196,6 +323,9 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
 
     if query.dtype != np.uint8 or query.ndim != 3 or query.shape[2] != 3:
         raise RequestError(f"query image: expected (H, W, 3) uint8 RGB, got {query.dtype} {query.shape}")
+    check_image_size(query.shape[1], query.shape[0], "query image")
+    for i, image in enumerate(supports):
+        check_image_size(image.shape[1], image.shape[0], f"support image {i}")
     check_supports(shot, supports, masks)
     transform = scoring_transform(cfg)
     query_img, query_mask = transform(query, np.zeros(query.shape[:2], np.uint8))
@@ -210,8 +340,42 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
     )
     with torch.inference_mode():
         logits = model(episode).logits.float()  # (1, 2, s, s)
-    logits = transform.score_logits(logits, query.shape[:2])  # (1, 2, H, W), as evaluation scores it
-    return logits.softmax(dim=1)[0, 1].cpu().numpy().astype(np.float32)  # (H, W)
+        # softmax over two classes = sigmoid of their difference, and bilinear resampling is linear: resample
+        # the one difference channel, not both.
+        margin = logits[:, 1:] - logits[:, :1]  # (1, 1, s, s)
+        if transform.resolution == "original" and transform.canvas == "mean":
+            margin = _mean_canvas_margin(margin, query.shape[:2])
+        else:  # content crop -> (H, W) or the whole square -> (H, W): never larger than the query
+            margin = transform.score_logits(margin, query.shape[:2])  # (1, 1, H, W), as evaluation scores it
+        return margin[0, 0].sigmoid_().cpu().numpy().astype(np.float32, copy=False)  # (H, W)
+
+
+def _mean_canvas_margin(margin: Any, size: tuple[int, int]) -> Any:
+    """(1, 1, h, w) -> (1, 1, H, W) with the values of `TestTransform.score_logits` on the `mean` canvas (the
+    whole canvas upsampled to L x L, L the longer side, then cut to (H, W)) without building the L x L square:
+    a separable bilinear (align_corners=True) resampling at the same source positions."""
+    height, width = size
+    side = max(height, width)
+    rows = _bilinear_matrix(height, margin.shape[-2], side)  # (H, h)
+    cols = _bilinear_matrix(width, margin.shape[-1], side)  # (W, w)
+    return (rows @ margin[0, 0].to(rows) @ cols.T)[None, None].to(margin.dtype)  # (1, 1, H, W)
+
+
+def _bilinear_matrix(count: int, source: int, side: int) -> Any:
+    """(count, source) weights sampling output positions 0..count-1 of an align_corners=True resize of
+    `source` samples to `side` (>= count) samples."""
+    import torch
+
+    step = (source - 1) / (side - 1) if side > 1 else 0.0
+    position = torch.arange(count, dtype=torch.float64) * step
+    low = position.floor().long().clamp_(0, source - 1)
+    high = (low + 1).clamp_(max=source - 1)
+    frac = (position - low).clamp_(0, 1)
+    weights = torch.zeros(count, source, dtype=torch.float64)
+    index = torch.arange(count)
+    weights.index_put_((index, low), 1 - frac, accumulate=True)
+    weights.index_put_((index, high), frac, accumulate=True)
+    return weights.float()
 
 
 def foreground_mask(prob: np.ndarray) -> np.ndarray:
@@ -254,16 +418,46 @@ def _image_list(value: Any, what: str) -> list[Any]:
     return list(value)
 
 
+def _optional_int(record: Mapping[str, Any], key: str, where: str) -> int | None:
+    """An optional integer field: absent, None or NaN (a column other rows fill) -> None."""
+    value = record.get(key)
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():  # a column with NaN holds floats
+        return int(value)
+    raise RequestError(f"{where} {key}: expected an integer, got {value!r}")
+
+
+def check_request_rows(count: int) -> None:
+    """RequestError naming the limit if a served request holds more than `max_request_rows()` rows."""
+    if count > (limit := max_request_rows()):
+        raise RequestError(f"model input: {count} rows, at most {limit} per request allowed ({MAX_ROWS_ENV}): split "
+                           f"the request")
+
+
+def segment_records(model: Any, cfg: Config, shot: int, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A served request's rows -> their output dicts, after the row limit (`check_request_rows`)."""
+    check_request_rows(len(records))
+    return [segment_record(model, cfg, shot, record, f"row {i}") for i, record in enumerate(records)]
+
+
 def segment_record(model: Any, cfg: Config, shot: int, record: Mapping[str, Any], where: str) -> dict[str, Any]:
     """One request row (see PYFUNC_INPUT) -> its output dict; `where` ("row 0") prefixes every error."""
     missing = [c for c in REQUEST_COLUMNS if c not in record]
     if missing:
         raise RequestError(f"{where}: missing field(s) {', '.join(missing)}")
+    options = {key: _optional_int(record, key, where) for key in MASK_OPTIONS}  # decode_base64's keywords
+    try:
+        check_mask_options(options["mask_threshold"], options["mask_class"])
+    except RequestError as exc:
+        raise RequestError(f"{where}: {exc}") from None
     query = decode_base64(record["query_img"], f"{where} query_img")
     images = _image_list(record["support_imgs"], f"{where} support_imgs")
     labels = _image_list(record["support_masks"], f"{where} support_masks")
     supports = [decode_base64(v, f"{where} support_imgs[{i}]") for i, v in enumerate(images)]
-    masks = [decode_base64(v, f"{where} support_masks[{i}]", mask=True) for i, v in enumerate(labels)]
+    masks = [decode_base64(v, f"{where} support_masks[{i}]", mask=True, **options) for i, v in enumerate(labels)]
     try:
         check_supports(shot, supports, masks, [f"support_masks[{i}]" for i in range(len(masks))])
     except RequestError as exc:

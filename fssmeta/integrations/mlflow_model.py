@@ -12,15 +12,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fssmeta.checkpoint import CheckpointError, file_sha256
 from fssmeta.config import Config, MlflowConfig
 from fssmeta.integrations.mlflow import _mlflow, _tracking_uri, resolve_tracking_uri
 from fssmeta.predict import (
+    MASK_OPTIONS,
     PYFUNC_INPUT,
     REQUEST_COLUMNS,
     RequestError,
+    check_limits,
     load_checkpoint_model,
-    max_image_pixels,
-    segment_record,
+    segment_records,
 )
 
 # The pyfunc model is "models from code": MLflow keeps this file and runs it to load the model, so nothing
@@ -63,15 +65,18 @@ def _define_pyfunc_class(base: type) -> type:
         def load_context(self, context: Any) -> None:
             import torch
 
-            max_image_pixels()  # a bad FSSMETA_MAX_IMAGE_PIXELS stops the server at start, not every request
+            check_limits()  # a bad FSSMETA_MAX_* value stops the server at start, not every request
             info = json.loads(Path(context.artifacts["info"]).read_text())
             self.shot = info["shot"]
-            self.model, self.cfg = load_checkpoint_model(context.artifacts["checkpoint"], info)
+            self.checkpoint_path = Path(context.artifacts["checkpoint"])
+            self.checkpoint_sha256 = verified_sha256(self.checkpoint_path, info)
+            self.model, self.cfg = load_checkpoint_model(self.checkpoint_path, info)
             if torch.cuda.is_available():
                 self.model.to("cuda")
 
-        # Deliberately without type hints: MLflow would derive a schema from them; the logged signature
-        # (`model_signature`) describes the input instead.
+        # Deliberately without type hints: MLflow would derive an input schema from them, and its schema check
+        # drops unknown columns silently; PYFUNC_INPUT (the class docstring) describes the input, `_records`
+        # checks it.
         def predict(self, context, model_input, params=None):
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -79,8 +84,7 @@ def _define_pyfunc_class(base: type) -> type:
             # A bad request is the client's error: MlflowException(INVALID_PARAMETER_VALUE) makes the scoring
             # server answer 400 with this message (any other exception: 400 with a generic message).
             try:
-                return [segment_record(self.model, self.cfg, self.shot, record, f"row {i}")
-                        for i, record in enumerate(_records(model_input))]
+                return segment_records(self.model, self.cfg, self.shot, _records(model_input))
             except (RequestError, KeyError) as exc:
                 raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
@@ -88,8 +92,26 @@ def _define_pyfunc_class(base: type) -> type:
     return FssmetaPyfunc
 
 
+def verified_sha256(checkpoint: Path, info: dict[str, Any]) -> str:
+    """The checkpoint file's sha256, refused (CheckpointError naming both hashes) unless it is the
+    `checkpoint_sha256` registration recorded in the model's info artifact."""
+    expected = info.get("checkpoint_sha256")
+    if not expected:
+        raise CheckpointError(f"{checkpoint}: the model's info artifact records no checkpoint_sha256; refusing to "
+                              "load a checkpoint that cannot be verified")
+    actual = file_sha256(checkpoint)
+    if actual != expected:
+        raise CheckpointError(f"{checkpoint}: checkpoint sha256 {actual} does not match {expected} recorded at "
+                              "registration (the model's info artifact); refusing to load it")
+    return actual
+
+
 def _records(model_input: Any) -> list[dict[str, Any]]:
-    """The request rows of a DataFrame (or a list of dicts / a dict of columns), every column present."""
+    """The request rows of a DataFrame (or a list of dicts / a dict of columns): the request columns, and
+    optionally the per-row mask options (`MASK_OPTIONS`), nothing else.
+
+    Checked here, not by MLflow: the logged signature declares no inputs because MLflow's schema check drops
+    unknown columns silently, and a misspelt optional-looking column should be the client's error."""
     import pandas as pd
 
     if not isinstance(model_input, pd.DataFrame):
@@ -99,21 +121,24 @@ def _records(model_input: Any) -> list[dict[str, Any]]:
             raise RequestError(f"model input: expected a table with columns {', '.join(REQUEST_COLUMNS)} "
                                f"({exc})") from None
     missing = [c for c in REQUEST_COLUMNS if c not in model_input.columns]
-    if missing:
-        raise RequestError(f"model input: missing column(s) {', '.join(missing)}")
+    unknown = [str(c) for c in model_input.columns if c not in (*REQUEST_COLUMNS, *MASK_OPTIONS)]
+    if missing or unknown:
+        problems = [f"{what} column(s) {', '.join(names)}" for what, names in (("missing", missing),
+                                                                              ("unknown", unknown)) if names]
+        raise RequestError(f"model input: {'; '.join(problems)} (expected {', '.join(REQUEST_COLUMNS)}, "
+                           f"optionally {', '.join(MASK_OPTIONS)})")
     return model_input.to_dict("records")
 
 
 def model_signature() -> Any:
-    """The logged signature: base64 strings in (lists of them for the supports), the output dict's fields out."""
+    """The logged signature: the output dict's fields. No inputs: MLflow would drop unknown request columns
+    before `predict` sees them; `_records` and `segment_record` check the columns and their types instead."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema([ColSpec("string", "query_img"), ColSpec(Array("string"), "support_imgs"),
-                     ColSpec(Array("string"), "support_masks")])
     outputs = Schema([ColSpec("string", "mask"), ColSpec("string", "foreground_probability"),
                       ColSpec("double", "foreground_fraction"), ColSpec("long", "height"), ColSpec("long", "width")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(outputs=outputs)
 
 
 def __getattr__(name: str) -> Any:
@@ -150,8 +175,9 @@ def download_model(cfg: MlflowConfig, model_uri: str, dst: str | Path) -> tuple[
 
 def load_logged_model(cfg: MlflowConfig, model_uri: str) -> tuple[Any, Config, dict[str, Any]]:
     """The model behind `model_uri` (eval mode, CPU), its training config and its info, loaded from its
-    checkpoint artifact with `load_checkpoint_model` (no pickled code runs)."""
+    checkpoint artifact with `load_checkpoint_model` (no pickled code runs) once its sha256 is verified."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, info = download_model(cfg, model_uri, tmp)
+        verified_sha256(checkpoint, info)
         model, model_cfg = load_checkpoint_model(checkpoint, info)
     return model, model_cfg, info

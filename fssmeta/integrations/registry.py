@@ -4,7 +4,6 @@ metrics, protocol and checkpoint hash; a checkpoint registered before is not reg
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fssmeta import distributed
+from fssmeta.checkpoint import CheckpointError, file_sha256, read_checkpoint
 from fssmeta.config import Config
 from fssmeta.integrations.mlflow import (
     MLflowTracker,
@@ -23,14 +23,8 @@ from fssmeta.integrations.mlflow import (
 )
 from fssmeta.integrations.mlflow_model import MODEL_CODE, model_signature, pip_requirements
 from fssmeta.predict import load_checkpoint_model
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from fssmeta.runs import fold_base_classes, stored_config
+from fssmeta.tracking import protocol_tags
 
 
 def _base_classes(cfg: Config, checkpoint: Path, fold: int, base_classes: list[int] | None) -> list[int]:
@@ -83,6 +77,15 @@ def register_model(cfg: Config, *, checkpoint: str | Path, metrics: dict[str, fl
         return _log_and_register(client, uri, name, checkpoint, info, version_tags, run.run_id)
 
 
+def register_checkpoint(cfg: Config, checkpoint: str | Path, *, metrics: dict[str, float]) -> dict[str, Any]:
+    """`fssmeta register`: `register_model` for one training checkpoint, its fold, shot, base classes and
+    protocol tags taken from the config stored in it (the `register` stage passes those of its params)."""
+    trained = stored_config(read_checkpoint(checkpoint), checkpoint)  # a corrupt file fails here, before MLflow
+    fold, shot = trained.train.fold, trained.train.shot
+    return register_model(cfg, checkpoint=checkpoint, metrics=metrics, tags=protocol_tags(trained, fold=fold, shot=shot),
+                          fold=fold, shot=shot, base_classes=fold_base_classes(trained, fold))
+
+
 def _log_and_register(client: Any, uri: str, name: str, checkpoint: Path, info: dict[str, Any],
                       version_tags: dict[str, str], run_id: str) -> dict[str, Any]:
     mlflow = _mlflow()
@@ -91,8 +94,8 @@ def _log_and_register(client: Any, uri: str, name: str, checkpoint: Path, info: 
     model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
                                        source_run_id=run_id, tags={"checkpoint_sha256": info["checkpoint_sha256"]})
     with tempfile.TemporaryDirectory() as tmp, _tracking_uri(uri), warnings.catch_warnings():
-        # Declined: with an input example MLflow loads and runs the model at every registration; the
-        # signature and PYFUNC_INPUT (the class docstring) describe the request instead.
+        # Declined: with an input example MLflow loads and runs the model at every registration; PYFUNC_INPUT
+        # (the class docstring) describes the request instead.
         warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         (Path(tmp) / "fssmeta_model.json").write_text(json.dumps(info, indent=2))
         (Path(tmp) / "fssmeta_model.py").write_text(MODEL_CODE)
@@ -135,9 +138,24 @@ def _registered_model_missing(client: Any, name: str) -> bool:
 
 
 def load_registered(cfg: Config, version_or_alias: str) -> Any:
-    """The registered pyfunc model: a version number ("3") or an alias ("champion", "@champion")."""
+    """The registered pyfunc model: a version number ("3") or an alias ("champion", "@champion").
+
+    Its checkpoint artifact must hash to the version's `checkpoint_sha256` tag (a CheckpointError otherwise);
+    the model's own load checks it against the hash in its info artifact as well."""
     mlflow = _mlflow()
-    ref = str(version_or_alias)
-    uri = f"models:/{cfg.mlflow.registered_model}" + (f"/{ref}" if ref.isdigit() else f"@{ref.removeprefix('@')}")
-    with _tracking_uri(resolve_tracking_uri(cfg.mlflow)):
-        return mlflow.pyfunc.load_model(uri)
+    name, ref, uri = cfg.mlflow.registered_model, str(version_or_alias), resolve_tracking_uri(cfg.mlflow)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    version = (client.get_model_version(name, ref) if ref.isdigit()
+               else client.get_model_version_by_alias(name, ref.removeprefix("@")))
+    expected = version.tags.get("checkpoint_sha256")
+    where = f"the `checkpoint_sha256` tag of {name} version {version.version}"
+    if not expected:
+        raise CheckpointError(f"{name} version {version.version}: no `checkpoint_sha256` tag (not registered by "
+                              "register_model); refusing to load a checkpoint that cannot be verified")
+    with _tracking_uri(uri):  # the version itself, not the alias: it could move between the two reads
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    loaded = model.unwrap_python_model()
+    if loaded.checkpoint_sha256 != expected:
+        raise CheckpointError(f"{loaded.checkpoint_path}: checkpoint sha256 {loaded.checkpoint_sha256} does not "
+                              f"match {expected} recorded in {where}; refusing to load it")
+    return model

@@ -21,6 +21,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read once, when mlf
 import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from fssmeta.checkpoint import CheckpointError, file_sha256  # noqa: E402
+from fssmeta.cli import main  # noqa: E402
 from fssmeta.integrations.mlflow import (  # noqa: E402
     MLflowTracker,
     resolve_artifact_location,
@@ -29,6 +31,7 @@ from fssmeta.integrations.mlflow import (  # noqa: E402
     tracker_from_config,
     valid_name,
 )
+from fssmeta.integrations.mlflow_model import load_logged_model  # noqa: E402
 from fssmeta.integrations.registry import load_registered, register_model  # noqa: E402
 from tests.mlflow_helpers import (  # noqa: E402
     BASE_CLASSES,
@@ -159,7 +162,8 @@ def test_names_and_locations():
         is tracking.NullTracker
 
 
-def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, tmp_path: Path):
+def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
     checkpoint = save_model(cfg, tmp_path / "best.pt", seed=0)
     tags = protocol_tags(cfg, fold=0, shot=1)
     kwargs = {"checkpoint": checkpoint, "tags": tags, "fold": 0, "shot": 1, "base_classes": BASE_CLASSES}
@@ -206,10 +210,80 @@ def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, t
     with pytest.raises(MlflowException, match="1-shot model") as failure:
         model.predict(pd.DataFrame([two_supports]))
     assert failure.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match=r"unknown column\(s\) mask_url, note \(expected query_img, "
+                                              r"support_imgs, support_masks, optionally mask_threshold, "
+                                              r"mask_class\)") as failure:
+        model.predict(pd.DataFrame([{**rows[0], "mask_url": "x", "note": "y"}]))  # MLflow would drop them silently
+    assert failure.value.error_code == "INVALID_PARAMETER_VALUE"
+    # the optional per-row mask options are request columns; a 0/255 mask thresholded gives the same answer
+    with_options = model.predict(pd.DataFrame([{**rows[0], "mask_threshold": 128}, {**rows[0], "mask_threshold": None}]))
+    assert with_options == [outputs[0], outputs[0]]
+    monkeypatch.setenv("FSSMETA_MAX_REQUEST_ROWS", "2")  # the served row limit, read per request
+    with pytest.raises(MlflowException, match=r"3 rows, at most 2 per request.*FSSMETA_MAX_REQUEST_ROWS") as failure:
+        model.predict(pd.DataFrame(rows))
+    assert failure.value.error_code == "INVALID_PARAMETER_VALUE"
 
     client.set_registered_model_alias(name, "champion", "1")
     champion = load_registered(cfg, "champion")
     assert champion.predict(pd.DataFrame([rows[0]]))[0]["height"] == 50
+
+
+def test_a_swapped_checkpoint_artifact_is_refused(cfg: Config, tmp_path: Path):
+    checkpoint = save_model(cfg, tmp_path / "best.pt", seed=0)
+    registered = file_sha256(checkpoint)
+    register_model(cfg, checkpoint=checkpoint, metrics={}, tags={}, fold=0, shot=1, base_classes=BASE_CLASSES)
+    client = client_for(cfg)
+    version = client.get_model_version(cfg.mlflow.registered_model, "1")
+    location = Path(client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+                    .removeprefix("file://"))
+    [artifact] = location.rglob("best.pt")
+    [info_file] = location.rglob("fssmeta_model.json")
+    artifact.write_bytes(save_model(cfg, tmp_path / "other.pt", seed=1).read_bytes())  # other weights, same format
+    swapped = file_sha256(artifact)
+    assert swapped != registered
+
+    # The pyfunc's own load (what `mlflow models serve` runs) and the checkpoint loader of predict / promotion
+    for load in (lambda: load_registered(cfg, "1"), lambda: load_logged_model(cfg.mlflow, version.source)):
+        with pytest.raises(CheckpointError) as refused:
+            load()
+        message = str(refused.value)
+        assert swapped in message and registered in message and "best.pt" in message, message
+
+    # The info artifact rewritten to match: the version's tag still holds the registered hash
+    info_file.write_text(info_file.read_text().replace(registered, swapped))
+    with pytest.raises(CheckpointError, match=f"{swapped} does not match {registered} recorded in the "
+                                              f"`checkpoint_sha256` tag of {cfg.mlflow.registered_model} version 1"):
+        load_registered(cfg, "1")
+
+
+def test_register_command_registers_a_checkpoint_once(cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    checkpoint = save_model(cfg, tmp_path / "best.pt", seed=2)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"miou": 0.52, "fb_iou": 0.7}')
+    name = f"{cfg.mlflow.registered_model}-cli"
+    argv = ["register", "--params", "none", "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+            "--set", f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
+            "--set", f"mlflow.experiment={cfg.mlflow.experiment}", "--checkpoint", str(checkpoint), "--name", name]
+    assert main([*argv, "--metrics", str(metrics)]) == 0
+    assert capsys.readouterr().out.strip() == f"{checkpoint}: models:/{name}/1 registered (run " \
+        f"{client_for(cfg).get_model_version(name, '1').run_id})"
+    version = client_for(cfg).get_model_version(name, "1")
+    assert {"metric.miou": "0.52", "metric.fb_iou": "0.7", "fold": "0", "shot": "1", "method": "bam",
+            "dataset": cfg.data.dataset, "status": "candidate",
+            "checkpoint_sha256": file_sha256(checkpoint)}.items() <= version.tags.items()
+    assert client_for(cfg).get_run(version.run_id).data.metrics == {"miou": 0.52, "fb_iou": 0.7}
+
+    assert main([*argv, "--metrics", str(metrics)]) == 0  # idempotent: the same file, the same version
+    assert capsys.readouterr().out.strip().startswith(f"{checkpoint}: models:/{name}/1 already registered")
+    assert len(client_for(cfg).search_model_versions(f"name = '{name}'")) == 1
+    named = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"registered_model": name})})
+    assert load_registered(named, "1").predict(pd.DataFrame([request_row(0)]))[0]["height"] == 50
+
+    metrics.write_text('{"miou": "high"}')
+    assert main([*argv, "--metrics", str(metrics)]) == 2
+    assert "expected a JSON object of metric names to numbers" in capsys.readouterr().err
+    assert main([*argv[:-3], str(tmp_path / "none.pt"), "--name", name]) == 2
+    assert "none.pt: checkpoint not found" in capsys.readouterr().err
 
 
 def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path):

@@ -1,4 +1,5 @@
-"""CLI errors a user meets: one line naming the path, exit code 2, no traceback."""
+"""CLI errors a user meets: one line naming the path, exit code 2, no traceback (an output folder that is a
+file, a corrupt checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fssmeta.cli import main
+from tests.mlflow_helpers import encode, episode_arrays, save_model, tiny_config
 
 
 def test_an_output_folder_that_is_a_file_is_a_one_line_error(tiny_voc: Path, tmp_path: Path,
@@ -20,3 +22,44 @@ def test_an_output_folder_that_is_a_file_is_a_one_line_error(tiny_voc: Path, tmp
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("fssmeta prepare: error: ") and str(blocker) in err
     assert blocker.read_text() == "not a folder"  # nothing written over it
+
+
+@pytest.fixture
+def predict_inputs(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A tiny training checkpoint and the `--support` / `--query` arguments of one episode."""
+    query, support, mask = episode_arrays(0)
+    for name, array in (("query.png", query), ("support.png", support), ("mask.png", mask)):
+        (tmp_path / name).write_bytes(encode(array))
+    checkpoint = save_model(tiny_config(), tmp_path / "best.pt", seed=0)
+    return checkpoint, [f"--support={tmp_path / 'support.png'}:{tmp_path / 'mask.png'}",
+                        f"--query={tmp_path / 'query.png'}"]
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_predict_out_at_a_file_is_a_one_line_error(where: str, predict_inputs: tuple[Path, list[str]],
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    checkpoint, episode = predict_inputs
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a file" else blocker / "predictions"
+    assert main(["predict", "--params", "none", "--quiet", "--model", str(checkpoint), *episode,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"fssmeta predict: error: {out}: a file is ")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04 truncated zip"])
+def test_a_corrupt_checkpoint_is_not_advised_to_load_unsafely(content: bytes, predict_inputs: tuple[Path, list[str]],
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    _, episode = predict_inputs
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(content)
+    assert main(["predict", "--params", "none", "--quiet", "--model", str(corrupt), *episode,
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"fssmeta predict: error: {corrupt}: not a safe fssmeta checkpoint")
+    assert "weights_only=False" not in err and "`weights_only` set to `False`" not in err
+    assert not (tmp_path / "out").exists()

@@ -121,7 +121,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt: checkpoint not found"):
         read_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="junk.pt: corrupt or not a fssmeta checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a safe fssmeta checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
     save_checkpoint(tmp_path / "ok.pt", model=nn.Conv2d(3, 4, 1))
     with pytest.raises(CheckpointError, match=r"ok.pt: checkpoint does not match the model .* missing: conv.weight, "
