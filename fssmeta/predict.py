@@ -11,7 +11,8 @@ import base64
 import binascii
 import io
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ MAX_ASPECT_RATIO = 64  # longer side / shorter side
 MAX_ASPECT_ENV = "FSSMETA_MAX_ASPECT_RATIO"
 MAX_REQUEST_ROWS = 8  # episodes per served request: each holds 1 + shot images of up to MAX_IMAGE_PIXELS
 MAX_ROWS_ENV = "FSSMETA_MAX_REQUEST_ROWS"
+# Seconds a served request may compute: below the scoring server's 60 s timeout (MLflow's
+# MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), so a request that cannot finish is refused, not left running.
+MAX_REQUEST_SECONDS = 50
+MAX_SECONDS_ENV = "FSSMETA_REQUEST_SECONDS"
 IMAGE_FORMATS = ("PNG", "JPEG")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REQUEST_COLUMNS = ("query_img", "support_imgs", "support_masks")
@@ -138,9 +143,14 @@ def max_request_rows() -> int:
     return _env_limit(MAX_ROWS_ENV, MAX_REQUEST_ROWS)
 
 
+def max_request_seconds() -> int:
+    """The time budget of a served request: FSSMETA_REQUEST_SECONDS if set, else MAX_REQUEST_SECONDS."""
+    return _env_limit(MAX_SECONDS_ENV, MAX_REQUEST_SECONDS)
+
+
 def check_limits() -> None:
     """ValueError naming the variable if any limit's environment variable is malformed (for a server's start)."""
-    max_image_pixels(), max_image_side(), max_aspect_ratio(), max_request_rows()
+    max_image_pixels(), max_image_side(), max_aspect_ratio(), max_request_rows(), max_request_seconds()
 
 
 def check_image_size(width: int, height: int, what: str) -> None:
@@ -437,10 +447,26 @@ def check_request_rows(count: int) -> None:
                            f"the request")
 
 
-def segment_records(model: Any, cfg: Config, shot: int, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """A served request's rows -> their output dicts, after the row limit (`check_request_rows`)."""
+def segment_records(model: Any, cfg: Config, shot: int, records: Sequence[Mapping[str, Any]], *,
+                    clock: Callable[[], float] = time.monotonic) -> list[dict[str, Any]]:
+    """A served request's rows -> their output dicts, after the row limit (`check_request_rows`).
+
+    Within the time budget (`max_request_seconds`): before each row after the first, a request whose next row
+    would end past the budget at the rows' mean pace is refused (a RequestError saying how many rows fit),
+    so the server stops working on it before the client's timeout instead of computing an answer nobody
+    receives."""
     check_request_rows(len(records))
-    return [segment_record(model, cfg, shot, record, f"row {i}") for i, record in enumerate(records)]
+    budget, start = max_request_seconds(), clock()
+    outputs = []
+    for i, record in enumerate(records):
+        if i:
+            elapsed = clock() - start
+            if elapsed + elapsed / i > budget:
+                raise RequestError(f"model input: {len(records)} rows would take about {elapsed / i * len(records):.0f} "
+                                   f"s at {elapsed / i:.1f} s per row, more than the {budget} s a request may take "
+                                   f"({MAX_SECONDS_ENV}); stopped after {i} rows: send at most {i} rows per request")
+        outputs.append(segment_record(model, cfg, shot, record, f"row {i}"))
+    return outputs
 
 
 def segment_record(model: Any, cfg: Config, shot: int, record: Mapping[str, Any], where: str) -> dict[str, Any]:

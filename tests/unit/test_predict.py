@@ -23,6 +23,7 @@ from fssmeta.models import build_model
 from fssmeta.predict import (
     MAX_IMAGE_PIXELS,
     RequestError,
+    check_limits,
     check_supports,
     decode_base64,
     decode_image,
@@ -242,6 +243,25 @@ def test_a_request_holds_at_most_the_row_limit(monkeypatch: pytest.MonkeyPatch):
 def tiny_model(cfg):
     torch.manual_seed(0)
     return build_model(cfg.model, shot=1, base_classes=BASE_CLASSES).eval()
+
+
+def test_a_request_that_cannot_finish_in_time_is_refused(monkeypatch: pytest.MonkeyPatch):
+    """At the rows' mean pace, a request whose next row would end past FSSMETA_REQUEST_SECONDS is stopped and
+    refused (the client would get a timeout anyway), saying how many rows fit."""
+    cfg = tiny_config()
+    model = tiny_model(cfg)
+    query, support, mask = episode_arrays(0)
+    row = {"query_img": png_base64(query), "support_imgs": [png_base64(support)], "support_masks": [png_base64(mask)]}
+    ticks = iter(range(0, 100, 10))  # each clock reading 10 s later: 10 s per row
+    monkeypatch.setenv("FSSMETA_REQUEST_SECONDS", "25")
+    assert len(segment_records(model, cfg, 1, [row] * 2, clock=lambda: next(ticks))) == 2  # 10 + 10 <= 25
+    ticks = iter(range(0, 100, 10))
+    with pytest.raises(RequestError, match=r"3 rows would take about 30 s at 10.0 s per row, more than the 25 s a "
+                                           r"request may take \(FSSMETA_REQUEST_SECONDS\); stopped after 2 rows"):
+        segment_records(model, cfg, 1, [row] * 3, clock=lambda: next(ticks))
+    monkeypatch.setenv("FSSMETA_REQUEST_SECONDS", "soon")
+    with pytest.raises(ValueError, match="FSSMETA_REQUEST_SECONDS: expected a positive integer"):
+        check_limits()
 
 
 def test_served_rows_take_the_mask_options():
