@@ -267,6 +267,9 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any] | bytes], list[str]]] 
                         ["unknown column(s) mask_url, note",
                          "expected query_img, support_imgs, support_masks, optionally mask_threshold, mask_class"]),
     "a string for a list": (lambda: _bad(support_imgs=png_base64(_SUPPORT)), ["support_imgs"]),
+    "too many rows": (lambda: {"dataframe_records": [request_row(0)] * 9},
+                      ["9 rows, at most 8 per request allowed (FSSMETA_MAX_REQUEST_ROWS)"]),
+    "a mask class the mask lacks": (lambda: _bad(mask_class=9), ["row 0 support_masks[0]: mask class 9 is not in the mask"]),
     "malformed JSON": (lambda: b'{"dataframe_records": [{"query_img": ', ["valid JSON"]),
 }
 
