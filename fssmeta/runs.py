@@ -95,10 +95,16 @@ def fresh_model(cfg: Config, fold: int, shot: int, method: str | None = None) ->
 
 
 def stored_config(payload: dict[str, Any], source: str | Path) -> Config:
-    """The config a checkpoint was trained with."""
+    """The config a checkpoint was trained with. A config stored before `model.pspnet.aux_head` existed
+    describes a PSPNet that always had the layer3 head: it is read with `aux_head: true`, so the checkpoints
+    (and registered versions) of earlier releases still load."""
     if not payload.get("config"):
         raise CheckpointError(f"{source}: the checkpoint stores no config; save it with `config=...`")
-    return config_from_dict(payload["config"], source=f"{source} (config)")
+    raw = payload["config"]
+    pspnet = raw.get("model", {}).get("pspnet") if isinstance(raw, dict) else None
+    if isinstance(pspnet, dict) and "aux_head" not in pspnet:
+        raw = {**raw, "model": {**raw["model"], "pspnet": {**pspnet, "aux_head": True}}}
+    return config_from_dict(raw, source=f"{source} (config)")
 
 
 def model_from_checkpoint(payload: dict[str, Any], *, shot: int, base_classes: list[int], source: str | Path,

@@ -315,3 +315,21 @@ def test_recipes_are_the_official_effective_rates():
     assert {k: get_method(k).training_recipe(OptimConfig()).lr for k in ("pfenet", "ntrenet", "bam")} == {
         "pfenet": 0.025, "ntrenet": 0.025, "bam": 0.05}
     assert get_method("pfenet").training_recipe(OptimConfig(lr=0.05)).lr == 0.05
+
+
+def test_a_checkpoint_from_before_the_aux_head_switch_still_loads():
+    """Configs stored before `model.pspnet.aux_head` existed describe a PSPNet with the layer3 head (BAM's base
+    learner then carried `base_learner.aux.*`): such a checkpoint rebuilds with the head and loads strictly."""
+    from fssmeta.config import Config, config_to_dict
+    from fssmeta.runs import model_from_checkpoint
+
+    cfg = Config(model=tiny_cfg("bam", pspnet={**get_method("bam").tiny["pspnet"], "aux_head": True}))
+    torch.manual_seed(0)
+    old = build_model(cfg.model, shot=1, base_classes=PASCAL_FOLD0_BASE)
+    stored = config_to_dict(cfg)
+    del stored["model"]["pspnet"]["aux_head"]  # as an earlier release wrote it
+    payload = {"config": stored, "model": old.state_dict()}
+    assert any(k.startswith("base_learner.aux.") for k in payload["model"])
+    model, read = model_from_checkpoint(payload, shot=1, base_classes=PASCAL_FOLD0_BASE, source="old.pt")
+    assert read.model.pspnet.aux_head
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in model.state_dict().items())
