@@ -34,12 +34,14 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from fssmeta.models import METHODS
 
-    print(f"{'method':10} {'stage 1':13} {'optimiser':9} {'transform':9} {'trains':10} summary")
+    # The official conventions each record carries (docs/protocol.md section 6): recipe, BN, test canvas.
+    print(f"{'method':10} {'stage 1':13} {'optimiser':14} {'BN':6} {'canvas':6} {'transform':9} {'trains':10} summary")
     for key, m in METHODS.items():
         stage1 = m.stage1.part if m.stage1 else "-"
         trains = "-" if not m.learned else ("each shot" if m.trains_each_shot else "1-shot")
-        optimiser = m.recipe.optimizer if m.learned else "-"
-        print(f"{key:10} {stage1:13} {optimiser:9} {m.transform:9} {trains:10} {m.summary}")
+        optimiser = f"{m.recipe.optimizer} {m.recipe.lr:g}" if m.learned else "-"
+        print(f"{key:10} {stage1:13} {optimiser:14} {m.backbone_bn:6} {m.canvas:6} {m.transform:9} {trains:10} "
+              f"{m.summary}")
     return 0
 
 

@@ -115,8 +115,9 @@ def test_methods_command_lists_every_record(stub, capsys: pytest.CaptureFixture[
     assert main(["methods", "--params", "none"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(rows) == set(METHODS)
-    assert rows["stub"].split()[1:5] == ["-", "adam", "resize", "1-shot"]
-    assert rows["bam"].split()[1:5] == ["base_learner", "sgd", "pfenet", "each"]
+    assert rows["stub"].split()[1:8] == ["-", "adam", "0.001", "frozen", "pfenet", "resize", "1-shot"]
+    assert rows["bam"].split()[1:8] == ["base_learner", "sgd", "0.05", "frozen", "bam", "pfenet", "each"]
+    assert rows["pfenet"].split()[1:5] == ["backbone", "sgd", "0.025", "train"]
 
 
 def test_a_part_switch_the_method_does_not_read_is_refused(stub):
