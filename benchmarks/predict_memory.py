@@ -6,7 +6,7 @@ Run: `.venv/bin/python benchmarks/predict_memory.py [--shapes 4096x4096,16384x10
 Each shape runs in its own subprocess after a warm-up prediction on a small query; it reports the resident-set
 peak above the resident set just before the request (the peak is reset through /proc/self/clear_refs, so it is
 this request's alone; it counts the torch CPU allocator too), the tracemalloc peak (numpy's and Python's
-allocations only) and the time. A shape beyond the limits (`fssmeta.predict.check_image_size`) shows the refusal.
+allocations only) and the time. A shape beyond the limits (`fssmeta.decoding.check_image_size`) shows the refusal.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def run_case(shape: str) -> dict[str, object]:
     import torch
 
     from fssmeta.config import Config, ModelConfig
+    from fssmeta.decoding import RequestError
     from fssmeta.models import build_model
-    from fssmeta.predict import RequestError, segment_record
+    from fssmeta.predict import segment_record
 
     height, width = (int(side) for side in shape.split("x"))
     cfg = Config(model=ModelConfig(backbone="small", pspnet={"ppm_dim": 16},

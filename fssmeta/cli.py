@@ -247,14 +247,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from fssmeta.data.io import write_json_atomic
-    from fssmeta.predict import (
-        RequestError,
-        check_supports,
-        load_training_checkpoint,
-        read_image_file,
-        save_prediction,
-        segment_arrays,
-    )
+    from fssmeta.decoding import RequestError, read_image_file
+    from fssmeta.predict import check_supports, load_training_checkpoint, save_prediction, segment_arrays
 
     pairs = []
     for value in args.support:

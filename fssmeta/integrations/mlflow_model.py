@@ -14,12 +14,12 @@ from typing import Any
 
 from fssmeta.checkpoint import CheckpointError, file_sha256
 from fssmeta.config import Config, MlflowConfig
+from fssmeta.decoding import RequestError
 from fssmeta.integrations.mlflow import _mlflow, _tracking_uri, resolve_tracking_uri
 from fssmeta.predict import (
     MASK_OPTIONS,
     PYFUNC_INPUT,
     REQUEST_COLUMNS,
-    RequestError,
     check_limits,
     load_checkpoint_model,
     segment_records,

@@ -16,7 +16,7 @@ import fssmeta
 # cycle check keeps the graph a DAG. Prefixes, longest match wins.
 RANKS = {
     "fssmeta.episode": 0, "fssmeta.config": 0, "fssmeta.distributed": 0,
-    "fssmeta.losses": 1, "fssmeta.metrics": 1, "fssmeta.data": 1,
+    "fssmeta.losses": 1, "fssmeta.metrics": 1, "fssmeta.data": 1, "fssmeta.decoding": 1,
     "fssmeta.models.ops": 2, "fssmeta.models.backbone": 2, "fssmeta.models.method": 2,
     "fssmeta.models.memory": 3, "fssmeta.models.mining": 3, "fssmeta.models.pspnet": 3,
     "fssmeta.models.family": 4, "fssmeta.models.ensemble": 4,

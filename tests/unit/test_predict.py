@@ -19,17 +19,19 @@ from PIL import Image, ImageDraw
 from fssmeta.cli import main
 from fssmeta.config import EvalConfig, MlflowConfig
 from fssmeta.data.io import voc_palette
-from fssmeta.models import build_model
-from fssmeta.predict import (
+from fssmeta.decoding import (
     MAX_IMAGE_PIXELS,
     RequestError,
-    check_limits,
-    check_supports,
     decode_base64,
     decode_image,
     max_image_pixels,
-    overlay,
     read_image_file,
+)
+from fssmeta.models import build_model
+from fssmeta.predict import (
+    check_limits,
+    check_supports,
+    overlay,
     segment_arrays,
     segment_record,
     segment_records,
