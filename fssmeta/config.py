@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Counts that must be positive (episodes, shots, batch sizes) or non-negative (0 = "none" / "all"): a
 # negative or zero value is rejected at load with its key path, not found mid-run.
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
+# bf16 autocast: `off`; `cuda` = on CUDA only; `on` = on CUDA and on CPUs that compute bf16 natively
+# (AVX-512 BF16 / AMX; elsewhere the CPU stays fp32). true / false read as `cuda` / `off` (earlier configs).
+Amp = Annotated[Literal["off", "cuda", "on"],
+                BeforeValidator(lambda v: {True: "cuda", False: "off"}[v] if isinstance(v, bool) else v)]
 
 
 class ConfigError(ValueError):
@@ -128,10 +132,20 @@ class EvalConfig(Section):
     episodes: NonNegative = 0  # episodes scored per list; 0 = the whole list
     batch_size: Positive = 1  # `original` resolution scores every query at its own size: 1
     num_workers: NonNegative = 0
-    amp: bool = False  # bf16 autocast in evaluation (CUDA only); fp32 by default: bf16 moves BAM's psi ~5%
+    amp: Amp = "off"  # bf16 autocast in evaluation (see `Amp`); fp32 by default: bf16 moves BAM's psi ~5%
+    feature_cache_mib: NonNegative = 1024  # frozen features reused per image, exact at batch_size 1; 0 = off
     out: str = "results"
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
     target_fold: int = 0  # cross-domain: the source fold whose models score every data.targets list
+
+    @model_validator(mode="after")
+    def _cache_at_batch_one(self) -> EvalConfig:
+        # The cache's exactness contract is one episode per batch (models/feature_cache.py).
+        if self.feature_cache_mib > 0 and self.batch_size != 1:
+            raise ValueError(f"eval.feature_cache_mib {self.feature_cache_mib} needs eval.batch_size 1 (got "
+                             f"{self.batch_size}): the cache is exact one episode at a time; set "
+                             "eval.feature_cache_mib: 0 to score in batches")
+        return self
 
     @property
     def size(self) -> int:
@@ -254,7 +268,7 @@ class TrainConfig(Section):
     batch_size: Positive = 4
     num_workers: NonNegative = 0
     optim: OptimConfig = OptimConfig()
-    amp: bool = True  # bf16 autocast in training steps on CUDA; ignored on CPU (evaluation: eval.amp)
+    amp: Amp = "cuda"  # bf16 autocast in training steps (see `Amp`; evaluation: eval.amp)
     channels_last: bool = True  # on CUDA only
     val_episodes: NonNegative = 200  # validation episodes used per epoch (from the fixed val list); 0 = none
     grad_clip: float = 0.0

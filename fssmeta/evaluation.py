@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from fssmeta import distributed
 from fssmeta.config import Config
 from fssmeta.data import folds
 from fssmeta.data.dataset import EpisodeDataset, IndexSource, TargetSource, episode_loader
@@ -21,6 +23,7 @@ from fssmeta.data.prepare import load_index
 from fssmeta.data.targets import read_target
 from fssmeta.data.transforms import TestTransform
 from fssmeta.models import get_method
+from fssmeta.models.feature_cache import FeatureCache, caching
 from fssmeta.runs import default_device, evaluation_model
 from fssmeta.train import evaluate
 
@@ -57,21 +60,30 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
     """Score `model` on each seed's fixed list (the first `eval.episodes`); one score dict per seed.
 
     `id_offset` shifts the lists' class ids (target lists count classes from 0, meters from 1); `names`
-    labels per-class IoUs by class name instead of id.
+    labels per-class IoUs by class name instead of id. With `eval.feature_cache_mib` > 0 one frozen-feature
+    cache serves all of this model's lists (models/feature_cache.py; the logits are exactly the uncached ones).
     """
+    cache = FeatureCache(cfg.eval.feature_cache_mib * 2**20) if cfg.eval.feature_cache_mib else None
     scores = []
-    for seed, path in paths.items():
-        episodes = load_episode_list(path)["episodes"]
-        episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
-        if id_offset:
-            episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
-        loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
-                                num_workers=cfg.eval.num_workers)
-        meter = evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress, desc=f"{desc} seed {seed}",
-                         score_logits=transform.score_logits)
-        per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
-        scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
-                       "per_class": per_class})
+    with caching(model, cache):
+        for seed, path in paths.items():
+            episodes = load_episode_list(path)["episodes"]
+            episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
+            if id_offset:
+                episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
+            if cache is not None:
+                # Class by class (a stable sort), so a bounded cache sees each class's images close together.
+                # No figure can change: the meter sums float64 integer pixel counts, exact in any order.
+                episodes = sorted(episodes, key=lambda ep: ep["class_id"])
+            loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
+                                    num_workers=cfg.eval.num_workers)
+            meter = evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress,
+                             desc=f"{desc} seed {seed}", score_logits=transform.score_logits)
+            per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
+            scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
+                           "per_class": per_class})
+    if cache is not None and progress and distributed.is_main_process():
+        tqdm.write(f"{desc}: {cache.describe()}")
     return scores
 
 

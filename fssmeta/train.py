@@ -123,13 +123,27 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device, non_blocking=True)
 
 
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast on CUDA when enabled; a no-op context on CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), which makes CPU autocast pay."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def amp_enabled(device: torch.device, amp: bool | str) -> bool:
+    """Whether bf16 autocast runs on `device` under `amp` (config.Amp: off / cuda / on; True = cuda)."""
+    mode = {True: "cuda", False: "off"}[amp] if isinstance(amp, bool) else amp
+    if device.type == "cuda":
+        return mode != "off"
+    return mode == "on" and device.type == "cpu" and cpu_computes_bf16()
+
+
+def autocast(device: torch.device, amp: bool | str) -> torch.autocast:
+    """bf16 autocast on `device` where `amp_enabled`; otherwise a context that also switches off an outer
+    autocast, so fp32 means fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp_enabled(device, amp))
 
 
 def train_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-               scheduler: Any = None, *, amp: bool = False, grad_clip: float = 0.0) -> dict[str, float]:
+               scheduler: Any = None, *, amp: bool | str = False, grad_clip: float = 0.0) -> dict[str, float]:
     """One optimisation step on one batch; returns every loss term and their sum as floats."""
     device = next(p for p in model.parameters()).device
     with autocast(device, amp):
@@ -150,7 +164,7 @@ def train_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.o
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, amp: bool = False,
+def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, amp: bool | str = False,
              progress: bool = False, desc: str = "eval", limit: int = 0,
              score_logits: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] = resize_logits) -> IoUMeter:
     """Score fixed episodes: logits mapped to the query mask's size by `score_logits` (the test transform's
@@ -190,7 +204,7 @@ def fit(model: nn.Module, *, train_loader: Any, loss_fn: LossFn, optimizer: torc
         epochs: int, validate: Callable[[nn.Module], dict[str, float]] | None = None, score_key: str = "val_miou",
         checkpoint_dir: str | Path | None = None, config: dict[str, Any] | None = None,
         start: dict[str, Any] | None = None, reporter: Reporter | None = None,
-        forward_model: nn.Module | None = None, amp: bool = False, grad_clip: float = 0.0,
+        forward_model: nn.Module | None = None, amp: bool | str = False, grad_clip: float = 0.0,
         progress: bool = True, desc: str = "train") -> FitResult:
     """Train for `epochs`, validating, checkpointing (`last.pt`, `best.pt`, `history.json`) and reporting
     after every epoch. `model` is the raw module (its state is saved); `forward_model` (e.g. the DDP

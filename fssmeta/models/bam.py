@@ -28,6 +28,7 @@ from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, freeze_
 from fssmeta.models.ensemble import BaseMetaEnsemble, base_class_map
 from fssmeta.models.family import MetaInputs, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.feature_cache import FeatureCache, active_cache
 from fssmeta.models.memory import MemoryTransfer, build_memory
 from fssmeta.models.method import Method, Reference, Stage1
 from fssmeta.models.pspnet import PSPNet, build_pspnet
@@ -45,6 +46,8 @@ class BAMOptions(Section):
 
 class BAM(nn.Module):
     """Base-and-meta learner; the base learner (and its backbone, BAM's feature extractor) stays frozen."""
+
+    feature_cache: FeatureCache | None = None  # evaluation's frozen-feature cache (caching)
 
     def __init__(self, *, base_learner: PSPNet, base_classes: list[int], reduce_dim: int = 256,
                  aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, feature_dropout: float = 0.5,
@@ -99,15 +102,23 @@ class BAM(nn.Module):
                     module.train()
         return self
 
-    def base_map(self, query_layer4: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
+    def base_map(self, query_layer4: torch.Tensor, class_id: torch.Tensor, query_key: str | None = None,
+                 ) -> torch.Tensor:
         """(B, C4, h, w) query layer4 -> (B, 1, h, w) base-learner probability of any base class; the
-        episode's own class is left out in training (ensemble.base_class_map)."""
-        return base_class_map(self.base_learner, query_layer4, self.base_classes, class_id, self.training)
+        episode's own class is left out in training (ensemble.base_class_map). With a `query_key` (a feature
+        cache is active: eval, so nothing is left out) the map depends on the query alone and is cached."""
+        def compute() -> torch.Tensor:
+            return base_class_map(self.base_learner, query_layer4, self.base_classes, class_id, self.training)
+
+        if query_key is None:
+            return compute()
+        return self.feature_cache.get_or_compute(("base_map", query_key), compute)
 
     def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
         B, S = episode.support_imgs.shape[:2]
-        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
+        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory,
+                             active_cache(self, episode))
         query, support, query_feat, prototypes, priors = inputs[:5]  # see family.MetaInputs for shapes
         h, w = query_feat.shape[-2:]
 
@@ -133,7 +144,8 @@ class BAM(nn.Module):
 
         # Ensemble at feature size: calibrate the meta probabilities by psi, then let the base learner's
         # "some base class is here" map lower the foreground through the background channel.
-        final = self.ensemble(meta_logits, psi, self.base_map(query["layer4"], episode.class_id))  # (B, 2, h, w)
+        base = self.base_map(query["layer4"], episode.class_id, inputs.query_key)  # (B, 1, h, w)
+        final = self.ensemble(meta_logits, psi, base)  # (B, 2, h, w)
 
         out_size = query_img.shape[-2:]
         logits = F.interpolate(final, size=out_size, mode="bilinear", align_corners=True)  # (B, 2, H, W)

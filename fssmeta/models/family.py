@@ -16,6 +16,7 @@ from fssmeta.config import SGD_RECIPE
 from fssmeta.episode import DIAGNOSTIC_PREFIX, Episode
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet
+from fssmeta.models.feature_cache import FeatureCache, digest
 from fssmeta.models.memory import MemoryTransfer
 
 # PFENet's PASCAL recipe: base_lr 0.0025 with every parameter group at 10x (its poly schedule, index_split -1),
@@ -33,19 +34,24 @@ class SupportFeatures(NamedTuple):
 
 
 @torch.no_grad()
-def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> SupportFeatures:
+def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks: torch.Tensor,
+                     cache: FeatureCache | None = None) -> SupportFeatures:
     """Run the frozen backbone on (B, S, 3, H, W) supports with (B, S, H, W) 0/1/255 masks.
 
     Layer4 sees only the object: PFENet multiplies layer3 by the mask (bilinear, align_corners) before layer4,
     so the prior compares the query with object features uncontaminated by the support background.
     One backbone pass per shot over the B episodes, as the official code does: with BN in train mode
     (`Method.backbone_bn`) the batch statistics are then those of one shot's B supports, not of all B*S.
+    With a `cache` (eval, B = 1: feature_cache.active_cache) each shot comes through it (`_cached_shot`).
     """
     B, S = support_imgs.shape[:2]
     fg_mask = ops.foreground(support_masks.flatten(0, 1))  # (B*S, H, W)
     shot_masks = fg_mask.view(B, S, *fg_mask.shape[1:])
     per_shot = []
     for s in range(S):
+        if cache is not None:
+            per_shot.append(_cached_shot(backbone, support_imgs[:, s], shot_masks[:, s], cache))
+            continue
         feat = backbone.layer1(backbone.layer0(support_imgs[:, s]))  # (B, C1, h, w)
         layer2 = backbone.layer2(feat)
         layer3 = backbone.layer3(layer2)
@@ -54,6 +60,35 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
     # (B, S, ...) flattened shot-major within each episode, the order of `fg_mask`
     layer2, layer3, layer4 = (torch.stack(maps, 1).flatten(0, 1) for maps in zip(*per_shot, strict=True))
     return SupportFeatures(layer2, layer3, layer4, fg_mask)
+
+
+def _mid_features(backbone: ResNet, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, H, W) -> layer2 and layer3, the same modules in the same order as `backbone(img)`."""
+    layer2 = backbone.layer2(backbone.layer1(backbone.layer0(img)))
+    return layer2, backbone.layer3(layer2)
+
+
+def query_features(backbone: ResNet, img: torch.Tensor, image: str,
+                   cache: FeatureCache) -> dict[str, torch.Tensor]:
+    """`backbone(img)` through the cache for a (1, 3, H, W) query of digest `image`, only the layers the
+    models read: layer2 and layer3 (the entry its support role shares) and layer4."""
+    layer2, layer3 = cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
+    layer4 = cache.get_or_compute(("layer4", image), lambda: backbone.layer4(layer3))
+    return {"layer2": layer2, "layer3": layer3, "layer4": layer4}
+
+
+def _cached_shot(backbone: ResNet, img: torch.Tensor, fg: torch.Tensor, cache: FeatureCache,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One shot of `support_features` through the cache: (1, 3, H, W) image, (1, H, W) float 0/1 foreground
+    -> layer2, layer3 keyed by the image; layer4 (of layer3 * mask, the same ops) by image and mask."""
+    image = digest(img)
+    layer2, layer3 = cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
+
+    def layer4() -> torch.Tensor:
+        mask = F.interpolate(fg[:, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+        return backbone.layer4(layer3 * mask)
+
+    return layer2, layer3, cache.get_or_compute(("masked_layer4", image, digest(fg.bool())), layer4)
 
 
 @torch.no_grad()
@@ -70,13 +105,14 @@ def shot_priors(query_layer4: torch.Tensor, support: SupportFeatures, size: tupl
 class MetaInputs(NamedTuple):
     """What every PFENet-family meta learner starts from."""
 
-    query: dict[str, torch.Tensor]  # frozen backbone features of the query, "layer0".."layer4"
+    query: dict[str, torch.Tensor]  # frozen backbone features of the query, "layer0".."layer4" (cached: 2..4)
     support: SupportFeatures
     query_feat: torch.Tensor  # (B, D, h, w) reduced mid-level query feature
     prototypes: torch.Tensor  # (B, S, D) masked-average support prototype per shot
     priors: torch.Tensor  # (B, S, h, w) prior mask per shot
     supp_feat: torch.Tensor  # (B*S, D, h, w) reduced mid-level support features, shot-major per episode
     losses: dict[str, torch.Tensor]  # weighted losses of the memory (training only), else empty
+    query_key: str | None = None  # the query's content digest when a feature cache is active, else None
 
     def shot_average(self) -> tuple[torch.Tensor, torch.Tensor]:
         """PFENet's k-shot rule: the mean prototype (B, D) and the mean prior (B, 1, h, w) over shots."""
@@ -84,18 +120,24 @@ class MetaInputs(NamedTuple):
 
 
 def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module, episode: Episode,
-                memory: MemoryTransfer | None = None) -> MetaInputs:
+                memory: MemoryTransfer | None = None, cache: FeatureCache | None = None) -> MetaInputs:
     """Frozen features, reduced mid-level features, per-shot prototypes and priors (PFENet, BAM, ...).
 
     With a `memory` (RMT), the mid-level concat(layer3, layer2) features of query and supports are restyled by
     the memory before the reduction; in training the raw statistics are written to the bank (the memory
     contract: the write happens here, inside `forward`, once per training step, see models/memory.py) and
-    the category contrastive loss compares the raw and restyled query views.
+    the category contrastive loss compares the raw and restyled query views. With a `cache`
+    (feature_cache.active_cache: eval, one episode) the frozen features come through it, layer2..layer4 only.
     """
     B, S = episode.support_imgs.shape[:2]
+    query_key = None
     with torch.no_grad():
-        query = backbone(episode.query_img)
-    support = support_features(backbone, episode.support_imgs, episode.support_masks)
+        if cache is None:
+            query = backbone(episode.query_img)
+        else:
+            query_key = digest(episode.query_img)
+            query = query_features(backbone, episode.query_img, query_key, cache)
+    support = support_features(backbone, episode.support_imgs, episode.support_masks, cache)
     query_mid = torch.cat([query["layer3"], query["layer2"]], 1)  # (B, C3 + C2, h, w)
     supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
     losses: dict[str, torch.Tensor] = {}
@@ -110,7 +152,7 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
             memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
     prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
     priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))
-    return MetaInputs(query, support, query_feat, prototypes, priors, supp_feat, losses)
+    return MetaInputs(query, support, query_feat, prototypes, priors, supp_feat, losses, query_key)
 
 
 def memory_losses(memory: MemoryTransfer | None, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,6 +175,7 @@ class FrozenBackboneModel(nn.Module):
 
     backbone: nn.Module
     backbone_bn: str = "frozen"
+    feature_cache: FeatureCache | None = None  # evaluation's frozen-feature cache (feature_cache.caching)
 
     def train(self, mode: bool = True) -> FrozenBackboneModel:
         super().train(mode)

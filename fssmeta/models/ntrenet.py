@@ -30,6 +30,7 @@ from fssmeta.losses import cross_entropy, resize_logits
 from fssmeta.models import mining, ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
 from fssmeta.models.family import PFENET_RECIPE, FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.feature_cache import active_cache
 from fssmeta.models.memory import MemoryTransfer, build_memory
 from fssmeta.models.method import Method, Reference, Stage1
 
@@ -92,7 +93,8 @@ class NTRENet(FrozenBackboneModel):
 
     def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
-        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
+        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory,
+                             active_cache(self, episode))
         query_feat = inputs.query_feat  # (B, D, h, w)
         size = (query_feat.shape[-2], query_feat.shape[-1])
         prototype, prior = inputs.shot_average()  # (B, D), (B, 1, h, w), as PFENet

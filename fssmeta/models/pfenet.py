@@ -17,6 +17,7 @@ from fssmeta.episode import Episode, SegOutput
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
 from fssmeta.models.family import PFENET_RECIPE, FrozenBackboneModel, memory_losses, meta_inputs, mid_channels
+from fssmeta.models.feature_cache import active_cache
 from fssmeta.models.memory import MemoryTransfer, build_memory
 from fssmeta.models.method import Method, Reference, Stage1
 
@@ -60,7 +61,8 @@ class PFENet(FrozenBackboneModel):
 
     def forward(self, episode: Episode) -> SegOutput:
         query_img = episode.query_img  # (B, 3, H, W)
-        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory)
+        inputs = meta_inputs(self.backbone, self.down_query, self.down_supp, episode, self.memory,
+                             active_cache(self, episode))
         query_feat = inputs.query_feat  # (B, D, h, w)
         size = (query_feat.shape[-2], query_feat.shape[-1])
         prototype, prior = inputs.shot_average()  # (B, D), (B, 1, h, w)

@@ -18,6 +18,7 @@ RANKS = {
     "fssmeta.episode": 0, "fssmeta.config": 0, "fssmeta.distributed": 0,
     "fssmeta.losses": 1, "fssmeta.metrics": 1, "fssmeta.data": 1, "fssmeta.decoding": 1,
     "fssmeta.models.ops": 2, "fssmeta.models.backbone": 2, "fssmeta.models.method": 2,
+    "fssmeta.models.feature_cache": 2,
     "fssmeta.models.memory": 3, "fssmeta.models.mining": 3, "fssmeta.models.pspnet": 3,
     "fssmeta.models.family": 4, "fssmeta.models.ensemble": 4,
     "fssmeta.models": 5,  # the method files and the package (METHODS)

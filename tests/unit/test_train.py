@@ -165,3 +165,30 @@ def test_two_optimizers_step_and_checkpoint_as_one():
     assert fresh.state_dict()["attention"]["state"][0]["step"] == state["attention"]["state"][0]["step"]
     with pytest.raises(ValueError, match=r"state for \['heads'\], expected \['attention', 'heads'\]"):
         fresh.load_state_dict({"heads": state["heads"]})
+
+
+def test_amp_modes_decide_where_bf16_autocast_runs():
+    from fssmeta.config import Config
+    from fssmeta.train import amp_enabled, cpu_computes_bf16
+
+    cfg = Config.model_validate({"train": {"amp": False}, "eval": {"amp": True}})
+    assert (cfg.train.amp, cfg.eval.amp) == ("off", "cuda")  # earlier configs' booleans
+    with pytest.raises(ValueError, match="amp"):
+        Config.model_validate({"eval": {"amp": "bf16"}})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [amp_enabled(cuda, m) for m in ("off", "cuda", "on", True, False)] == [False, True, True, True, False]
+    assert not amp_enabled(cpu, "cuda") and not amp_enabled(cpu, True)
+    assert amp_enabled(cpu, "on") == cpu_computes_bf16()
+
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"ce": model(batch).float().pow(2).mean()}
+
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an outer autocast does not leak into an fp32 step
+        train_step(model, torch.randn(3, 4), loss_fn, optimizer, amp="cuda")
+    train_step(model, torch.randn(3, 4), loss_fn, optimizer, amp="on")
+    assert seen == [False, cpu_computes_bf16()]

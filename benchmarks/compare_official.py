@@ -1,0 +1,326 @@
+"""fssmeta vs the official code, side by side: the same weights and inputs, timed interleaved in one process.
+
+    .venv/bin/python benchmarks/compare_official.py --official bam=/tmp/official/BAM \\
+        --official pfenet=/tmp/official/PFENet [--size 473] [--repeats 3] [--rows eval1 eval5 train backbone]
+
+`--official METHOD=PATH` is a local checkout of the commit tools/oracle.py pins (docs/parity.md says how to
+get one: `git clone` the repository and `git checkout` the commit). Nothing is fetched at run time. The
+official model is built as in tools/oracle.py: its code imported from the checkout and run in a scratch
+directory, fssmeta's seeded ResNet-50 weights copied into its layout (strict load), so both compute the same
+function (equal to ~1e-6, tests/unit/test_oracle_parity.py). Each row times both implementations on the
+same batch, alternating official / fssmeta `--repeats` times after one warm-up each, and prints the median
+milliseconds per call and the ratio official / fssmeta (> 1: fssmeta is faster). fssmeta variants: `fp32`
+(the protocol), `bf16` (autocast, `eval.amp` / `train.amp: on`; on CPU only where it computes bf16
+natively), `bf16-cl` (bf16 + channels_last). `--memory` adds each side's peak memory per row, each measured
+in a child process of its own (CPU: max RSS; CUDA: max allocated). On CUDA the official code runs as
+published (its `.cuda()` calls); on CPU they are made no-ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fssmeta.episode import Episode
+from fssmeta.models import get_method
+from fssmeta.models.ops import scaled_bins
+from fssmeta.train import autocast, build_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+# The official `model/` folders are namespace packages, which lose to any `model.py` on the path: this
+# script's own folder holds benchmarks/model.py.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+ROWS = ("eval1", "eval5", "train", "backbone")
+VARIANTS = ("fp32", "bf16", "bf16-cl")
+
+
+def load_oracle():
+    """tools/oracle.py (not a package): the one definition of the official model's construction."""
+    spec = importlib.util.spec_from_file_location("fssmeta_tools_oracle", ROOT / "tools" / "oracle.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+oracle = load_oracle()
+
+
+def row_shape(row: str, train_batch: int) -> tuple[int, int]:
+    """(shot, batch) of a row: eval rows at batch 1 (the official test loaders'), training at `train_batch`."""
+    return {"eval1": (1, 1), "eval5": (5, 1), "train": (1, train_batch), "backbone": (1, train_batch)}[row]
+
+
+def batch_inputs(size: int, shot: int, batch: int) -> dict[str, torch.Tensor]:
+    """`batch` of oracle.make_inputs' synthetic episodes, stacked (uint8 images, 0/1/255 masks)."""
+    parts = [oracle.make_inputs(100 + b, size, shot) for b in range(batch)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def fssmeta_episode(inputs: dict[str, torch.Tensor], class_id: int, device: torch.device) -> Episode:
+    ep = oracle.episode(inputs, class_id)
+    B = ep.query_img.shape[0]
+    return Episode(ep.support_imgs.to(device), ep.support_masks.to(device), ep.query_img.to(device),
+                   ep.query_mask.to(device), torch.full((B,), class_id, dtype=torch.long, device=device))
+
+
+class Pair:
+    """One method's fssmeta model and official model on the same weights, with the calls the rows time."""
+
+    def __init__(self, method: str, official_path: Path, module, scratch: Path, shot: int, size: int,
+                 device: torch.device) -> None:
+        self.method, self.device = method, device
+        feature = (size - 1) // 8 + 1
+        options = get_method(method).options_of(oracle.ModelConfig(**oracle.MODEL_CONFIG[method]))
+        bins = tuple(b for b, _ in scaled_bins(options.pyramid_bins, (feature, feature))) if method == "pfenet" else ()
+        case = oracle.Case(f"{shot}-shot", shot, size, bins, losses=False)
+        self.ours = oracle.fssmeta_model(oracle.MODEL_CONFIG[method], shot).to(device)
+        self.official = oracle.official_model(method, module, official_path, case, self.ours.state_dict(),
+                                              scratch).to(device)
+        # The method's optimiser at a negligible rate: the rows repeat one batch, which the recipe's rate
+        # would drive to NaN on these random weights; the step's cost does not depend on the rate.
+        recipe = get_method(method).recipe.model_copy(update={"lr": 1e-9})
+        self.ours_opt = build_optimizer([p for p in self.ours.parameters() if p.requires_grad], recipe)
+        self.official_opt = build_optimizer([p for p in self.official.parameters() if p.requires_grad], recipe)
+
+    def official_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (oracle.normalise(inputs["query_img"]).to(self.device),
+                oracle.normalise(inputs["support_imgs"]).to(self.device),
+                inputs["support_masks"].float().to(self.device), inputs["query_mask"].float().to(self.device))
+
+    @torch.no_grad()
+    def official_eval(self, x, s_x, s_y, y) -> None:
+        self.official.eval()
+        if self.method == "pfenet":
+            self.official(x, s_x, s_y)
+        else:
+            self.official(x, s_x, s_y, None, None, cat_idx=None)
+
+    def official_train(self, x, s_x, s_y, y) -> None:
+        """One step as the official train.py: BAM with every BN fixed (`fix_bn`), main + aux losses."""
+        self.official.train()
+        if self.method == "bam":
+            for m in self.official.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+            cat_idx = [torch.full((x.shape[0],), oracle.BASE_CLASSES.index(oracle.TRAIN_CLASS), device=self.device)]
+            _, main, aux1, aux2 = self.official(x, s_x, s_y, y, y, cat_idx=cat_idx)
+            loss = main + aux1 + aux2
+        else:
+            _, main, aux = self.official(x, s_x, s_y, y)
+            loss = main + aux
+        self.official_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.official_opt.step()
+
+    @torch.no_grad()
+    def official_backbone(self, x, s_x, s_y, y) -> None:
+        o = self.official
+        o.eval()
+        o.layer4(o.layer3(o.layer2(o.layer1(o.layer0(x)))))
+
+    def ours_eval(self, ep: Episode, amp: str) -> None:
+        self.ours.eval()
+        with torch.no_grad(), autocast(self.device, amp):
+            self.ours(ep)
+
+    def ours_train(self, ep: Episode, amp: str) -> None:
+        self.ours.train()
+        train_step(self.ours, ep, get_method(self.method).loss, self.ours_opt, amp=amp)
+        self.ours.eval()
+
+    def ours_backbone(self, ep: Episode, amp: str) -> None:
+        self.ours.eval()
+        with torch.no_grad(), autocast(self.device, amp):
+            self.ours.backbone(ep.query_img)
+
+    def channels_last(self, on: bool) -> None:
+        self.ours.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - start)
+
+
+def official_context(device: torch.device):
+    return oracle.cpu_only() if device.type == "cpu" else contextlib.nullcontext()
+
+
+def run_row(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor], repeats: int,
+            ours_inputs: dict[str, torch.Tensor] | None = None) -> dict:
+    """Median ms of official and fssmeta on `row`, interleaved, and the ratio of their ms per episode
+    (official / fssmeta). `ours_inputs` (default `inputs`): fssmeta's own batch, e.g. a larger one."""
+    device = pair.device
+    args = pair.official_inputs(inputs)
+    ours_inputs = inputs if ours_inputs is None else ours_inputs
+    class_id = oracle.TRAIN_CLASS if row == "train" else 1
+    ep = fssmeta_episode(ours_inputs, class_id, device)
+    amp = "off" if variant == "fp32" else "on"
+    pair.channels_last(variant == "bf16-cl")
+    if variant == "bf16-cl":
+        ep = Episode(ep.support_imgs.contiguous(memory_format=torch.channels_last) if ep.support_imgs.dim() == 4
+                     else ep.support_imgs, ep.support_masks,
+                     ep.query_img.contiguous(memory_format=torch.channels_last), ep.query_mask, ep.class_id)
+    kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
+    official = getattr(pair, f"official_{kind}")
+    ours = getattr(pair, f"ours_{kind}")
+    with official_context(device):
+        official(*args)
+        ours(ep, amp)
+        times = {"official": [], "fssmeta": []}
+        for _ in range(repeats):
+            times["official"].append(timed(lambda: official(*args), device))
+            times["fssmeta"].append(timed(lambda: ours(ep, amp), device))
+    pair.channels_last(False)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    per_episode = (medians["official"] / inputs["query_img"].shape[0], medians["fssmeta"] / ep.query_img.shape[0])
+    return {**medians, "ratio": per_episode[0] / per_episode[1]}
+
+
+def peak_memory(spec: str, args: argparse.Namespace) -> float:
+    """Peak MiB of one side of one row, in a child process of its own."""
+    cmd = [sys.executable, __file__, "--child", spec, "--size", str(args.size), "--train-batch", str(args.train_batch),
+           *sum((["--official", o] for o in args.official), [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{spec}: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", action="append", required=True, metavar="METHOD=PATH",
+                        help="a checkout of the pinned official commit (tools/oracle.py OFFICIAL); bam and/or pfenet")
+    parser.add_argument("--size", type=int, default=473)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--variants", nargs="+", default=["fp32", "bf16"], choices=VARIANTS)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--fssmeta-train-batch", type=int, help="fssmeta's batch in the train row (default: "
+                        "--train-batch); the ratio is then per episode")
+    parser.add_argument("--memory", action="store_true", help="also each side's peak memory (child processes)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # method,row,variant,side: one side's peak memory
+    args = parser.parse_args()
+    checkouts = {}
+    for item in args.official:
+        method, _, path = item.partition("=")
+        if method not in ("bam", "pfenet") or not path:
+            sys.exit(f"--official {item!r}: expected bam=PATH or pfenet=PATH")
+        checkouts[method] = Path(path).resolve()
+        oracle.check_checkout(method, checkouts[method])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scratch = Path(tempfile.mkdtemp(prefix="fssmeta-compare-"))
+    os.chdir(scratch)  # the official constructors read initmodel/... relative to the working directory
+    if args.child:
+        child(args, checkouts, device, scratch)
+        return
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device {device} ({name}), {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, input {args.size}, official = tools/oracle.py's pinned commits")
+    print(f"{'method':7} {'row':9} {'fssmeta':8} {'official ms':>12} {'fssmeta ms':>11} {'ratio':>6}"
+          + (f" {'official MiB':>12} {'fssmeta MiB':>12}" if args.memory else ""))
+    for method, path in checkouts.items():
+        with official_context(device):
+            module = oracle.import_official(method, path)
+        for row in args.rows:
+            shot, batch = row_shape(row, args.train_batch)
+            pair = Pair(method, path, module, scratch, shot, args.size, device)
+            inputs = batch_inputs(args.size, shot, batch)
+            ours_batch = args.fssmeta_train_batch if row == "train" and args.fssmeta_train_batch else batch
+            ours_inputs = batch_inputs(args.size, shot, ours_batch) if ours_batch != batch else inputs
+            for variant in args.variants:
+                r = run_row(pair, row, variant, inputs, args.repeats, ours_inputs)
+                label = variant + (f" b{ours_batch}" if ours_batch != batch else "")
+                line = (f"{method:7} {row:9} {label:8} {r['official']:>12,.0f} {r['fssmeta']:>11,.0f} "
+                        f"{r['ratio']:>6.2f}")
+                if args.memory:
+                    line += "".join(f" {peak_memory(f'{method},{row},{variant},{side}', args):>12,.0f}"
+                                    for side in ("official", "fssmeta"))
+                print(line, flush=True)
+            del pair
+    print("ratio = official ms / fssmeta ms per episode (> 1: fssmeta faster); eval rows batch 1, train / "
+          f"backbone at batch {args.train_batch} (fssmeta's train batch: bN where it differs); medians of "
+          f"{args.repeats} interleaved calls after one warm-up each")
+
+
+def child(args: argparse.Namespace, checkouts: dict[str, Path], device: torch.device, scratch: Path) -> None:
+    """One side of one row, once after a warm-up, then its peak memory as JSON."""
+    method, row, variant, side = args.child.split(",")
+    shot, batch = row_shape(row, args.train_batch)
+    with official_context(device):
+        module = oracle.import_official(method, checkouts[method])
+    pair = Pair(method, checkouts[method], module, scratch, shot, args.size, device)
+    inputs = batch_inputs(args.size, shot, batch)
+    if side == "official":  # drop the other side's model before measuring
+        pair.ours = pair.ours_opt = None
+    else:
+        pair.official = pair.official_opt = None
+    reset_peak()
+    if side == "official":
+        kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
+        with official_context(device):
+            fn = getattr(pair, f"official_{kind}")
+            args_ = pair.official_inputs(inputs)
+            fn(*args_)
+            fn(*args_)
+    else:
+        run_ours_only(pair, row, variant, inputs)
+    print(json.dumps({"peak_mib": read_peak(device)}))
+
+
+def reset_peak() -> None:
+    """Start the peak-memory count here: CUDA's allocator statistics, and on Linux the process's peak RSS
+    (writing 5 to /proc/self/clear_refs resets VmHWM), so model construction does not count."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def read_peak(device: torch.device) -> float:
+    """Peak MiB since `reset_peak`: max allocated on CUDA; VmHWM on Linux CPU (else max RSS, all run long)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours_only(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor]) -> None:
+    class_id = oracle.TRAIN_CLASS if row == "train" else 1
+    ep = fssmeta_episode(inputs, class_id, pair.device)
+    amp = "off" if variant == "fp32" else "on"
+    pair.channels_last(variant == "bf16-cl")
+    kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
+    fn = getattr(pair, f"ours_{kind}")
+    fn(ep, amp)
+    fn(ep, amp)
+
+
+if __name__ == "__main__":
+    main()
