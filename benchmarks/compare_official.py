@@ -10,7 +10,7 @@ directory, fssmeta's seeded ResNet-50 weights copied into its layout (strict loa
 function (equal to ~1e-6, tests/unit/test_oracle_parity.py). Each row times both implementations on the
 same batch, alternating official / fssmeta `--repeats` times after one warm-up each, and prints the median
 milliseconds per call and the ratio official / fssmeta (> 1: fssmeta is faster). fssmeta variants: `fp32`
-(the protocol), `bf16` (autocast, `eval.amp` / `train.amp: on`; on CPU only where it computes bf16
+(the protocol), `bf16` (autocast, `eval.amp` / `train.amp: all`; on CPU only where it computes bf16
 natively), `bf16-cl` (bf16 + channels_last). `--memory` adds each side's peak memory per row, each measured
 in a child process of its own (CPU: max RSS; CUDA: max allocated). On CUDA the official code runs as
 published (its `.cuda()` calls); on CPU they are made no-ops.
@@ -178,7 +178,7 @@ def run_row(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor],
     ours_inputs = inputs if ours_inputs is None else ours_inputs
     class_id = oracle.TRAIN_CLASS if row == "train" else 1
     ep = fssmeta_episode(ours_inputs, class_id, device)
-    amp = "off" if variant == "fp32" else "on"
+    amp = "off" if variant == "fp32" else "all"
     pair.channels_last(variant == "bf16-cl")
     if variant == "bf16-cl":
         ep = Episode(ep.support_imgs.contiguous(memory_format=torch.channels_last) if ep.support_imgs.dim() == 4
@@ -314,7 +314,7 @@ def read_peak(device: torch.device) -> float:
 def run_ours_only(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor]) -> None:
     class_id = oracle.TRAIN_CLASS if row == "train" else 1
     ep = fssmeta_episode(inputs, class_id, pair.device)
-    amp = "off" if variant == "fp32" else "on"
+    amp = "off" if variant == "fp32" else "all"
     pair.channels_last(variant == "bf16-cl")
     kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
     fn = getattr(pair, f"ours_{kind}")

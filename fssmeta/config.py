@@ -15,9 +15,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 # negative or zero value is rejected at load with its key path, not found mid-run.
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
-# bf16 autocast: `off`; `cuda` = on CUDA only; `on` = on CUDA and on CPUs that compute bf16 natively
-# (AVX-512 BF16 / AMX; elsewhere the CPU stays fp32). true / false read as `cuda` / `off` (earlier configs).
-Amp = Annotated[Literal["off", "cuda", "on"],
+# bf16 autocast: `off`; `cuda` = on CUDA only; `all` = on CUDA and on CPUs that compute bf16 natively
+# (AVX-512 BF16 / AMX; elsewhere the CPU stays fp32). true / false read as `cuda` / `off` (earlier configs;
+# YAML reads `on` / `off` as booleans too, hence `all`).
+Amp = Annotated[Literal["off", "cuda", "all"],
                 BeforeValidator(lambda v: {True: "cuda", False: "off"}[v] if isinstance(v, bool) else v)]
 
 

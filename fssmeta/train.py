@@ -129,11 +129,11 @@ def cpu_computes_bf16() -> bool:
 
 
 def amp_enabled(device: torch.device, amp: bool | str) -> bool:
-    """Whether bf16 autocast runs on `device` under `amp` (config.Amp: off / cuda / on; True = cuda)."""
+    """Whether bf16 autocast runs on `device` under `amp` (config.Amp: off / cuda / all; True = cuda)."""
     mode = {True: "cuda", False: "off"}[amp] if isinstance(amp, bool) else amp
     if device.type == "cuda":
         return mode != "off"
-    return mode == "on" and device.type == "cpu" and cpu_computes_bf16()
+    return mode == "all" and device.type == "cpu" and cpu_computes_bf16()
 
 
 def autocast(device: torch.device, amp: bool | str) -> torch.autocast:

@@ -70,7 +70,8 @@ class BaseMetaEnsemble(nn.Module):
         styles are -> (B, S)."""
         B = query_layer2.shape[0]
         S = support_layer2.shape[0] // B
-        return ops.gram_distance(query_layer2.repeat_interleave(S, dim=0), support_layer2).view(B, S)
+        query_gram = ops.gram_matrix(query_layer2).repeat_interleave(S, dim=0)  # once per query: (B*S, C2, C2)
+        return ops.gram_psi(query_gram, ops.gram_matrix(support_layer2)).view(B, S)
 
     def shot_weights(self, psi: torch.Tensor) -> torch.Tensor:
         """(B, S) per-shot Gram distances -> (B, S) weights summing to 1 (all ones at 1 shot, as BAM)."""

@@ -82,10 +82,19 @@ def prior_mask(query_feat4: Tensor, support_feat4: Tensor, support_mask: Tensor)
     m = _resized_mask(support_mask, support_feat4.shape[-2:], support_feat4.dtype)
     supp = (support_feat4 * m).flatten(2).transpose(1, 2)  # (B, Ns, C)
     query = query_feat4.flatten(2)  # (B, C, Nq)
-    # Official form: dot / (|s| |q| + eps), so a zeroed (background) support pixel scores 0, not NaN.
-    norms = torch.bmm(supp.norm(dim=2, keepdim=True), query.norm(dim=1, keepdim=True))  # (B, Ns, Nq)
-    similarity = torch.bmm(supp, query) / (norms + COSINE_EPS)  # (B, Ns, Nq)
-    similarity = similarity.max(dim=1).values  # (B, Nq)
+    query_norm = query.norm(dim=1, keepdim=True)  # (B, 1, Nq)
+    # Official form: dot / (|s| |q| + eps), so a zeroed (background) support pixel scores exactly 0, not
+    # NaN. Such pixels are left out of the product and stand in as that 0 in the max: the same function
+    # as the official all-pixel one, at the object's share of its cost (the prior's products were a fifth
+    # of a 5-shot BAM / PFENet episode on CPU).
+    keep = m.flatten(1) > 0  # (B, Ns)
+    similarity = []
+    for b in range(B):
+        s = supp[b, keep[b]]  # (n, C), the masked support pixels
+        sim = (s @ query[b]) / (s.norm(dim=1, keepdim=True) * query_norm[b] + COSINE_EPS)  # (n, Nq)
+        best = sim.max(dim=0).values if len(s) else query_norm.new_zeros(query.shape[-1])  # (Nq,)
+        similarity.append(best.clamp_min(0) if len(s) < supp.shape[1] else best)
+    similarity = torch.stack(similarity)  # (B, Nq)
     low = similarity.min(dim=1, keepdim=True).values
     high = similarity.max(dim=1, keepdim=True).values
     return ((similarity - low) / (high - low + COSINE_EPS)).view(B, 1, h, w)
@@ -106,9 +115,14 @@ def gram_distance(query_feat: Tensor, support_feat: Tensor) -> Tensor:
     ||1_{CxC}||_F = C (BAM computes it as `torch.ones_like(gram).norm()`): psi is the RMS of the Gram
     difference, 0 for identical styles and at most 1 for non-negative features.
     """
-    C = query_feat.shape[1]
-    diff = gram_matrix(query_feat) - gram_matrix(support_feat)  # (B, C, C)
-    return (diff.norm(dim=(1, 2)) / C).unsqueeze(1)
+    return gram_psi(gram_matrix(query_feat), gram_matrix(support_feat))
+
+
+def gram_psi(query_gram: Tensor, support_gram: Tensor) -> Tensor:
+    """`gram_distance` from (B, C, C) Gram matrices -> (B, 1); lets a k-shot episode compute its query's
+    Gram once (as BAM does) rather than once per shot."""
+    diff = query_gram - support_gram  # (B, C, C)
+    return (diff.norm(dim=(1, 2)) / query_gram.shape[1]).unsqueeze(1)
 
 
 class ASPP(nn.Module):

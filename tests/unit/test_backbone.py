@@ -385,6 +385,29 @@ def test_prior_mask():
     assert prior_mask(query, support, mask)[:, 0, 2, 3].max() < 1
 
 
+def test_prior_mask_equals_the_official_all_pixel_form():
+    """The masked-pixels-only product gives PFENet's all-pixel prior (zeroed pixels score 0 in the max), also
+    for signed features (where that 0 can win), an empty mask, a full one, and the soft edge of a resized one."""
+    def official(query, support, mask):  # PFENet's formula over every support pixel
+        m = F.interpolate(mask[:, None], size=support.shape[-2:], mode="bilinear", align_corners=True)
+        s = (support * m).flatten(2).transpose(1, 2)
+        q = query.flatten(2)
+        sim = torch.bmm(s, q) / (torch.bmm(s.norm(dim=2, keepdim=True), q.norm(dim=1, keepdim=True)) + 1e-7)
+        sim = sim.max(1).values
+        low, high = sim.min(1, keepdim=True).values, sim.max(1, keepdim=True).values
+        return ((sim - low) / (high - low + 1e-7)).view(query.shape[0], 1, *query.shape[-2:])
+
+    g = torch.Generator().manual_seed(1)
+    query, support = torch.randn(4, 16, 6, 6, generator=g), torch.randn(4, 16, 6, 6, generator=g)
+    mask = (torch.rand(4, 11, 11, generator=g) > 0.6).float()
+    mask[1] = 0  # no object: a prior of zeros
+    mask[2] = 1  # all object: nothing left out
+    mask[3] = 0
+    mask[3, 0, 0] = 1  # one corner pixel: after resizing, one support pixel, so the left-out 0s win often
+    torch.testing.assert_close(prior_mask(query, support, mask), official(query, support, mask), atol=1e-6, rtol=0)
+    assert prior_mask(query, support, mask)[1].abs().max() == 0
+
+
 def test_gram_distance():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 6, 7, 7, generator=g)

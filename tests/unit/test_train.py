@@ -176,9 +176,9 @@ def test_amp_modes_decide_where_bf16_autocast_runs():
     with pytest.raises(ValueError, match="amp"):
         Config.model_validate({"eval": {"amp": "bf16"}})
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [amp_enabled(cuda, m) for m in ("off", "cuda", "on", True, False)] == [False, True, True, True, False]
+    assert [amp_enabled(cuda, m) for m in ("off", "cuda", "all", True, False)] == [False, True, True, True, False]
     assert not amp_enabled(cpu, "cuda") and not amp_enabled(cpu, True)
-    assert amp_enabled(cpu, "on") == cpu_computes_bf16()
+    assert amp_enabled(cpu, "all") == cpu_computes_bf16()
 
     seen = []
 
@@ -190,5 +190,5 @@ def test_amp_modes_decide_where_bf16_autocast_runs():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an outer autocast does not leak into an fp32 step
         train_step(model, torch.randn(3, 4), loss_fn, optimizer, amp="cuda")
-    train_step(model, torch.randn(3, 4), loss_fn, optimizer, amp="on")
+    train_step(model, torch.randn(3, 4), loss_fn, optimizer, amp="all")
     assert seen == [False, cpu_computes_bf16()]
