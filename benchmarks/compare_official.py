@@ -91,6 +91,11 @@ class Pair:
         self.ours = oracle.fssmeta_model(oracle.MODEL_CONFIG[method], shot).to(device)
         self.official = oracle.official_model(method, module, official_path, case, self.ours.state_dict(),
                                               scratch).to(device)
+        # Frozen as the official train.py leaves it: layer0-4 (PFENet's train.py, BAM's freeze_modules) and
+        # BAM's base learner, whose forward is outside no_grad and would otherwise be back-propagated.
+        for name in ("layer0", "layer1", "layer2", "layer3", "layer4", "learner_base"):
+            for p in getattr(self.official, name, nn.Module()).parameters():
+                p.requires_grad_(False)
         # The method's optimiser at a negligible rate: the rows repeat one batch, which the recipe's rate
         # would drive to NaN on these random weights; the step's cost does not depend on the rate.
         recipe = get_method(method).recipe.model_copy(update={"lr": 1e-9})
@@ -200,10 +205,10 @@ def run_row(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor],
     return {**medians, "ratio": per_episode[0] / per_episode[1]}
 
 
-def peak_memory(spec: str, args: argparse.Namespace) -> float:
+def peak_memory(spec: str, args: argparse.Namespace, checkouts: dict[str, Path]) -> float:
     """Peak MiB of one side of one row, in a child process of its own."""
     cmd = [sys.executable, __file__, "--child", spec, "--size", str(args.size), "--train-batch", str(args.train_batch),
-           *sum((["--official", o] for o in args.official), [])]
+           *sum((["--official", f"{m}={p}"] for m, p in checkouts.items()), [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{spec}: {out.stderr.strip().splitlines()[-1:]}")
@@ -256,10 +261,10 @@ def main() -> None:
                 label = variant + (f" b{ours_batch}" if ours_batch != batch else "")
                 line = (f"{method:7} {row:9} {label:8} {r['official']:>12,.0f} {r['fssmeta']:>11,.0f} "
                         f"{r['ratio']:>6.2f}")
+                print(line, end="" if args.memory else "\n", flush=True)
                 if args.memory:
-                    line += "".join(f" {peak_memory(f'{method},{row},{variant},{side}', args):>12,.0f}"
-                                    for side in ("official", "fssmeta"))
-                print(line, flush=True)
+                    print("".join(f" {peak_memory(f'{method},{row},{variant},{side}', args, checkouts):>12,.0f}"
+                                  for side in ("official", "fssmeta")), flush=True)
             del pair
     print("ratio = official ms / fssmeta ms per episode (> 1: fssmeta faster); eval rows batch 1, train / "
           f"backbone at batch {args.train_batch} (fssmeta's train batch: bN where it differs); medians of "

@@ -166,6 +166,19 @@ def sweep_markdown(trials: dict[str, Any], best: dict[str, Any]) -> str:
             f"({best['sweep']}).\n\n" + "\n".join(lines) + f"\n\nTraining used: {chosen}.\n")
 
 
+def stages_markdown(stages: Path) -> str:
+    """The stages' recorded run times (`<report.out>/stages/*.json`, written by each DVC stage as it ends;
+    a stage DVC skipped keeps its earlier time, so each row says when it finished), longest first."""
+    rows = [read_json(path, "stage time") for path in sorted(stages.glob("*.json"))]
+    rows.sort(key=lambda r: -r["seconds"])
+    total = sum(r["seconds"] for r in rows)
+    lines = ["| stage | seconds | share | finished (UTC) |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['seconds']:.0f} | {100 * r['seconds'] / total:.0f}% | {r['finished']} |"
+              for r in rows]
+    lines.append(f"| all recorded stages | {total:.0f} | 100% | |")
+    return "\n".join(lines) + "\n\nThe report stage records its own time after writing this, and register runs after it.\n"
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -273,6 +286,8 @@ def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str
     if cfg.report.ablation and ablation.is_file():
         sections.append(f"## Ablation of the flagship ({ablation}, from benchmarks/ablation.py)\n\n"
                         + ablation_markdown(read_json(ablation, "ablation results")))
+    if any((out / "stages").glob("*.json")):
+        sections.append("## Where `dvc repro` spent its time\n\n" + stages_markdown(out / "stages"))
     sections.append("![training curves](plots/training_curves.png)\n![per-class IoU](plots/per_class_iou.png)\n"
                     "![qualitative](plots/qualitative.png)\n")
     write_text_atomic(out / "report.md", "\n".join(sections))

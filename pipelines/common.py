@@ -1,11 +1,20 @@
-"""What every stage entry point shares: `--params FILE` and `--set key=value` into a typed Config."""
+"""What every stage entry point shares: `--params FILE` and `--set key=value` into a typed Config, and `run`,
+which times the stage into `<report.out>/stages/` for the report's "Where `dvc repro` spent its time"."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 from fssmeta.config import Config
+from fssmeta.data.io import write_json_atomic
 from fssmeta.params import load_config
+
+_loaded: list[Config] = []  # the stage's Config, once `config` has read it (where `run` writes its time)
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -16,4 +25,29 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace) -> Config:
-    return load_config(args.params, args.set)
+    cfg = load_config(args.params, args.set)
+    _loaded.append(cfg)
+    return cfg
+
+
+def stage_name(path: str, argv: list[str]) -> str:
+    """pipelines/train_meta.py with `--fold 0 --shot 1` -> "train_meta fold 0 shot 1" (DVC's foreach and
+    matrix stages differ only in these arguments)."""
+    parts, i = [Path(path).stem], 0
+    while i < len(argv):
+        if argv[i] in ("--fold", "--shot") and i + 1 < len(argv):
+            parts += [argv[i].lstrip("-"), argv[i + 1]]
+            i += 1
+        i += 1
+    return " ".join(parts)
+
+
+def run(main: Callable[[], None], path: str) -> None:
+    """Run the stage `main` of file `path` and record how long it took (a stage that fails records nothing)."""
+    start = time.perf_counter()
+    main()
+    if _loaded:
+        name = stage_name(path, sys.argv[1:])
+        write_json_atomic(Path(_loaded[-1].report.out) / "stages" / f"{name.replace(' ', '_')}.json",
+                          {"stage": name, "seconds": round(time.perf_counter() - start, 1),
+                           "finished": datetime.now(UTC).isoformat(timespec="seconds")})

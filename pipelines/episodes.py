@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fssmeta.data.episode_lists import write_episode_lists
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -15,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

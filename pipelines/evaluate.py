@@ -4,7 +4,7 @@ seed's fixed list, written to `<eval.out>/fold<k>/<method>.json`."""
 from __future__ import annotations
 
 from fssmeta.evaluation import evaluate_method, format_report
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -18,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

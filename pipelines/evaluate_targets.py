@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fssmeta.data.io import write_json_atomic
 from fssmeta.evaluation import evaluate_targets, format_target_report
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fssmeta.data.prepare import prepare
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -13,4 +13,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

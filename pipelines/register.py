@@ -21,7 +21,7 @@ from fssmeta.integrations.promotion import PromotionRefused, decision_dict, prom
 from fssmeta.integrations.registry import register_model
 from fssmeta.runs import meta_dir
 from fssmeta.tracking import protocol_tags
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -94,4 +94,4 @@ def promote_everywhere(cfg: Config, version: str, domains: list[str]) -> list[di
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

@@ -8,7 +8,7 @@ from pathlib import Path
 from fssmeta.report import load_histories, write_report
 from fssmeta.runs import default_device, evaluation_model, meta_dir
 from fssmeta.tracking import flatten, protocol_tags
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -30,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

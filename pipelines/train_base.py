@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fssmeta.stages import train_base
-from pipelines.common import config, parser
+from pipelines.common import config, parser, run
 
 
 def main() -> None:
@@ -17,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

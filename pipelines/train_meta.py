@@ -15,7 +15,7 @@ from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray  # n
 from fssmeta.models import get_method  # noqa: E402
 from fssmeta.params import apply_tuned  # noqa: E402
 from fssmeta.runs import meta_dir, write_pointer  # noqa: E402
-from pipelines.common import config, parser  # noqa: E402
+from pipelines.common import config, parser, run  # noqa: E402
 
 
 def main() -> None:
@@ -48,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

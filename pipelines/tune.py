@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fssmeta.integrations.ray_tune import SweepError, main_summary, run_sweep  # noqa: E402
-from pipelines.common import config, parser  # noqa: E402
+from pipelines.common import config, parser, run  # noqa: E402
 
 
 def main() -> None:
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, __file__)

@@ -15,6 +15,7 @@ from fssmeta.report import (
     metrics,
     plot_per_class,
     plot_training_curves,
+    stages_markdown,
     sweep_markdown,
     write_report,
 )
@@ -158,3 +159,24 @@ def test_sweep_section_lists_the_trials_and_the_chosen_values(cfg, tmp_path):
     assert "Training used: `train.optim.lr` = 0.09197, `model.memory.alpha` = 0.5." in text
     assert sweep_markdown({"trials": []}, {"note": "tune.trials is 0: params pass through unchanged"}) == (
         "No sweep: tune.trials is 0: params pass through unchanged; training used params.yaml as it is.\n")
+
+
+def test_stages_record_their_time_and_the_report_lists_them(tmp_path, monkeypatch):
+    from pipelines import common, evaluate_targets
+
+    assert common.stage_name("pipelines/train_meta.py", ["--params", "p.yaml", "--tuned", "b.yaml", "--fold", "2",
+                                                         "--shot", "5"]) == "train_meta fold 2 shot 5"
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data: {{targets: {{}}}}\neval: {{out: {tmp_path / 'results'}}}\n"
+                      f"report: {{out: {tmp_path / 'report'}}}\n")
+    monkeypatch.setattr("sys.argv", ["evaluate_targets", "--params", str(params)])
+    common.run(evaluate_targets.main, evaluate_targets.__file__)
+    stages = tmp_path / "report" / "stages"
+    recorded = json.loads((stages / "evaluate_targets.json").read_text())
+    assert recorded["stage"] == "evaluate_targets" and recorded["seconds"] >= 0
+    (stages / "train_base_fold_0.json").write_text(json.dumps({"stage": "train_base fold 0", "seconds": 30.0,
+                                                               "finished": "2026-11-27T20:00:00+00:00"}))
+    table = stages_markdown(stages)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows[0].startswith("| train_base fold 0 | 30 |")  # longest first
+    assert rows[-1].startswith(f"| all recorded stages | {30 + recorded['seconds']:.0f} |")
