@@ -47,18 +47,26 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
     B, S = support_imgs.shape[:2]
     fg_mask = ops.foreground(support_masks.flatten(0, 1))  # (B*S, H, W)
     shot_masks = fg_mask.view(B, S, *fg_mask.shape[1:])
-    per_shot = []
+    stacked: list[torch.Tensor] = []  # layer2, layer3, layer4 as (B, S, ...), filled shot by shot
     for s in range(S):
         if cache is not None:
-            per_shot.append(_cached_shot(backbone, support_imgs[:, s], shot_masks[:, s], cache))
-            continue
-        feat = backbone.layer1(backbone.layer0(support_imgs[:, s]))  # (B, C1, h, w)
-        layer2 = backbone.layer2(feat)
-        layer3 = backbone.layer3(layer2)
-        mask = F.interpolate(shot_masks[:, s, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
-        per_shot.append((layer2, layer3, backbone.layer4(layer3 * mask)))
+            shot = _cached_shot(backbone, support_imgs[:, s], shot_masks[:, s], cache)
+        else:
+            feat = backbone.layer1(backbone.layer0(support_imgs[:, s]))  # (B, C1, h, w)
+            layer2 = backbone.layer2(feat)
+            layer3 = backbone.layer3(layer2)
+            mask = F.interpolate(shot_masks[:, s, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+            shot = (layer2, layer3, backbone.layer4(layer3 * mask))
+        if S == 1:  # already the layout below: no copy
+            return SupportFeatures(*shot, fg_mask)
+        # Each shot is copied in as it comes and dropped, rather than all kept and stacked at the end: at
+        # ResNet-50 473 and 5 shots that held 258 MB twice.
+        stacked = stacked or [t.new_empty((B, S, *t.shape[1:])) for t in shot]
+        for out, t in zip(stacked, shot, strict=True):
+            out[:, s] = t
+        del shot
     # (B, S, ...) flattened shot-major within each episode, the order of `fg_mask`
-    layer2, layer3, layer4 = (torch.stack(maps, 1).flatten(0, 1) for maps in zip(*per_shot, strict=True))
+    layer2, layer3, layer4 = (t.flatten(0, 1) for t in stacked)
     return SupportFeatures(layer2, layer3, layer4, fg_mask)
 
 
@@ -110,7 +118,7 @@ def shot_priors(query_layer4: torch.Tensor, support: SupportFeatures, size: tupl
 class MetaInputs(NamedTuple):
     """What every PFENet-family meta learner starts from."""
 
-    query: dict[str, torch.Tensor]  # frozen backbone features of the query, "layer0".."layer4" (cached: 2..4)
+    query: dict[str, torch.Tensor]  # frozen backbone features of the query, "layer2".."layer4"
     support: SupportFeatures
     query_feat: torch.Tensor  # (B, D, h, w) reduced mid-level query feature
     prototypes: torch.Tensor  # (B, S, D) masked-average support prototype per shot
@@ -137,19 +145,28 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
     B, S = episode.support_imgs.shape[:2]
     query_key = None
     with torch.no_grad():
-        if cache is None:
-            query = backbone(episode.query_img)
+        if cache is None:  # the layers the models read; layer0 and layer1 (43 MB at 473) are let go
+            query = {k: v for k, v in backbone(episode.query_img).items() if k in ("layer2", "layer3", "layer4")}
         else:
             query_key = digest(episode.query_img)
             query = query_features(backbone, episode.query_img, query_key, cache)
     support = support_features(backbone, episode.support_imgs, episode.support_masks, cache)
     query_mid = torch.cat([query["layer3"], query["layer2"]], 1)  # (B, C3 + C2, h, w)
-    supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
+
+    def reduce(down: nn.Module, mid: torch.Tensor) -> torch.Tensor:
+        return down(mid if memory is None else memory.restyle(mid))
+
     losses: dict[str, torch.Tensor] = {}
-    if memory is None:
-        query_feat, supp_feat = down_query(query_mid), down_supp(supp_mid)  # (B, D, h, w), (B*S, D, h, w)
+    query_feat = reduce(down_query, query_mid)  # (B, D, h, w)
+    if S > 1 and not down_supp.training and (memory is None or not memory.training):
+        # Evaluation at k shots: B rows (a shot's worth) at a time, so that the concat of every shot's
+        # mid-level features (110 MB at ResNet-50 473, 5 shots) never exists at once. Per-row modules only.
+        supp_feat = torch.cat([reduce(down_supp, torch.cat([l3, l2], 1))
+                               for l3, l2 in zip(support.layer3.split(B), support.layer2.split(B), strict=True)])
     else:
-        query_feat, supp_feat = down_query(memory.restyle(query_mid)), down_supp(memory.restyle(supp_mid))
+        supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
+        supp_feat = reduce(down_supp, supp_mid)  # (B*S, D, h, w)
+    if memory is not None:
         if memory.training:
             if memory.contrast_weight > 0:
                 losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
