@@ -22,6 +22,7 @@ from fssmeta.data.io import DataError, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.targets import read_target
 from fssmeta.data.transforms import TestTransform
+from fssmeta.metrics import IoUMeter
 from fssmeta.models import get_method
 from fssmeta.models.feature_cache import FeatureCache, caching
 from fssmeta.runs import default_device, evaluation_model
@@ -64,24 +65,36 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
     cache serves all of this model's lists (models/feature_cache.py; the logits are exactly the uncached ones).
     """
     cache = FeatureCache(cfg.eval.feature_cache_mib * 2**20) if cfg.eval.feature_cache_mib else None
-    scores = []
+    lists = {}
+    for seed, path in paths.items():
+        episodes = load_episode_list(path)["episodes"]
+        episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
+        lists[seed] = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes] if id_offset else episodes
+
+    def score(episodes: list[dict[str, Any]], label: str) -> IoUMeter:
+        loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.eval.num_workers)
+        return evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress, desc=f"{desc} {label}",
+                        score_logits=transform.score_logits)
+
     with caching(model, cache):
-        for seed, path in paths.items():
-            episodes = load_episode_list(path)["episodes"]
-            episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
-            if id_offset:
-                episodes = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes]
-            if cache is not None:
-                # Class by class (a stable sort), so a bounded cache sees each class's images close together.
-                # No figure can change: the meter sums float64 integer pixel counts, exact in any order.
-                episodes = sorted(episodes, key=lambda ep: ep["class_id"])
-            loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
-                                    num_workers=cfg.eval.num_workers)
-            meter = evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress,
-                             desc=f"{desc} seed {seed}", score_logits=transform.score_logits)
-            per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
-            scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(episodes),
-                           "per_class": per_class})
+        if cache is None:
+            meters = {seed: score(episodes, f"seed {seed}") for seed, episodes in lists.items()}
+        else:
+            # Class by class across every seed's list, so a bounded cache holds one class's images while all
+            # the lists use them; each seed keeps its own meter. No figure can change: a meter is float64
+            # sums of integer pixel counts, exact in any order and merged by addition.
+            meters = {seed: IoUMeter(n_classes) for seed in lists}
+            for class_id in sorted({ep["class_id"] for episodes in lists.values() for ep in episodes}):
+                for seed, episodes in lists.items():
+                    chunk = [ep for ep in episodes if ep["class_id"] == class_id]
+                    if chunk:
+                        meters[seed].merge(score(chunk, f"seed {seed} class {class_id}"))
+    scores = []
+    for seed, meter in meters.items():
+        per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
+        scores.append({"seed": seed, "miou": meter.miou(), "fb_iou": meter.fb_iou(), "episodes": len(lists[seed]),
+                       "per_class": per_class})
     if cache is not None and progress and distributed.is_main_process():
         tqdm.write(f"{desc}: {cache.describe()}")
     return scores

@@ -129,8 +129,15 @@ def test_scoring_with_the_cache_gives_the_same_meter(tmp_path: Path, monkeypatch
     for mib in (0, 64):
         cfg = Config(eval=EvalConfig(test_size=SIZE, feature_cache_mib=mib))
         scores[mib] = evaluation._score_lists(cfg, model, lists, MemorySource(), transform, 2, False, "test")
-    assert caches[:2] == [None, None] and caches[2] is caches[3] and caches[2].hits > 0  # one cache per model
-    assert all(torch.equal(a.state(), b.state()) for a, b in zip(meters[:2], meters[2:], strict=True))
+    # uncached: one call per seed list; cached: one per non-empty (class, seed), class-major, one cache per model
+    episodes = {seed: json.loads(path.read_text())["episodes"] for seed, path in lists.items()}
+    chunks = [(c, seed) for c in (1, 2) for seed in (0, 1) if any(ep["class_id"] == c for ep in episodes[seed])]
+    assert caches[:2] == [None, None] and len(caches) == 2 + len(chunks)
+    assert all(c is caches[2] for c in caches[2:]) and caches[2].hits > 0
+    # the per-seed meters, merged over the classes, give exactly the uncached sums (mIoU, FB-IoU, per class)
+    merged = {seed: sum(m.state() for m, (_, s) in zip(meters[2:], chunks, strict=True) if s == seed)
+              for seed in (0, 1)}
+    assert all(torch.equal(meters[seed].state(), merged[seed]) for seed in (0, 1))
     assert scores[0] == scores[64]
     assert getattr(model, "feature_cache", None) is None
 
