@@ -6,29 +6,30 @@ Run: `.venv/bin/python benchmarks/eval_cache.py [--size small|resnet50] [--metho
 [--classes 5] [--episodes 1000] [--seeds 5] [--shot 1] [--cache-mib 1024]` (at resnet50 / 473 pass smaller
 --episodes and --seeds). A randomly initialised model scores `--seeds` fixed lists drawn like the real ones
 (a class, then a query and `--shot` other supports showing it) over a pool of random images, through the real
-loader, test transform (`original`, the method's canvas) and `train.evaluate`; cached, each list is scored
-class by class as `evaluation._score_lists` does. CUDA when available.
+loader, test transform (`original`, the method's canvas) and the real scoring path (`evaluation._score_lists`,
+which with the cache scores class by class across the lists). CUDA when available.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fssmeta.config import ModelConfig
-from fssmeta.data.dataset import EpisodeDataset, episode_loader
+from fssmeta import evaluation
+from fssmeta.config import Config, EvalConfig, ModelConfig
 from fssmeta.data.folds import base_classes
 from fssmeta.data.transforms import TestTransform
-from fssmeta.metrics import IoUMeter
 from fssmeta.models import build_model, get_method
-from fssmeta.models.feature_cache import FeatureCache, caching
-from fssmeta.train import evaluate
+from fssmeta.models.feature_cache import FeatureCache
 
 CONFIGS = {  # size -> (model params, input side), as benchmarks/model.py
     "small": (dict(backbone="small", pspnet={"ppm_dim": 128}, bam={"reduce_dim": 64, "aspp_dilations": (2, 4, 6)},
@@ -67,19 +68,16 @@ class Pool:
         return out
 
 
-def score(model: torch.nn.Module, lists: list[list[dict[str, Any]]], pool: Pool, transform: TestTransform,
-          classes: int, cache: FeatureCache | None) -> tuple[list[IoUMeter], float]:
-    """Every list through `evaluate` (class-sorted with a cache, as evaluation does); meters and seconds."""
-    meters = []
+def score(model: torch.nn.Module, paths: dict[int, Path], pool: Pool, transform: TestTransform, classes: int,
+          cache_mib: int) -> tuple[list[dict[str, Any]], float]:
+    """The lists through the real scoring path (`evaluation._score_lists`: with a cache, one per model,
+    class by class across the lists); per-seed scores and seconds."""
+    cfg = Config(eval=EvalConfig(test_size=transform.size, feature_cache_mib=cache_mib))
     start = time.perf_counter()
-    with caching(model, cache):
-        for episodes in lists:
-            episodes = sorted(episodes, key=lambda ep: ep["class_id"]) if cache is not None else episodes
-            loader = episode_loader(EpisodeDataset(episodes, pool, transform))
-            meters.append(evaluate(model, loader, classes, score_logits=transform.score_logits))
+    scores = evaluation._score_lists(cfg, model, paths, pool, transform, classes, False, "bench")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return meters, time.perf_counter() - start
+    return scores, time.perf_counter() - start
 
 
 def main() -> None:
@@ -99,13 +97,27 @@ def main() -> None:
     model = build_model(ModelConfig(method=args.method, **params), shot=args.shot,
                         base_classes=base_classes("pascal", 0)).to(device).eval()
     pool = Pool(args.images, args.classes, side)
-    lists = [pool.episodes(args.episodes, args.classes, args.shot, seed) for seed in range(args.seeds)]
+    folder = Path(tempfile.mkdtemp(prefix="fssmeta-eval-cache-"))
+    paths = {}
+    for seed in range(args.seeds):
+        paths[seed] = folder / f"seed{seed}.json"
+        paths[seed].write_text(json.dumps({"episodes": pool.episodes(args.episodes, args.classes, args.shot, seed)}))
     transform = TestTransform("original", side, canvas=get_method(args.method).test_canvas("method"))
-    score(model, [lists[0][:3]], pool, transform, args.classes, None)  # warm-up
-    plain, plain_s = score(model, lists, pool, transform, args.classes, None)
-    cache = FeatureCache(args.cache_mib * 2**20)
-    cached, cached_s = score(model, lists, pool, transform, args.classes, cache)
-    same = all(torch.equal(a.state(), b.state()) for a, b in zip(plain, cached, strict=True))
+    warm = folder / "warm.json"
+    warm.write_text(json.dumps({"episodes": json.loads(paths[0].read_text())["episodes"][:3]}))
+    score(model, {0: warm}, pool, transform, args.classes, 0)
+    caches: list[FeatureCache] = []
+    real_caching = evaluation.caching
+
+    def keep(model: torch.nn.Module, cache: FeatureCache | None):  # remember the cache the scoring made
+        caches.append(cache)
+        return real_caching(model, cache)
+
+    evaluation.caching = keep
+    plain, plain_s = score(model, paths, pool, transform, args.classes, 0)
+    cached, cached_s = score(model, paths, pool, transform, args.classes, args.cache_mib)
+    cache = caches[-1]
+    same = plain == cached  # every seed's mIoU, FB-IoU and per-class IoU, exactly
     n = args.episodes * args.seeds
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "no GPU"
     print(f"machine: {platform.platform()}, {platform.machine()}, torch {torch.__version__}, "
@@ -118,7 +130,7 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_peak = f", CUDA max allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
     print(f"peak RSS {peak:.0f} MiB{cuda_peak}")
-    print(f"meter states identical: {same}")
+    print(f"scores identical (mIoU, FB-IoU, per-class IoU of every list): {same}")
     if not same:
         raise SystemExit("the cached evaluation differs from the uncached one")
 

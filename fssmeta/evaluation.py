@@ -71,10 +71,10 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
         episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
         lists[seed] = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes] if id_offset else episodes
 
-    def score(episodes: list[dict[str, Any]], label: str) -> IoUMeter:
+    def score(episodes: list[dict[str, Any]], label: str, show: bool = progress) -> IoUMeter:
         loader = episode_loader(EpisodeDataset(episodes, source, transform), batch_size=cfg.eval.batch_size,
                                 num_workers=cfg.eval.num_workers)
-        return evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=progress, desc=f"{desc} {label}",
+        return evaluate(model, loader, n_classes, amp=cfg.eval.amp, progress=show, desc=f"{desc} {label}",
                         score_logits=transform.score_logits)
 
     with caching(model, cache):
@@ -85,11 +85,15 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
             # the lists use them; each seed keeps its own meter. No figure can change: a meter is float64
             # sums of integer pixel counts, exact in any order and merged by addition.
             meters = {seed: IoUMeter(n_classes) for seed in lists}
-            for class_id in sorted({ep["class_id"] for episodes in lists.values() for ep in episodes}):
-                for seed, episodes in lists.items():
-                    chunk = [ep for ep in episodes if ep["class_id"] == class_id]
-                    if chunk:
-                        meters[seed].merge(score(chunk, f"seed {seed} class {class_id}"))
+            total = sum(len(episodes) for episodes in lists.values())
+            with tqdm(total=total, desc=f"{desc} (cached, by class)", unit="ep", leave=False,
+                      disable=not (progress and distributed.is_main_process())) as bar:
+                for class_id in sorted({ep["class_id"] for episodes in lists.values() for ep in episodes}):
+                    for seed, episodes in lists.items():
+                        chunk = [ep for ep in episodes if ep["class_id"] == class_id]
+                        if chunk:
+                            meters[seed].merge(score(chunk, f"seed {seed} class {class_id}", show=False))
+                            bar.update(len(chunk))
     scores = []
     for seed, meter in meters.items():
         per_class = {(names[c - 1] if names else str(c)): v for c, v in meter.per_class_iou().items()}
