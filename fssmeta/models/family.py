@@ -28,7 +28,7 @@ class SupportFeatures(NamedTuple):
     """Frozen backbone features of the B*S support images, shot-major within each episode."""
 
     layer2: torch.Tensor  # (B*S, C2, h, w)
-    layer3: torch.Tensor  # (B*S, C3, h, w)
+    layer3: torch.Tensor | None  # (B*S, C3, h, w); None once `meta_inputs` has reduced it (memory)
     layer4: torch.Tensor  # (B*S, C4, h, w), computed from layer3 * mask (the object only)
     fg_mask: torch.Tensor  # (B*S, H, W) float, 1 = the episode's class
 
@@ -172,6 +172,7 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
                 losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
                                                                  episode.query_mask, episode.class_id)
             memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
+    support = support._replace(layer3=None)  # read only by the reduction above: let it go (74 MB at 5 shots)
     prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
     priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))
     return MetaInputs(query, support, query_feat, prototypes, priors, supp_feat, losses, query_key)
