@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -43,21 +42,13 @@ from fssmeta.train import autocast, build_optimizer, train_step
 ROOT = Path(__file__).resolve().parents[1]
 # The official `model/` folders are namespace packages, which lose to any `model.py` on the path: this
 # script's own folder holds benchmarks/model.py.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from tools import oracle  # noqa: E402  (the official model's construction, shared with the parity fixtures)
+
 ROWS = ("eval1", "eval5", "train", "backbone")
 VARIANTS = ("fp32", "bf16", "bf16-cl")
 
 
-def load_oracle():
-    """tools/oracle.py (not a package): the one definition of the official model's construction."""
-    spec = importlib.util.spec_from_file_location("fssmeta_tools_oracle", ROOT / "tools" / "oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = load_oracle()
 
 
 def row_shape(row: str, train_batch: int) -> tuple[int, int]:

@@ -14,8 +14,6 @@ from fssmeta.config import Config
 from fssmeta.data.io import write_json_atomic
 from fssmeta.params import load_config
 
-_loaded: list[Config] = []  # the stage's Config, once `config` has read it (where `run` writes its time)
-
 
 def parser(description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -25,9 +23,7 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.params, args.set)
-    _loaded.append(cfg)
-    return cfg
+    return load_config(args.params, args.set)
 
 
 def stage_name(path: str, argv: list[str]) -> str:
@@ -46,8 +42,8 @@ def run(main: Callable[[], None], path: str) -> None:
     """Run the stage `main` of file `path` and record how long it took (a stage that fails records nothing)."""
     start = time.perf_counter()
     main()
-    if _loaded:
-        name = stage_name(path, sys.argv[1:])
-        write_json_atomic(Path(_loaded[-1].report.out) / "stages" / f"{name.replace(' ', '_')}.json",
-                          {"stage": name, "seconds": round(time.perf_counter() - start, 1),
-                           "finished": datetime.now(UTC).isoformat(timespec="seconds")})
+    cfg = config(parser(None).parse_known_args()[0])  # the stage's own --params / --set: where report.out is
+    name = stage_name(path, sys.argv[1:])
+    write_json_atomic(Path(cfg.report.out) / "stages" / f"{name.replace(' ', '_')}.json",
+                      {"stage": name, "seconds": round(time.perf_counter() - start, 1),
+                       "finished": datetime.now(UTC).isoformat(timespec="seconds")})

@@ -52,11 +52,8 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
         if cache is not None:
             shot = _cached_shot(backbone, support_imgs[:, s], shot_masks[:, s], cache)
         else:
-            feat = backbone.layer1(backbone.layer0(support_imgs[:, s]))  # (B, C1, h, w)
-            layer2 = backbone.layer2(feat)
-            layer3 = backbone.layer3(layer2)
-            mask = F.interpolate(shot_masks[:, s, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
-            shot = (layer2, layer3, backbone.layer4(layer3 * mask))
+            layer2, layer3 = _mid_features(backbone, support_imgs[:, s])  # (B, C2 / C3, h, w)
+            shot = (layer2, layer3, _masked_layer4(backbone, layer3, shot_masks[:, s]))
         if S == 1:  # already the layout below: no copy
             return SupportFeatures(*shot, fg_mask)
         # Each shot is copied in as it comes and dropped, rather than all kept and stacked at the end: at
@@ -71,9 +68,15 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
 
 
 def _mid_features(backbone: ResNet, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 3, H, W) -> layer2 and layer3, the same modules in the same order as `backbone(img)`."""
+    """(B, 3, H, W) -> layer2 and layer3, the same modules in the same order as `backbone(img)`."""
     layer2 = backbone.layer2(backbone.layer1(backbone.layer0(img)))
     return layer2, backbone.layer3(layer2)
+
+
+def _masked_layer4(backbone: ResNet, layer3: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """layer4 of (B, C3, h, w) layer3 times the (B, H, W) float foreground, resized as PFENet does."""
+    mask = F.interpolate(fg[:, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+    return backbone.layer4(layer3 * mask)
 
 
 def query_features(backbone: ResNet, img: torch.Tensor, image: str,
@@ -91,12 +94,9 @@ def _cached_shot(backbone: ResNet, img: torch.Tensor, fg: torch.Tensor, cache: F
     -> layer2, layer3 keyed by the image; layer4 (of layer3 * mask, the same ops) by image and mask."""
     image = digest(img)
     layer2, layer3 = cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
-
-    def layer4() -> torch.Tensor:
-        mask = F.interpolate(fg[:, None], size=layer3.shape[-2:], mode="bilinear", align_corners=True)
-        return backbone.layer4(layer3 * mask)
-
-    return layer2, layer3, cache.get_or_compute(("masked_layer4", image, digest(fg.bool())), layer4)
+    layer4 = cache.get_or_compute(("masked_layer4", image, digest(fg.bool())),
+                                  lambda: _masked_layer4(backbone, layer3, fg))
+    return layer2, layer3, layer4
 
 
 @torch.no_grad()
@@ -166,12 +166,11 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
     else:
         supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
         supp_feat = reduce(down_supp, supp_mid)  # (B*S, D, h, w)
-    if memory is not None:
-        if memory.training:
-            if memory.contrast_weight > 0:
-                losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
-                                                                 episode.query_mask, episode.class_id)
-            memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
+    if memory is not None and memory.training:
+        if memory.contrast_weight > 0:
+            losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
+                                                             episode.query_mask, episode.class_id)
+        memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
     support = support._replace(layer3=None)  # read only by the reduction above: let it go (74 MB at 5 shots)
     prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
     priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))

@@ -10,8 +10,6 @@ Tolerance, fp32 on CPU: max |fssmeta - official| <= 1e-4 + 1e-4 * max |official|
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 from fssmeta.config import ModelConfig
 from fssmeta.models import get_method
 from fssmeta.models.ops import scaled_bins
+from tools import oracle  # the one definition of the fixture's model, inputs and fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "oracle"
@@ -28,16 +27,6 @@ LOSS_TOL = 1e-5
 REGENERATE = "regenerate it with tools/oracle.py (docs/parity.md) if the change is intended"
 
 
-def _load_oracle():
-    """tools/oracle.py (not a package): the one definition of the fixture's model, inputs and fingerprint."""
-    spec = importlib.util.spec_from_file_location("fssmeta_tools_oracle", ROOT / "tools" / "oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-oracle = _load_oracle()
 _fixtures: dict[str, dict] = {}
 
 

@@ -1,0 +1,1 @@
+"""Developer tools run from a checkout (not installed with fssmeta): `oracle` records the parity fixtures."""
