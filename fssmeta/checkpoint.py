@@ -106,8 +106,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load strictly; a mismatch names the checkpoint and the first missing / unexpected / mis-shaped keys."""
+    """Load strictly; a mismatch names the checkpoint and the first missing / unexpected / mis-shaped keys.
+
+    A module's `legacy_buffers` ({buffer name: value}) are buffers added after checkpoints existed: a state
+    dict without them loads with that value (what such a checkpoint means)."""
     own = model.state_dict()
+    state = dict(state)
+    for prefix, module in model.named_modules():
+        for name, value in getattr(module, "legacy_buffers", {}).items():
+            key = f"{prefix}.{name}" if prefix else name
+            if key in own and key not in state:
+                state[key] = torch.tensor(value, dtype=own[key].dtype)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

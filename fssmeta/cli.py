@@ -234,11 +234,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.targets:
         fold = cfg.eval.target_fold if args.fold is None else args.fold
-        print(format_target_report(evaluate_targets(cfg, args.method, fold=fold, progress=not args.quiet)))
+        print(format_target_report(evaluate_targets(cfg, args.method, fold=fold, progress=not args.quiet,
+                                                    regime=args.regime or cfg.eval.regime)))
         return 0
-    report = evaluate_method(cfg, args.method, progress=not args.quiet)
+    report = evaluate_method(cfg, args.method, progress=not args.quiet, regime=args.regime)
     print(format_report(report))
-    written = ", ".join(str(result_path(cfg, fold, report["method"])) for fold in cfg.eval.folds)
+    written = ", ".join(str(result_path(cfg, fold, report["method"], report["regime"])) for fold in cfg.eval.folds)
     print(f"written to {written} in {report['seconds']:.0f} s")
     return 0
 
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
     p.add_argument("--fold", type=int, default=None,
                    help="with --targets: the source fold's model (default: eval.target_fold)")
+    p.add_argument("--regime", choices=["none", "tta"],
+                   help="none, or tta: adapt on each episode's supports before predicting (default: eval.regime)")
     p = add("register", cmd_register, "register a trained checkpoint as a version of the MLflow registered model "
                                        "(fold, shot and protocol tags from its stored config; idempotent)")
     p.add_argument("--checkpoint", required=True, help="a .pt checkpoint written by training")

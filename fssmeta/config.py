@@ -117,6 +117,18 @@ class TransformConfig(Section):
     flip_prob: float = 0.5
 
 
+Regime = Literal["none", "tta"]
+
+
+class TTAConfig(Section):
+    """`eval.tta`: test-time adaptation on each episode's supports (fssmeta/adaptation.py)."""
+
+    steps: Positive = 20  # support-as-query forward / backward passes per episode, whatever the shot
+    lr: Annotated[float, Field(gt=0)] = 1.0e-3
+    optimizer: Literal["adam", "sgd"] = "adam"  # fresh per episode
+    modules: tuple[str, ...] = ()  # module prefixes to adapt; () = every learnable parameter
+
+
 class EvalConfig(Section):
     """Test-time conventions (docs/protocol.md section 4)."""
 
@@ -138,6 +150,19 @@ class EvalConfig(Section):
     out: str = "results"
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
     target_fold: int = 0  # cross-domain: the source fold whose models score every data.targets list
+    # none: the trained weights as they are; tta: adapted per episode on its supports (fssmeta/adaptation.py).
+    # `regime` is that of `fssmeta evaluate` and the evaluate stage; `target_regimes` those the
+    # evaluate_targets stage scores, each to its own results file (the report never mixes them).
+    regime: Regime = "none"
+    target_regimes: Annotated[tuple[Regime, ...], Field(min_length=1)] = ("none",)
+    tta: TTAConfig = TTAConfig()
+
+    @model_validator(mode="after")
+    def _one_episode_at_a_time(self) -> EvalConfig:
+        if self.batch_size != 1 and "tta" in (self.regime, *self.target_regimes):
+            raise ValueError(f"eval.regime / eval.target_regimes tta adapts one episode at a time: it needs "
+                             f"eval.batch_size 1 (got {self.batch_size})")
+        return self
 
     @model_validator(mode="after")
     def _cache_at_batch_one(self) -> EvalConfig:
@@ -161,6 +186,10 @@ class MemoryConfig(Section):
     items: int = 64  # N memory items
     momentum: float = 0.9  # EMA lambda of the writes
     alpha: float = 0.5  # share of the instance's own style in the restyled feature (1 = no restyling)
+    # alpha in eval mode (target restyling at test time); null = `alpha`. Read from the params at evaluation,
+    # like eval.baseline_threshold: changing it retrains nothing.
+    test_alpha: float | None = None
+    init: Literal["source", "random"] = "source"  # items from the first training batch's statistics, or random
     top_k: int = 8  # items retrieved per read
     temperature: float = 0.1  # softmax temperature of reads and writes (cosine similarities)
     index: Literal["flat", "ivf", "torch"] = "flat"  # FAISS exact / IVF, or the torch exact path

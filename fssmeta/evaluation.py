@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from fssmeta import distributed
+from fssmeta.adaptation import with_regime
 from fssmeta.config import Config
 from fssmeta.data import folds
 from fssmeta.data.dataset import EpisodeDataset, IndexSource, TargetSource, episode_loader
@@ -105,12 +106,15 @@ def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], so
 
 
 def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = True,
-                    device: torch.device | None = None) -> dict[str, Any]:
-    """Score every (fold, shot) in `eval.folds` x `eval.shots` on every test seed's fixed list; write one
-    `<eval.out>/fold<k>/<method>.json` per fold (the layout the report reads) and return all folds together."""
+                    device: torch.device | None = None, regime: str | None = None) -> dict[str, Any]:
+    """Score every (fold, shot) in `eval.folds` x `eval.shots` on every test seed's fixed list under `regime`
+    (default `eval.regime`); write one `<eval.out>/fold<k>/<method>[-tta].json` per fold (the layout the
+    report reads) and return all folds together."""
     device = device or default_device()
     method = method or cfg.model.method
+    regime = regime or cfg.eval.regime
     record = get_method(method)
+    check_regime(method, regime)
     index = load_index(cfg.data.prepared)
     source = IndexSource(index)
     transform = scoring_transform(cfg, method)
@@ -119,7 +123,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     start = time.perf_counter()
     for fold in cfg.eval.folds:
         for shot in cfg.eval.shots:
-            model = evaluation_model(cfg, fold, shot, method, device)
+            model = with_regime(evaluation_model(cfg, fold, shot, method, device), regime, cfg.eval.tta)
             paths = {seed: list_path(cfg.episodes.out, fold, "test", shot, cfg.eval.episode_order, seed)
                      for seed in cfg.episodes.test_seeds}
             scores = _score_lists(cfg, model, paths, source, transform, n_classes, progress,
@@ -133,6 +137,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     protocol = {**index["protocol"], "query_class": cfg.data.query_class, "resolution": cfg.eval.resolution,
                 "test_size": cfg.eval.size, "canvas": transform.canvas if cfg.eval.resolution == "original" else "none",
                 "episode_order": cfg.eval.episode_order, "test_seeds": list(cfg.episodes.test_seeds),
+                "regime": regime_record(cfg, regime),
                 "episodes_per_list": cfg.eval.episodes or "all",
                 "checkpoint_selection": "validation list" if record.learned else "none",
                 "backbone": backbone_record(cfg, record.key), "backbone_bn": record.bn_mode(cfg.model),
@@ -142,38 +147,65 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
         per_fold = {"method": method, "protocol": protocol, "results": {f"fold{fold}": results[f"fold{fold}"]},
                     "mean": {k: {"miou": v["miou_mean"], "fb_iou": v["fbiou_mean"]}
                              for k, v in results[f"fold{fold}"].items()}}
-        write_json_atomic(result_path(cfg, fold, method), per_fold)
-    return {"method": method, "protocol": protocol, "results": results, "mean": mean, "seconds": seconds}
+        write_json_atomic(result_path(cfg, fold, method, regime), per_fold)
+    return {"method": method, "regime": regime, "protocol": protocol, "results": results, "mean": mean, "seconds": seconds}
 
 
-def result_path(cfg: Config, fold: int, method: str) -> Path:
-    """Where a fold's evaluation of `method` lives: `<eval.out>/fold<k>/<method>.json`."""
-    return Path(cfg.eval.out) / f"fold{fold}" / f"{method}.json"
+def result_path(cfg: Config, fold: int, method: str, regime: str = "none") -> Path:
+    """Where a fold's evaluation of `method` lives: `<eval.out>/fold<k>/<method>.json`, and under the
+    `tta` regime `<method>-tta.json` beside it."""
+    return Path(cfg.eval.out) / f"fold{fold}" / f"{method}{regime_suffix(regime)}.json"
+
+
+def target_result_path(cfg: Config, method: str, fold: int, regime: str = "none") -> Path:
+    """Where the cross-domain evaluation of `method`'s fold-`fold` model lives:
+    `<eval.out>/targets/<method>-fold<k>.json`, and `<method>-fold<k>-tta.json` under `tta`."""
+    return Path(cfg.eval.out) / "targets" / f"{method}-fold{fold}{regime_suffix(regime)}.json"
+
+
+def regime_suffix(regime: str) -> str:
+    return "" if regime == "none" else f"-{regime}"
+
+
+def check_regime(method: str, regime: str) -> None:
+    """A regime a method can be scored under: `tta` adapts learned parameters, which a non-learned method
+    has none of."""
+    if regime == "tta" and not get_method(method).learned:
+        raise DataError(f"eval.regime tta: {method} learns nothing, so there is nothing to adapt at test time")
+
+
+def regime_record(cfg: Config, regime: str) -> dict[str, Any]:
+    """The regime as results record it: its name and, for tta, its settings."""
+    return {"name": regime, **({"tta": cfg.eval.tta.model_dump(mode="json")} if regime == "tta" else {})}
 
 
 def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, shot: int | None = None,
-                     progress: bool = True, device: torch.device | None = None) -> dict[str, Any]:
+                     progress: bool = True, device: torch.device | None = None,
+                     regime: str = "none") -> dict[str, Any]:
     """Cross-domain evaluation (PATNet protocol): the model trained on the source (fold `fold`, selected on
     source-side validation episodes) scores every configured target's fixed 1-way lists, images and masks
     at `eval.resized_size` (400). Per target: mIoU over its classes, mean and std over test seeds; and the
-    mean over targets. Written to `<eval.out>/targets/<method>-fold<k>.json`."""
+    mean over targets. `regime` none or tta (`EpisodeAdaptation` on each episode's supports). Written to
+    `target_result_path`."""
     device = device or default_device()
     method = method or cfg.model.method
+    check_regime(method, regime)
     if not cfg.data.targets:
         raise DataError("data.targets is empty: configure at least one cross-domain target")
     shots = (shot,) if shot is not None else cfg.eval.shots
     results: dict[str, Any] = {}
     for s in shots:
-        model = evaluation_model(cfg, fold, s, method, device)
+        model = with_regime(evaluation_model(cfg, fold, s, method, device), regime, cfg.eval.tta)
         for name in sorted(cfg.data.targets):
-            scores = _target_scores(cfg, model, name, s, progress, f"{method} -> {name} {s}-shot")
+            scores = _target_scores(cfg, model, name, s, progress, f"{method} ({regime}) -> {name} {s}-shot")
             results.setdefault(name, {})[f"{s}shot"] = _summarise(scores)
     mean = {f"{s}shot": statistics.fmean(results[n][f"{s}shot"]["miou_mean"] for n in results) for s in shots}
-    report = {"method": method, "source_fold": fold, "protocol": {"resolution": "resized",
+    report = {"method": method, "source_fold": fold, "regime": regime, "protocol": {"resolution": "resized",
               "size": cfg.eval.resized_size, "test_seeds": list(cfg.episodes.test_seeds),
-              "episodes_per_list": cfg.eval.episodes or "all", "checkpoint_selection": "source validation list"},
+              "episodes_per_list": cfg.eval.episodes or "all", "checkpoint_selection": "source validation list",
+              "regime": regime_record(cfg, regime)},
               "results": results, "mean_over_targets": mean}
-    write_json_atomic(Path(cfg.eval.out) / "targets" / f"{method}-fold{fold}.json", report)
+    write_json_atomic(target_result_path(cfg, method, fold, regime), report)
     return report
 
 
@@ -230,7 +262,7 @@ def format_report(report: dict[str, Any]) -> str:
 def format_target_report(report: dict[str, Any]) -> str:
     """Cross-domain table: per target and shot, mIoU mean +- std over seeds; the mean over targets."""
     shots = list(report["mean_over_targets"])
-    lines = [f"{report['method']} (source fold {report['source_fold']}) on the targets, "
+    lines = [f"{report['method']} (source fold {report['source_fold']}, regime {report.get('regime', 'none')}) on the targets, "
              f"{report['protocol']['resolution']} {report['protocol']['size']}",
              "target    " + "".join(f"{s:>18}" for s in shots)]
     for name, per_shot in report["results"].items():

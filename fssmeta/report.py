@@ -21,6 +21,7 @@ from fssmeta.data.io import DataError, atomic_path, read_json, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.transforms import TestTransform, denormalize
 from fssmeta.episode import IGNORE_INDEX
+from fssmeta.evaluation import target_result_path
 from fssmeta.losses import resize_logits
 
 
@@ -72,13 +73,16 @@ def markdown_table(collected: dict[str, dict[str, Any]], shots: tuple[int, ...])
 
 
 def collect_targets(cfg: Config, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Cross-domain results (`<eval.out>/targets/<method>-fold<eval.target_fold>.json`) of the methods that
-    have them; empty when no target was configured."""
+    """Cross-domain results (`evaluation.target_result_path`) of the methods that have them, one row label
+    per method and regime of `eval.target_regimes` (`bam`, `bam + tta`: separate rows, never mixed); empty
+    when no target was configured."""
     found = {}
     for method in methods:
-        path = Path(cfg.eval.out) / "targets" / f"{method}-fold{cfg.eval.target_fold}.json"
-        if path.is_file():
-            found[method] = read_json(path, f"cross-domain evaluation of {method}")
+        for regime in cfg.eval.target_regimes:
+            path = target_result_path(cfg, method, cfg.eval.target_fold, regime)
+            if path.is_file():
+                label = method if regime == "none" else f"{method} + {regime}"
+                found[label] = read_json(path, f"cross-domain evaluation of {method} ({regime})")
     return found
 
 

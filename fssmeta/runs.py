@@ -21,6 +21,7 @@ from fssmeta.data import folds
 from fssmeta.data.io import DataError, write_json_atomic
 from fssmeta.data.prepare import load_fold
 from fssmeta.models import build_model, get_method
+from fssmeta.models.memory import MetaMemory
 from fssmeta.params import config_from_dict
 
 POINTER = "trained_shot.json"
@@ -121,7 +122,7 @@ def model_from_checkpoint(payload: dict[str, Any], *, shot: int, base_classes: l
 
 def evaluation_model(cfg: Config, fold: int, shot: int, method: str, device: torch.device) -> nn.Module:
     """What `fssmeta evaluate` scores at `shot`: a learned method's best checkpoint (selected on the
-    validation list), or a non-learned method built on the fold's stage 1 with `eval.baseline_threshold`."""
+    validation list; its memory restyles at the params' `model.memory.test_alpha`), or a non-learned method built on the fold's stage 1 with `eval.baseline_threshold`."""
     record = get_method(method)
     if not record.learned:
         model = fresh_model(cfg, fold, shot, method)
@@ -134,4 +135,7 @@ def evaluation_model(cfg: Config, fold: int, shot: int, method: str, device: tor
     base_classes = load_fold(cfg.data.prepared, fold)["base"]
     model, _ = model_from_checkpoint(read_checkpoint(best), shot=shot, base_classes=base_classes, source=best,
                                      method=method)
+    for module in model.modules():  # test-time settings come from the params, like the baseline's threshold
+        if isinstance(module, MetaMemory):
+            module.test_alpha = cfg.model.memory.test_alpha
     return model.to(device).eval()

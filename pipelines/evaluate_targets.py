@@ -1,7 +1,7 @@
 """DVC stage `evaluate_targets`: cross-domain evaluation (PATNet protocol). The source fold's trained method
 (`eval.target_fold`, checkpoint selected on source-side validation episodes) and the non-learned baseline
-score every `data.targets` list, 1-way, at every `eval.shots`; written to
-`<eval.out>/targets/<method>-fold<k>.json`. With no targets configured the stage records that and succeeds."""
+score every `data.targets` list, 1-way, at every `eval.shots`, the method under each `eval.target_regimes`
+(none, tta); written to `<eval.out>/targets/<method>-fold<k>[-tta].json`. With no targets configured the stage records that and succeeds."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ def main() -> None:
         write_json_atomic(out / "none.json", {"targets": {}, "reason": "data.targets is empty in params"})
         print("data.targets is empty: no cross-domain evaluation")
         return
-    for method in (cfg.model.method, "baseline"):
-        print(format_target_report(evaluate_targets(cfg, method, fold=cfg.eval.target_fold)))
+    for regime in cfg.eval.target_regimes:  # each regime to its own file; the report shows them as rows
+        print(format_target_report(evaluate_targets(cfg, cfg.model.method, fold=cfg.eval.target_fold, regime=regime)))
+    print(format_target_report(evaluate_targets(cfg, "baseline", fold=cfg.eval.target_fold)))  # nothing to adapt
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class MetaMemory(nn.Module):
         channels: int,
         momentum: float = 0.9,
         alpha: float = 0.5,
+        test_alpha: float | None = None,
+        init: Literal["source", "random"] = "random",
         top_k: int = 8,
         temperature: float = 1.0,
         index: IndexKind = "flat",
@@ -70,12 +72,16 @@ class MetaMemory(nn.Module):
         super().__init__()
         if index not in ("flat", "ivf", "torch"):
             raise ValueError(f"index must be 'flat', 'ivf' or 'torch', got {index!r}")
-        if not 0.0 <= momentum <= 1.0 or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"momentum and alpha must lie in [0, 1], got {momentum} and {alpha}")
+        if not 0.0 <= momentum <= 1.0 or not 0.0 <= alpha <= 1.0 or not 0.0 <= (test_alpha or 0.0) <= 1.0:
+            raise ValueError(f"momentum, alpha and test_alpha must lie in [0, 1], got {momentum}, {alpha} and "
+                             f"{test_alpha}")
+        if init not in ("source", "random"):
+            raise ValueError(f"init must be 'source' or 'random', got {init!r}")
         if temperature <= 0 or top_k < 1 or num_items < 1 or nlist < 1:
             raise ValueError("temperature, top_k, num_items and nlist must be positive")
         self.num_items, self.channels = num_items, channels
         self.momentum, self.alpha, self.temperature = momentum, alpha, temperature
+        self.test_alpha = test_alpha  # alpha in eval mode; None = alpha
         self.top_k = min(top_k, num_items)
         self.index_kind: IndexKind = index
         # IVF needs at least one training point per list; nprobe = nlist keeps the search exhaustive.
@@ -83,11 +89,17 @@ class MetaMemory(nn.Module):
         self.register_buffer("means", torch.randn(num_items, channels, generator=generator))  # (N, C)
         # Stds start in [0.5, 1.5): positive, and not all equal so the items are distinguishable.
         self.register_buffer("stds", torch.rand(num_items, channels, generator=generator) + 0.5)  # (N, C)
+        # False until the first write when the items start from source statistics (`init: source`): that
+        # write fills them (`_fill`) instead of blending into random items. Saved, so a resumed run keeps it.
+        self.register_buffer("filled", torch.tensor(init == "random"))
         self._indexes: tuple[faiss.Index, faiss.Index] | None = None
         self._index_key: tuple | None = None
         self._gpu_resources: faiss.StandardGpuResources | None = None
 
     instance_stats = staticmethod(instance_stats)
+    # Buffers added after checkpoints already existed, with the value such a checkpoint means (its bank was
+    # trained): checkpoint.load_model_state fills them in when a state dict lacks them.
+    legacy_buffers = {"filled": True}
 
     def __getstate__(self) -> dict:
         # SWIG index objects neither pickle nor deepcopy; they are rebuilt from the buffers on the next read.
@@ -181,12 +193,29 @@ class MetaMemory(nn.Module):
         gather = gather or (lambda t: t)
         mu = gather(mu.detach()).to(self.means)
         sigma = gather(sigma.detach()).to(self.stds)
+        if not bool(self.filled):
+            self._fill(mu, sigma)
+            return
         lam = self.momentum
         new_means = lam * self.means + (1 - lam) * self._write_weights(mu, self.means) @ mu
         new_stds = lam * self.stds + (1 - lam) * self._write_weights(sigma, self.stds) @ sigma
         # In place, so the buffers' version counters move and the cached indexes are rebuilt.
         self.means.copy_(new_means)
         self.stds.copy_(new_stds)
+
+    @torch.no_grad()
+    def _fill(self, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Items from the first (B, C) source statistics: item j = instance j mod B, spread by a fixed
+        deterministic jitter (0.1 x the batch's per-channel spread; identical on every rank, which all hold
+        the same gathered batch) so that items repeated from one instance stay distinguishable."""
+        B = mu.shape[0]
+        pick = torch.arange(self.num_items, device=mu.device) % B
+        noise = torch.randn(2, self.num_items, self.channels, generator=torch.Generator().manual_seed(0))
+        noise = noise.to(mu)
+        spread_mu = mu.std(0, unbiased=False) if B > 1 else mu.abs().mean(0)
+        self.means.copy_(mu[pick] + 0.1 * spread_mu * noise[0])
+        self.stds.copy_((sigma[pick] * (1 + 0.1 * noise[1])).clamp_min(STD_EPS))
+        self.filled.fill_(True)
 
     # ------------------------------------------------------------------ orthogonality and restyling
 
@@ -210,19 +239,21 @@ class MetaMemory(nn.Module):
         """Memory-based restyling: f_norm * v_mix + mu_mix, (B, C, H, W) -> (B, C, H, W). Reads, never writes.
 
         mu_mix = alpha mu_b + (1 - alpha) mu_mem and v_mix = alpha sigma_b + (1 - alpha) sigma_mem, with f_norm
-        the instance-normalised feature; alpha = 1 returns the input.
+        the instance-normalised feature; alpha = 1 returns the input. In eval mode alpha is `test_alpha`
+        when set (model.memory.test_alpha: how far target features move to the stored source styles).
         """
+        alpha = self.alpha if self.training or self.test_alpha is None else self.test_alpha
         mu, sigma = instance_stats(feat)  # (B, C) each
         mu_mem, sigma_mem = self.read(mu, sigma)
         f_norm = (feat - mu[..., None, None]) / sigma[..., None, None]
-        mu_mix = self.alpha * mu + (1 - self.alpha) * mu_mem
-        sigma_mix = self.alpha * sigma + (1 - self.alpha) * sigma_mem
+        mu_mix = alpha * mu + (1 - alpha) * mu_mem
+        sigma_mix = alpha * sigma + (1 - alpha) * sigma_mem
         return f_norm * sigma_mix[..., None, None] + mu_mix[..., None, None]
 
     def extra_repr(self) -> str:
         return (
             f"num_items={self.num_items}, channels={self.channels}, momentum={self.momentum}, "
-            f"alpha={self.alpha}, top_k={self.top_k}, temperature={self.temperature}, index={self.index_kind!r}"
+            f"alpha={self.alpha}, test_alpha={self.test_alpha}, top_k={self.top_k}, temperature={self.temperature}, index={self.index_kind!r}"
         )
 
 
@@ -264,6 +295,7 @@ class MemoryTransfer(nn.Module):
     def __init__(self, cfg: MemoryConfig, channels: int) -> None:
         super().__init__()
         self.bank = MetaMemory(num_items=cfg.items, channels=channels, momentum=cfg.momentum, alpha=cfg.alpha,
+                               test_alpha=cfg.test_alpha, init=cfg.init,
                                top_k=cfg.top_k, temperature=cfg.temperature, index=cfg.index, nlist=cfg.nlist)
         self.contrast_weight = cfg.contrast_weight
         self.contrast_temperature = cfg.contrast_temperature

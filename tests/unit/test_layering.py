@@ -24,7 +24,7 @@ RANKS = {
     "fssmeta.models": 5,  # the method files and the package (METHODS)
     "fssmeta.params": 6,
     "fssmeta.checkpoint": 7, "fssmeta.tracking": 7,
-    "fssmeta.train": 8,
+    "fssmeta.train": 8, "fssmeta.adaptation": 8,
     "fssmeta.runs": 9,
     "fssmeta.stages": 10, "fssmeta.evaluation": 10, "fssmeta.predict": 10,
     "fssmeta.report": 11,

@@ -135,7 +135,7 @@ def test_state_dict_round_trip(index):
     mu, sigma = random_stats()
     fresh = make_memory(index, seed=99)
     fresh.read(mu, sigma)  # builds the fresh module's index from its own items, which load must replace
-    assert set(fresh.state_dict()) == {"means", "stds"}
+    assert set(fresh.state_dict()) == {"means", "stds", "filled"}
     fresh.load_state_dict(memory.state_dict())
     for a, b in zip(fresh.read(mu, sigma), memory.read(mu, sigma)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -154,6 +154,63 @@ def test_enhance_alpha_one_is_identity_and_eval_does_not_write():
     mu, sigma = instance_stats(feat)
     mu_mem, _ = memory.read(mu, sigma)
     torch.testing.assert_close(out.mean(dim=(2, 3)), 0.5 * mu + 0.5 * mu_mem, atol=1e-5, rtol=1e-5)
+
+
+def test_test_alpha_restyles_target_features_toward_source_statistics():
+    """A bank filled from a 'source' with strong features; a weak, shifted 'target' feature in eval mode moves
+    toward the source's statistics, the more the lower test_alpha; training keeps alpha."""
+    source = torch.randn(16, 32, 6, 6) * 3.0 + 2.0
+    target = torch.randn(2, 32, 6, 6) * 0.3 - 1.0
+    memory = make_memory(alpha=0.5, init="source")
+    memory.write(*instance_stats(source))  # the first write fills the bank from these statistics
+    src_mu, src_sigma = (s.mean(0) for s in instance_stats(source))
+
+    def distance(feat: torch.Tensor) -> float:
+        mu, sigma = instance_stats(feat)
+        return float((mu - src_mu).norm() + (sigma - src_sigma).norm())
+
+    memory.eval()
+    distances = {}
+    for test_alpha in (None, 0.0, 1.0):
+        memory.test_alpha = test_alpha
+        distances[test_alpha] = distance(memory.enhance(target))
+    assert distances[1.0] == pytest.approx(distance(target), rel=1e-4)  # 1: the target unchanged
+    assert distances[0.0] < 0.5 * distances[None] < 0.5 * distance(target)
+    # honoured only in eval mode: training restyles at alpha whatever test_alpha says
+    memory.train()
+    memory.test_alpha = 0.0
+    mu, sigma = instance_stats(target)
+    mu_mem, _ = memory.read(mu, sigma)
+    torch.testing.assert_close(memory.enhance(target).mean(dim=(2, 3)), 0.5 * mu + 0.5 * mu_mem,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_source_init_fills_the_items_from_the_first_write_then_blends():
+    memory = make_memory(init="source")
+    assert not bool(memory.filled)
+    mu, sigma = random_stats(batch=6, seed=5)
+    memory.write(mu, sigma)
+    assert bool(memory.filled)
+    # every item is a (jittered) copy of one instance's statistics, not the random start
+    nearest = torch.cdist(memory.means, mu).min(1).values
+    assert float(nearest.max()) < 0.5 * float(torch.cdist(make_memory().means, mu).min(1).values.min())
+    assert float(memory.stds.min()) > 0
+    assert len({tuple(row.tolist()) for row in memory.means}) == memory.num_items  # distinguishable
+    before = memory.means.clone()
+    memory.write(*random_stats(batch=6, seed=6))  # later writes are the EMA
+    torch.testing.assert_close(memory.means, 0.9 * before + 0.1 * memory._write_weights(
+        random_stats(batch=6, seed=6)[0], before) @ random_stats(batch=6, seed=6)[0], atol=1e-5, rtol=1e-5)
+    assert bool(make_memory(init="random").filled)  # random items count as filled: the first write blends
+
+
+def test_a_checkpoint_without_the_filled_buffer_loads_as_filled():
+    from fssmeta.checkpoint import load_model_state
+
+    trained = make_memory(init="random")
+    state = {k: v for k, v in trained.state_dict().items() if k != "filled"}  # an earlier release's bank
+    fresh = make_memory(init="source")
+    load_model_state(fresh, state, "old.pt")
+    assert bool(fresh.filled) and torch.equal(fresh.means, trained.means)
 
 
 def test_orthogonality_loss():

@@ -21,8 +21,9 @@ CHANNELS = 16
 
 
 def make_memory() -> MetaMemory:
-    # The same seed on every rank, as a training run builds the bank before the first step.
-    return MetaMemory(num_items=32, channels=CHANNELS, top_k=4, temperature=0.5,
+    # The same seed on every rank, as a training run builds the bank before the first step; the first write
+    # fills the items from the gathered statistics (init: source), which must agree across ranks too.
+    return MetaMemory(num_items=32, channels=CHANNELS, top_k=4, temperature=0.5, init="source",
                       generator=torch.Generator().manual_seed(0))
 
 
@@ -76,7 +77,7 @@ def test_gathered_writes_agree_across_ranks_and_with_one_process(tmp_path):
 
     # Both ranks end with the same bank...
     shared = [result["shared"] for result in results]
-    assert set(shared[0]) == {"means", "stds"}
+    assert set(shared[0]) == {"means", "stds", "filled"} and bool(shared[0]["filled"])
     for key in ("means", "stds"):
         assert torch.equal(shared[0][key], shared[1][key])
 

@@ -1,0 +1,117 @@
+"""Test-time adaptation on the support set, one episode at a time (`eval.regime: tta`).
+
+Per episode, a copy-free fine-tune of the model's learnable parameters (or the modules `eval.tta.modules`
+names) on the episode's SUPPORT images only: each step takes one support shot (shot `step % S`), flipped
+left-right, as the query, with the episode's own supports (all S of them, unflipped) as the support set, and
+minimises the cross-entropy of the model's output against that shot's flipped mask. The query image is
+then predicted with the adapted weights, and every adapted parameter is put back before the next episode
+(also when a step fails). The query's mask is never read: adaptation sees only what a user gives (the k
+labelled supports). This is the support-as-its-own-query scheme of the strongest cross-domain methods
+(ABCDFSS, IFA), with one fixed augmentation so that the frozen features of both views are computed once per
+episode (the feature cache of evaluation keeps them; models/feature_cache.py).
+
+Bounded: `eval.tta.steps` forward / backward passes of one support-as-query episode, whatever the shot, and
+a fresh optimiser (`eval.tta.optimizer`, `eval.tta.lr`) per episode, so no state crosses episodes.
+Plain PyTorch: the scoring loop (`train.evaluate`) calls the wrapper like any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fssmeta.config import TTAConfig
+from fssmeta.episode import Episode, SegOutput
+from fssmeta.losses import cross_entropy
+
+
+def adapted_parameters(model: nn.Module, modules: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+    """The parameters test-time adaptation may change: every learnable (requires_grad) parameter, or those
+    under the module prefixes `modules` (e.g. ("cls_meta", "ensemble")). An unknown prefix is an error naming
+    the modules that exist, so a typo cannot silently adapt nothing."""
+    learnable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not modules:
+        return learnable
+    chosen = {name: p for name, p in learnable.items()
+              if any(name == m or name.startswith(m + ".") for m in modules)}
+    missing = [m for m in modules if not any(n == m or n.startswith(m + ".") for n in learnable)]
+    if missing:
+        tops = sorted({n.split(".")[0] for n in learnable})
+        raise ValueError(f"eval.tta.modules: {missing} hold no learnable parameter of {type(model).__name__} "
+                         f"(its learnable modules: {tops})")
+    return chosen
+
+
+def support_views(episode: Episode, shot: int) -> Episode:
+    """The support-as-query episode of `shot`: that shot's image and mask flipped left-right as the query,
+    the episode's supports unchanged. Reads nothing of the episode's query."""
+    query = episode.support_imgs[:, shot].flip(-1)
+    mask = episode.support_masks[:, shot].flip(-1)
+    return Episode(episode.support_imgs, episode.support_masks, query, mask, episode.class_id)
+
+
+class EpisodeAdaptation(nn.Module):
+    """Wraps a trained model: `forward(episode)` adapts on the supports, predicts the query, restores.
+
+    Use in eval mode (BN statistics and dropout fixed while adapting). `feature_cache` reads and sets the
+    wrapped model's, so `feature_cache.caching(wrapper, cache)` reaches the model that reads it.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TTAConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.params = adapted_parameters(model, cfg.modules)
+        if not self.params:
+            raise ValueError(f"eval.regime tta: {type(model).__name__} has no learnable parameter to adapt")
+        self.last_losses: list[float] = []  # the adaptation losses of the last episode (diagnostics, tests)
+
+    @property
+    def feature_cache(self) -> Any:
+        return getattr(self.model, "feature_cache", None)
+
+    @feature_cache.setter
+    def feature_cache(self, cache: Any) -> None:
+        self.model.feature_cache = cache
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = list(self.params.values())
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=self.cfg.lr)
+
+    def forward(self, episode: Episode) -> SegOutput:
+        if episode.query_img.shape[0] != 1:
+            raise ValueError(f"eval.regime tta adapts one episode at a time: got a batch of "
+                             f"{episode.query_img.shape[0]} (set eval.batch_size: 1)")
+        saved = {name: p.detach().clone() for name, p in self.params.items()}
+        shots = episode.support_imgs.shape[1]
+        optimizer = self._optimizer()
+        self.last_losses = []
+        try:
+            with torch.enable_grad():
+                for step in range(self.cfg.steps):
+                    view = support_views(episode, step % shots)
+                    loss = cross_entropy(self.model(view).logits, view.query_mask)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    self.last_losses.append(loss.item())
+            with torch.no_grad():
+                return self.model(episode)
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(saved[name])
+                    p.grad = None
+
+
+def with_regime(model: nn.Module, regime: str, cfg: TTAConfig) -> nn.Module:
+    """`model` as scored under `eval.regime`: itself (`none`) or wrapped in `EpisodeAdaptation` (`tta`)."""
+    if regime == "none":
+        return model
+    if regime == "tta":
+        return EpisodeAdaptation(model, cfg)
+    raise ValueError(f"eval.regime: {regime!r} is not none or tta")
