@@ -31,7 +31,8 @@ from fssmeta.stages import train_meta
 # Enough for fold 0, 1-shot (what the runs use); fewer images cannot fill every fold's 5-shot lists.
 SMALL_DATA = ["synthesize.train_images=300", "synthesize.test_images=60", "synthesize.val_images=40",
               "synthesize.target_images_per_class=5", "episodes.folds=[0]", "episodes.shots=[1]",
-              "episodes.test_episodes=100", "episodes.val_episodes=40"]
+              "episodes.test_episodes=100", "episodes.val_episodes=40",
+              "episodes.target_val_fraction=0"]  # 5 images per class cannot hold a selection pool too
 
 
 def ensure_inputs(params: str) -> None:

@@ -64,6 +64,9 @@ class DataConfig(Section):
     # in the query image at any pixel count (PFENet/BAM `__getitem__`); `qualifying` = only the classes that
     # pass `min_object_pixels` (fssmeta's earlier convention). Supports always follow the small-object rule.
     query_class: Literal["present", "qualifying"] = "present"
+    # The query's class in the TRAINING episodes (meta-training, the tune trials): `same` = `query_class`
+    # (the official codes use one rule for both); `present` / `qualifying` set it apart from the test lists.
+    train_query_class: Literal["same", "present", "qualifying"] = "same"
     # A COCO annotation whose segmentation is `[]`: left out with a warning (counted in the mask cache
     # manifest), or reported as an error by `prepare`.
     coco_empty_segmentation: Literal["skip", "error"] = "skip"
@@ -104,6 +107,10 @@ class EpisodesConfig(Section):
     val_episodes: Positive = 200
     val_seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (1000,)
     target_episodes: Positive = 600
+    # Share of each cross-domain target's images per class held out as its selection pool (its `val` lists:
+    # promotion and target-scored sweeps); the target's test lists never use them. 0 = PATNet's whole pool for
+    # test, no selection lists, and no promotion on the targets (docs/protocol.md section 5).
+    target_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
 class TransformConfig(Section):
@@ -127,6 +134,7 @@ class TTAConfig(Section):
     lr: Annotated[float, Field(gt=0)] = 1.0e-3
     optimizer: Literal["adam", "sgd"] = "adam"  # fresh per episode
     modules: tuple[str, ...] = ()  # module prefixes to adapt; () = every learnable parameter
+    episodes: NonNegative = 0  # episodes scored per list under tta (the first ones); 0 = eval.episodes
 
 
 class EvalConfig(Section):
@@ -371,6 +379,8 @@ class RegistryConfig(Section):
     promote: bool = True  # the register stage promotes the `eval.target_fold` / `shot` version per domain
     shot: int = 1  # which shot's version the register stage promotes (aliases compare equal shots only)
     domains: tuple[str, ...] = ()  # () = `source` and every data.targets name
+    # Every promotion must also beat the non-learned baseline (`model.method: baseline`) on the same selection
+    # episodes, the first one ("no champion yet") included: that floor has no switch.
 
 
 SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None}  # kind -> number of arguments
@@ -379,7 +389,8 @@ TUNABLE_SECTIONS = ("train", "model", "transform")  # what a trial trains with
 
 class TuneConfig(Section):
     """A Ray Tune sweep before meta-training (fssmeta/integrations/ray_tune.py): Optuna search, ASHA early
-    stopping, scored on the VALIDATION episodes. The best values go to `<out>/best.yaml`, which the
+    stopping, scored on the VALIDATION episodes: the fold's (`domain: source`) or one cross-domain target's
+    selection lists (`domain: <data.targets name>`). The best values go to `<out>/best.yaml`, which the
     train_meta stage applies on top of params.yaml; 0 trials = params pass through unchanged.
 
     `search_space` maps a dotted key of train / model / transform to `[kind, args...]`: `[loguniform, lo, hi]`,
@@ -399,6 +410,9 @@ class TuneConfig(Section):
     num_workers: int = 1  # Ray Train workers per trial: 1 = a function trainable; > 1 = a TorchTrainer per trial
     cpus_per_trial: float = 1.0  # a single-worker trial's CPUs (several workers: ray.resources_per_worker each)
     out: str = "runs/tune"  # best.yaml and trials.json
+    # What scores a trial: `source` = `fold`'s validation list; a data.targets name = that target's selection
+    # lists (episodes.target_val_fraction > 0), every epoch's checkpoint rebuilt and scored in the trial.
+    domain: str = "source"
 
     @model_validator(mode="before")
     @classmethod
@@ -414,6 +428,12 @@ class TuneConfig(Section):
             raise ValueError("trials must be >= 0, max_concurrent_trials and num_workers >= 1")
         if self.trials and not self.search_space:
             raise ValueError("search_space is empty: declare at least one key to search (or set trials: 0)")
+        if not self.domain:
+            raise ValueError("domain: empty; `source` or a data.targets name")
+        if self.domain != "source" and self.num_workers > 1:
+            # the target is scored on each epoch's checkpoint in the trial's own process (a function trainable)
+            raise ValueError(f"domain {self.domain!r}: a sweep scored on a target runs single-worker trials; "
+                             f"set num_workers: 1 (got {self.num_workers}) or domain: source")
         for key, spec in self.search_space.items():
             kind = spec[0] if spec else None
             if kind not in SEARCH_KINDS:
@@ -467,6 +487,9 @@ class Config(Section):
                     node = node[part]
                 if isinstance(node, dict):
                     raise ValueError(f"tune.{field}.{key}: is a section; name one of its settings")
+        if self.tune.domain != "source" and self.tune.domain not in self.data.targets:
+            known = ", ".join(["source", *sorted(self.data.targets)])
+            raise ValueError(f"tune.domain: {self.tune.domain!r} is not `source` nor a data.targets name (known: {known})")
         return self
 
 

@@ -115,6 +115,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     regime = regime or cfg.eval.regime
     record = get_method(method)
     check_regime(method, regime)
+    cfg = regime_config(cfg, regime)
     index = load_index(cfg.data.prepared)
     source = IndexSource(index)
     transform = scoring_transform(cfg, method)
@@ -174,6 +175,13 @@ def check_regime(method: str, regime: str) -> None:
         raise DataError(f"eval.regime tta: {method} learns nothing, so there is nothing to adapt at test time")
 
 
+def regime_config(cfg: Config, regime: str) -> Config:
+    """`cfg` as a regime scores: under tta, `eval.tta.episodes` (when set) episodes per list."""
+    if regime != "tta" or not cfg.eval.tta.episodes:
+        return cfg
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": cfg.eval.tta.episodes})})
+
+
 def regime_record(cfg: Config, regime: str) -> dict[str, Any]:
     """The regime as results record it: its name and, for tta, its settings."""
     return {"name": regime, **({"tta": cfg.eval.tta.model_dump(mode="json")} if regime == "tta" else {})}
@@ -190,6 +198,7 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     device = device or default_device()
     method = method or cfg.model.method
     check_regime(method, regime)
+    cfg = regime_config(cfg, regime)
     if not cfg.data.targets:
         raise DataError("data.targets is empty: configure at least one cross-domain target")
     shots = (shot,) if shot is not None else cfg.eval.shots
@@ -219,6 +228,25 @@ def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, pr
                         len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
 
 
+def _target_selection_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
+                             desc: str) -> list[dict[str, Any]]:
+    """One score dict per validation seed of `model` on target `name`'s SELECTION lists
+    (`targets/<name>/val_<shot>shot_seed<seed>.json`, drawn from images its test lists never use; docs/protocol.md
+    section 5), scored as its test lists are. With `episodes.target_val_fraction` 0 there are none: refused."""
+    if cfg.episodes.target_val_fraction == 0:
+        raise DataError(f"target {name}: episodes.target_val_fraction is 0, so it has no selection episodes to choose "
+                        "a model on (its test lists never are); set it > 0 and rerun the episodes stage")
+    paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed, "val") for seed in cfg.episodes.val_seeds}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise DataError(f"{', '.join(missing)}: no {shot}-shot selection list of target {name}; run the episodes "
+                        "stage (`fssmeta episodes`) with episodes.target_val_fraction > 0")
+    target = cfg.data.targets[name]
+    target_set = read_target(name, target.layout, target.root)
+    return _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
+                        len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
+
+
 def domains(cfg: Config) -> list[str]:
     """The domains a model is scored and promoted on: `source` and every data.targets name."""
     return ["source", *sorted(cfg.data.targets)]
@@ -226,10 +254,11 @@ def domains(cfg: Config) -> list[str]:
 
 def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
                  progress: bool = False, method: str | None = None) -> float:
-    """Mean mIoU over seeds of `model` on one domain's fixed episodes, for comparing models on the SAME
-    episodes (promotion): `source` = the fold's validation list(s), never the test lists; a `data.targets`
-    name = its 1-way target lists (PATNet protocol, `eval.resized_size`). `method` (default `model.method`)
-    is the model's method, whose canvas `eval.canvas: method` picks."""
+    """Mean mIoU over validation seeds of `model` on one domain's fixed SELECTION episodes, for choosing among
+    models on the SAME episodes (promotion, target-scored sweeps), never on test lists: `source` = the fold's
+    validation list(s); a `data.targets` name = its 1-way selection lists (`_target_selection_scores`, PATNet
+    protocol, `eval.resized_size`). `method` (default `model.method`) is the model's method, whose canvas
+    `eval.canvas: method` picks."""
     if domain == "source":
         paths = {seed: list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, seed)
                  for seed in cfg.episodes.val_seeds}
@@ -237,7 +266,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int,
         scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
                               f"source fold {fold}")
     elif domain in cfg.data.targets:
-        scores = _target_scores(cfg, model, domain, shot, progress, domain)
+        scores = _target_selection_scores(cfg, model, domain, shot, progress, f"{domain} selection")
     else:
         known = ", ".join(domains(cfg))
         raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")

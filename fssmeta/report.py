@@ -126,30 +126,84 @@ ABLATION_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
 }
 
 
+def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ablation (benchmarks/ablation.py) as rows: one per (variant, regime, shot) and the baseline's, each
+    score a (mean, std) over the TRAINING seeds of that variant (the test-seed mean of every run first).
+    Keys: label, variant, regime, shot, seeds, in_domain, targets ({name: (mean, std)}), mean."""
+
+    def spread(values: list[float]) -> tuple[float, float] | None:
+        return (statistics.fmean(values), statistics.pstdev(values)) if values else None
+
+    rows = []
+    entries = [(name, v.get("runs", {}), v.get("overrides", [])) for name, v in results.get("variants", {}).items()]
+    if results.get("baseline"):
+        entries.append(("baseline", {"-": results["baseline"]}, []))
+    for name, runs, overrides in entries:
+        regimes = sorted({r for run in runs.values() for r in run.get("targets", {})}, key=("none", "tta").index)
+        for regime in regimes or ["none"]:
+            for shot in results.get("shots", []):
+                key = f"{shot}shot"
+                done = [run for run in runs.values() if key in run.get("in_domain", {})]
+                if not done:
+                    continue
+                targets = sorted({t for run in done for t in run.get("targets", {}).get(regime, {})})
+                per_target = {t: spread([run["targets"][regime][t][key] for run in done
+                                         if key in run["targets"].get(regime, {}).get(t, {})]) for t in targets}
+                means = [statistics.fmean(run["targets"][regime][t][key] for t in targets) for run in done
+                         if targets and all(key in run["targets"].get(regime, {}).get(t, {}) for t in targets)]
+                label = name + ("" if regime == "none" else f" + {regime}") + "".join(f" ({o})" for o in overrides)
+                rows.append({"label": label, "variant": name, "regime": regime, "shot": shot, "seeds": len(done),
+                             "in_domain": spread([run["in_domain"][key] for run in done]) if regime == "none" else None,
+                             "targets": per_target, "mean": spread(means)})
+    return rows
+
+
 def ablation_markdown(results: dict[str, Any]) -> str:
-    """The ablation table: per variant and shot, in-domain mIoU, each target's mIoU and their mean."""
-    variants = results.get("variants", {})
-    if not variants:
+    """The ablation table: per variant, regime and shot, in-domain mIoU, each target's mIoU and their mean, as
+    mean ± std over training seeds; `none` and `tta` are separate rows."""
+    rows = ablation_rows(results)
+    if not rows:
         return "No ablation results.\n"
-    targets = sorted({t for v in variants.values() for t in v.get("targets", {})})
-    lines = ["| variant | shot | in-domain | " + " | ".join(targets) + " | cross-domain mean |",
-             "|" + "---|" * (len(targets) + 4)]
+    targets = sorted({t for row in rows for t in row["targets"]})
 
-    def cell(score: dict[str, float] | None) -> str:
-        return "—" if score is None else f"{100 * score['miou']:.1f} ± {100 * score['std']:.1f}"
+    def cell(score: tuple[float, float] | None) -> str:
+        return "—" if score is None else f"{100 * score[0]:.1f} ± {100 * score[1]:.1f}"
 
-    for name, entry in variants.items():
-        for shot in entry["in_domain"]:
-            cross = [cell(entry.get("targets", {}).get(t, {}).get(shot)) for t in targets]
-            mean = entry.get("targets_mean", {}).get(shot)
-            mean_cell = "—" if mean is None else f"**{100 * mean:.1f}**"
-            label = name + "".join(f" ({o})" for o in entry.get("overrides", []))
-            lines.append(f"| {label} | {shot.removesuffix('shot')} | {cell(entry['in_domain'][shot])} | "
-                         + " | ".join(cross) + f" | {mean_cell} |")
-    lines += ["", f"Source fold {results['source_fold']}; mIoU in %, mean ± std over test seeds "
-              f"{results['test_seeds']} ({results['episodes_per_list']} episodes per list); training "
-              f"{results['train']}; {results['machine']}."]
+    lines = ["| variant | shot | training seeds | in-domain | " + " | ".join(targets) + " | cross-domain mean |",
+             "|" + "---|" * (len(targets) + 5)]
+    for row in rows:
+        mean = "—" if row["mean"] is None else f"**{cell(row['mean'])}**"
+        lines.append(f"| {row['label']} | {row['shot']} | {row['seeds']} | {cell(row['in_domain'])} | "
+                     + " | ".join(cell(row["targets"].get(t)) for t in targets) + f" | {mean} |")
+    tta = results.get("tta")
+    lines += ["", f"Source fold {results['source_fold']}; mIoU in %, mean ± std over the training seeds "
+              f"{results.get('seeds')} (each run: the mean over test seeds {results['test_seeds']}, "
+              f"{results['episodes_per_list']} episodes per list); the non-learned baseline shares the one "
+              f"stage-1 encoder (no training seed); `+ tta`: {tta}; training {results['train']}; "
+              f"{results['machine']}."]
     return "\n".join(lines) + "\n"
+
+
+def plot_ablation_targets(results: dict[str, Any], path: Path) -> None:
+    """Per shot, a bar per (variant, regime) for each target and the cross-domain mean, with the
+    training-seed std as error bars."""
+    plt = _pyplot()
+    rows = ablation_rows(results)
+    shots = sorted({row["shot"] for row in rows})
+    targets = sorted({t for row in rows for t in row["targets"]}) + ["mean"]
+    fig, axes = plt.subplots(1, max(len(shots), 1), figsize=(6 * max(len(shots), 1), 4), squeeze=False)
+    for ax, shot in zip(axes[0], shots, strict=False):
+        shown = [row for row in rows if row["shot"] == shot]
+        width = 0.8 / max(len(shown), 1)
+        for i, row in enumerate(shown):
+            scores = [row["targets"].get(t) if t != "mean" else row["mean"] for t in targets]
+            heights = [100 * s[0] if s else 0.0 for s in scores]
+            errors = [100 * s[1] if s else 0.0 for s in scores]
+            ax.bar(np.arange(len(targets)) + i * width, heights, width, yerr=errors, label=row["label"], capsize=2)
+        ax.set_xticks(np.arange(len(targets)) + 0.4 - width / 2, targets)
+        ax.set_title(f"{shot}-shot, cross-domain mIoU (%)")
+        ax.legend(fontsize=6)
+    _save(fig, path)
 
 
 def sweep_markdown(trials: dict[str, Any], best: dict[str, Any]) -> str:
@@ -288,8 +342,10 @@ def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str
                         + sweep_markdown(read_json(tuned / "trials.json", "sweep trials"), best))
     ablation = Path(cfg.report.ablation)
     if cfg.report.ablation and ablation.is_file():
+        ablation_results = read_json(ablation, "ablation results")
+        plot_ablation_targets(ablation_results, out / "plots" / "ablation_targets.png")
         sections.append(f"## Ablation of the flagship ({ablation}, from benchmarks/ablation.py)\n\n"
-                        + ablation_markdown(read_json(ablation, "ablation results")))
+                        + ablation_markdown(ablation_results) + "\n![ablation per target](plots/ablation_targets.png)\n")
     if any((out / "stages").glob("*.json")):
         sections.append("## Where `dvc repro` spent its time\n\n" + stages_markdown(out / "stages"))
     sections.append("![training curves](plots/training_curves.png)\n![per-class IoU](plots/per_class_iou.png)\n"

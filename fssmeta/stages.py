@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from fssmeta import distributed
 from fssmeta.checkpoint import restore, resume
-from fssmeta.config import Config, TrainConfig, config_to_dict
+from fssmeta.config import Config, DataConfig, TrainConfig, config_to_dict
 from fssmeta.data import folds
 from fssmeta.data.dataset import (
     BaseSegmentationDataset,
@@ -159,6 +159,14 @@ def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
     return episode_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
 
 
+def training_data(data: DataConfig) -> DataConfig:
+    """The data section as the training episodes see it: `data.train_query_class` in place of
+    `data.query_class` unless it is `same`."""
+    if data.train_query_class == "same":
+        return data
+    return data.model_copy(update={"query_class": data.train_query_class})
+
+
 def training_config(cfg: Config) -> Config:
     """`cfg` as the method actually trains: `train.shot` by its record's rule and `train.optim` resolved over
     its recipe, so the checkpoint's stored config (and the run's MLflow params) say what was trained."""
@@ -190,7 +198,7 @@ def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
     model = prepare_model(fresh_model(cfg, fold, tc.shot), device, tc)
     index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
     sampler = TrainEpisodeSampler([(k, cs) for k, cs in lists["train"]], tc.shot, seed=tc.seed,
-                                  present=present_classes(index, cfg.data, lists, "train"))
+                                  present=present_classes(index, training_data(cfg.data), lists, "train"))
     dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)),
                                   training_transform(method.transform, cfg.transform),
                                   length=tc.episodes_per_epoch, rank=distributed.rank(),

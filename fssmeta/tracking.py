@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
-from fssmeta.config import Config, config_to_dict
+from fssmeta.config import Config, ConfigError, config_to_dict
 from fssmeta.data.io import write_json_atomic
 from fssmeta.models import get_method
 
@@ -83,8 +83,26 @@ def git_commit(cwd: str | Path = ".") -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def episodes_for(domain: str) -> str:
+    """The selection episodes of `domain`, as tags and records name them: `source-validation` (the source fold's
+    validation lists) or `target-validation:<name>` (target <name>'s selection lists, never its test lists)."""
+    return "source-validation" if domain == "source" else f"target-validation:{domain}"
+
+
+def selection_source(cfg: Config) -> str:
+    """Which labelled episodes chose what a run trains with, beyond its own checkpoint selection (always the source
+    validation list): `episodes_for(tune.domain)` when a sweep ran (`tune.trials` > 0), else `source-validation`.
+    A `tune.domain` that is neither `source` nor a data.targets name is a ConfigError naming the key."""
+    domain = cfg.tune.domain
+    if domain != "source" and domain not in cfg.data.targets:
+        known = ", ".join(["source", *sorted(cfg.data.targets)])
+        raise ConfigError(f"tune.domain: {domain!r} is not `source` nor a data.targets name (known: {known})")
+    return episodes_for(domain if cfg.tune.trials > 0 else "source")
+
+
 def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "validation list") -> dict[str, str]:
-    """The protocol a run used, recorded as tags beside its numbers (docs/protocol.md)."""
+    """The protocol a run used, recorded as tags beside its numbers (docs/protocol.md): `selection` (the
+    argument) is how its checkpoint was chosen; the `selection` tag is `selection_source(cfg)`."""
     d, e = cfg.data, cfg.episodes
     tags = {
         "dataset": d.dataset, "fold": fold, "shot": shot, "train_pool": d.train_pool,
@@ -93,6 +111,7 @@ def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "valida
         "test_size": cfg.eval.size, "canvas": get_method(cfg.model.method).test_canvas(cfg.eval.canvas),
         "episode_order": cfg.eval.episode_order, "test_episodes": e.test_episodes,
         "test_seeds": list(e.test_seeds), "val_seeds": list(e.val_seeds), "checkpoint_selection": selection,
+        "selection": selection_source(cfg), "target_val_fraction": e.target_val_fraction,
         "method": cfg.model.method, "backbone": cfg.model.backbone,
         "git_commit": git_commit(), "params_hash": params_hash(cfg),
     }

@@ -3,24 +3,33 @@
 already registered returns its version.
 
 Then, with `registry.promote`, the version of (`eval.target_fold`, `registry.shot`) challenges each domain's
-`champion-<domain>` alias (`registry.domains`; default `source` and every data.targets name): both are scored
-on that domain's SAME fixed episodes and the alias moves only on a win by `registry.min_improvement`. A refused
-promotion (a NaN score, versions not comparable) is recorded and reported; it moves nothing."""
+`champion-<domain>` alias (`registry.domains`; default `source` and every data.targets name): it, the champion
+and the non-learned baseline are scored on that domain's SAME fixed selection episodes (never test lists), and
+the alias moves only when it beats the baseline and wins by `registry.min_improvement`. A refused promotion (a
+NaN score, versions not comparable, a target without selection lists) is recorded and reported; it moves
+nothing. `report/registered.json` holds the versions, their `selection` tag and every decision with its scores."""
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fssmeta.config import Config
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold
 from fssmeta.evaluation import domains as all_domains
-from fssmeta.integrations.promotion import PromotionRefused, decision_dict, promote, score_version
+from fssmeta.integrations.promotion import (
+    PromotionRefused,
+    decision_dict,
+    promote,
+    score_baseline,
+    score_version,
+)
 from fssmeta.integrations.registry import register_model
 from fssmeta.runs import meta_dir
-from fssmeta.tracking import protocol_tags
+from fssmeta.tracking import episodes_for, protocol_tags, selection_source
 from pipelines.common import config, parser, run
 
 
@@ -38,16 +47,18 @@ def main() -> None:
             cross = table.get("cross_domain", {}).get(method, {}).get(f"{shot}shot")
             if cross and fold == cfg.eval.target_fold:  # the per-domain test scores, for the record
                 metrics |= {f"target_{name}_miou": value for name, value in cross.items()}
+            tags = protocol_tags(cfg, fold=fold, shot=shot)
             info = register_model(cfg, checkpoint=meta_dir(cfg, fold, shot) / "best.pt", metrics=metrics,
-                                  tags=protocol_tags(cfg, fold=fold, shot=shot), fold=fold, shot=shot,
+                                  tags=tags, fold=fold, shot=shot,
                                   base_classes=load_fold(cfg.data.prepared, fold)["base"])
-            versions.append({"fold": fold, "shot": shot, **info})
+            versions.append({"fold": fold, "shot": shot, "selection": tags["selection"], **info})
             state = "registered" if info["created"] else "already registered"
             print(f"register: {info['name']} version {info['version']} ({method}, fold {fold}, {shot}-shot) {state}")
     challenger = next((v for v in versions if (v["fold"], v["shot"]) == (cfg.eval.target_fold, cfg.registry.shot)),
                       None)
     promotions = promote_everywhere(cfg, challenger["version"], domains) if challenger and domains else []
-    write_json_atomic(out / "registered.json", {"registered_model": cfg.mlflow.registered_model, "versions": versions,
+    write_json_atomic(out / "registered.json", {"registered_model": cfg.mlflow.registered_model,
+                                                "selection": selection_source(cfg), "versions": versions,
                                                 "promotions": promotions})
 
 
@@ -67,28 +78,33 @@ def check_promotion(cfg: Config) -> list[str]:
 
 
 def promote_everywhere(cfg: Config, version: str, domains: list[str]) -> list[dict]:
-    """One promotion decision per domain for `version`; scores are computed once per (version, domain)."""
+    """One promotion decision per domain for `version`; scores (the versions' and the non-learned baseline's
+    on their episodes) are computed once per (version, domain)."""
     name = cfg.mlflow.registered_model
-    scores: dict[tuple[str, str], float] = {}
+    scores: dict[tuple[str, str, str], float] = {}
 
-    def score(domain: str):
+    def cached(kind: str, domain: str, fn: Callable[..., float]) -> Callable[[str], float]:
         def of(v: str) -> float:
-            if (v, domain) not in scores:
-                scores[(v, domain)] = score_version(cfg, version=v, domain=domain, name=name)
-            return scores[(v, domain)]
+            if (kind, v, domain) not in scores:
+                scores[(kind, v, domain)] = fn(cfg, version=v, domain=domain, name=name)
+            return scores[(kind, v, domain)]
         return of
 
     decisions = []
     for domain in domains:
         try:
-            decision = decision_dict(promote(cfg, domain=domain, version=version, score=score(domain), name=name))
+            decision = decision_dict(promote(cfg, domain=domain, version=version, name=name,
+                                             score=cached("version", domain, score_version),
+                                             baseline=cached("baseline", domain, score_baseline)))
             decision = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in decision.items()}
         except PromotionRefused as exc:
             print(f"register: {name} version {version} on {domain}: promotion refused: {exc}", file=sys.stderr)
-            decisions.append({"domain": domain, "challenger": version, "promoted": False, "reason": f"refused: {exc}"})
+            decisions.append({"domain": domain, "challenger": version, "promoted": False, "reason": f"refused: {exc}",
+                              "episodes": episodes_for(domain)})
             continue
         verdict = "promoted" if decision["promoted"] else "not promoted"
-        print(f"register: {name}@champion-{domain}: version {version} {verdict} ({decision['reason']})")
+        baseline = "" if decision["baseline_score"] is None else f"; baseline {decision['baseline_score']:.4f}"
+        print(f"register: {name}@champion-{domain}: version {version} {verdict} ({decision['reason']}{baseline})")
         decisions.append(decision)
     return decisions
 

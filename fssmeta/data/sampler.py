@@ -11,6 +11,7 @@ Supports always come from the class's pool, which follows the small-object rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -146,6 +147,30 @@ def sample_target_episodes(by_class: dict[int, list[int]], shot: int, count: int
         query = pools[c][int(rng.integers(len(pools[c])))]
         episodes.append(_episode(c, query, draw_supports(rng, pools[c], query, shot)))
     return episodes
+
+
+def selection_images(by_class: Mapping[int, Sequence[int]], image_of: Sequence[str], fraction: float,
+                     seed: int = 0) -> set[str]:
+    """The images a target holds out for selection (model choice on the target), never test queries.
+
+    Per class, at least ceil(`fraction` x its samples) of its samples, drawn with a generator seeded by
+    (`seed`, class) only, so the test and validation seeds never move an image between pools. An image is
+    held out whole (`image_of`: sample index -> image file): a SUIM image is a sample of every class it
+    shows, and none of them may be a test query. Rarer classes draw first; an image another class already
+    held out counts towards a class's share, so a class may end with more than its share, never fewer
+    (when it has the images).
+    """
+    held: set[str] = set()
+    for c in sorted(by_class, key=lambda c: (len(by_class[c]), c)):
+        samples = list(by_class[c])
+        # rounded first: 0.1 x 30 is 3.0000000000000004 in floating point, and its ceiling 4
+        share = math.ceil(round(fraction * len(samples), 6))
+        free = [i for i in samples if image_of[i] not in held]
+        missing = share - (len(samples) - len(free))
+        if missing > 0:
+            picks = np.random.default_rng([seed, int(c)]).permutation(len(free))[:missing]
+            held |= {image_of[free[int(k)]] for k in picks}
+    return held
 
 
 def check_episodes(episodes: Sequence[dict[str, Any]], entries: Sequence[Entry], shot: int,

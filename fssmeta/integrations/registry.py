@@ -24,7 +24,7 @@ from fssmeta.integrations.mlflow import (
 from fssmeta.integrations.mlflow_model import MODEL_CODE, model_signature, pip_requirements
 from fssmeta.predict import load_checkpoint_model
 from fssmeta.runs import fold_base_classes, stored_config
-from fssmeta.tracking import protocol_tags
+from fssmeta.tracking import protocol_tags, selection_source
 
 
 def _base_classes(cfg: Config, checkpoint: Path, fold: int, base_classes: list[int] | None) -> list[int]:
@@ -43,8 +43,9 @@ def register_model(cfg: Config, *, checkpoint: str | Path, metrics: dict[str, fl
                    fold: int, shot: int, base_classes: list[int] | None = None,
                    run_id: str | None = None) -> dict[str, Any]:
     """Log `checkpoint` as a pyfunc model and register it as a new version of `mlflow.registered_model`,
-    tagged with `metrics` (`metric.<name>`), `tags` (the protocol), fold, shot, `checkpoint_sha256` and
-    `status=candidate`; aliases are left alone (promotion moves them).
+    tagged with `metrics` (`metric.<name>`), `tags` (the protocol), fold, shot, `checkpoint_sha256`,
+    `status=candidate` and `selection` (`tracking.selection_source`, from `cfg` unless `tags` has it); aliases
+    are left alone (promotion moves them).
 
     Idempotent: a version whose `checkpoint_sha256` equals this checkpoint's is returned, not duplicated.
     The model goes into run `run_id` (its status is left as it is), or into a new run of
@@ -61,6 +62,7 @@ def register_model(cfg: Config, *, checkpoint: str | Path, metrics: dict[str, fl
     if existing:
         return _version_info(existing[0], created=False)
 
+    tags = {"selection": selection_source(cfg), **tags}
     info = {"fold": fold, "shot": shot, "base_classes": _base_classes(cfg, checkpoint, fold, base_classes),
             "checkpoint_sha256": sha256}
     _, model_cfg = load_checkpoint_model(checkpoint, info)  # a checkpoint that does not load fails here

@@ -11,27 +11,31 @@ from ray.tune.logger import LoggerCallback
 
 from fssmeta.config import Config, MlflowConfig, config_to_dict
 from fssmeta.integrations.mlflow import MLflowTracker, _mlflow, resolve_tracking_uri
+from fssmeta.tracking import selection_source
 
-LOGGED_METRICS = ("train_", "val_", "lr", "epoch", "step")  # trial results that go to MLflow
+LOGGED_METRICS = ("train_", "val_", "target_", "lr", "epoch", "step")  # trial results that go to MLflow
 
 
 @dataclass
 class SweepResult:
     overrides: dict[str, Any]  # the best trial's values (dotted keys); {} = params pass through
-    score: float | None  # its best validation mIoU
+    score: float | None  # its best `metric`
     trial: str | None
     path: str | None  # the sweep's folder (Ray Tune's experiment)
     trials: list[dict[str, Any]] = field(default_factory=list)
     restored: bool = False
     mlflow_run_id: str | None = None
     note: str = ""
+    metric: str = "val_miou"  # what scored the trials: val_miou (source) or target_selection_miou (tune.domain)
+    selection: str = "source-validation"  # `tracking.selection_source`: the episodes that chose the values
 
 
 def open_sweep_run(cfg: Config, name: str, run_id: str | None) -> str | None:
     """The sweep's MLflow run (the trials' parent): continued when resuming, else created."""
     if not cfg.mlflow.enabled:
         return None
-    tracker = MLflowTracker(cfg.mlflow, run_name=name, tags={"fssmeta.sweep": name, "stage": "tune"}, run_id=run_id)
+    tags = {"fssmeta.sweep": name, "stage": "tune", "selection": selection_source(cfg)}
+    tracker = MLflowTracker(cfg.mlflow, run_name=name, tags=tags, run_id=run_id)
     if run_id is None:
         tracker.log_params({"tune": config_to_dict(cfg.tune)})
     return tracker.run_id
@@ -47,7 +51,8 @@ def finish_sweep_run(cfg: Config, run_id: str | None, result: SweepResult, out: 
     if run_id is None:
         return
     with MLflowTracker(cfg.mlflow, run_name="", run_id=run_id) as tracker:
-        tracker.log_metrics({"best_val_miou": float(result.score or 0.0), "trials": float(len(result.trials))}, step=0)
+        tracker.log_metrics({f"best_{result.metric}": float(result.score or 0.0), "trials": float(len(result.trials))},
+                            step=0)
         tracker.set_tags({f"best.{k}": str(v) for k, v in result.overrides.items()} | {"best_trial": str(result.trial)})
         tracker.log_artifact(out / "best.yaml", artifact_path="sweep")
         tracker.log_artifact(out / "trials.json", artifact_path="sweep")
@@ -57,10 +62,15 @@ class SweepMLflowCallback(LoggerCallback):
     """Driver side: one MLflow run per trial, nested under the sweep's run (`mlflow.parentRunId`), with the
     trial's values as params and its per-epoch results as metrics; FINISHED when the trial ends (ASHA's
     early stop included), FAILED when it raised. A trial resumed after an interruption continues its run.
-    Its saved state is plain data (open trackers are left out), so Tune can keep it with the sweep."""
+    Its saved state is plain data (open trackers are left out), so Tune can keep it with the sweep. Every trial
+    run is tagged with the sweep's `selection` (`tracking.selection_source`)."""
 
-    def __init__(self, mlflow_cfg: dict[str, Any], parent_run_id: str, sweep: str) -> None:
+    selection = "source-validation"  # the state of a sweep saved before the tag existed has none
+
+    def __init__(self, mlflow_cfg: dict[str, Any], parent_run_id: str, sweep: str,
+                 selection: str = "source-validation") -> None:
         self.mlflow_cfg, self.parent_run_id, self.sweep = mlflow_cfg, parent_run_id, sweep
+        self.selection = selection
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
         self._open: dict[str, MLflowTracker] = {}  # trial id -> its open tracker (not saved with the sweep)
 
@@ -77,7 +87,7 @@ class SweepMLflowCallback(LoggerCallback):
         run_id = self.runs.get(trial.trial_id) or self._existing_run(cfg, trial.trial_id)
         if run_id is None:
             tags = {"mlflow.parentRunId": self.parent_run_id, "fssmeta.sweep": self.sweep,
-                    "fssmeta.trial_id": trial.trial_id, "stage": "tune"}
+                    "fssmeta.trial_id": trial.trial_id, "stage": "tune", "selection": self.selection}
             tracker = MLflowTracker(cfg, run_name=f"{self.sweep}-{trial.trial_id}", tags=tags)
             self.runs[trial.trial_id] = str(tracker.run_id)
             tracker.log_params({f"config.{k}": v for k, v in trial.config.items()})

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
+    # 6 target images per class: ceil(0.2 x 6) = 2 held out for selection (episodes.target_val_fraction), 4 test
     "synthesize": {"image_size": 96, "train_images": 240, "test_images": 60, "val_images": 30,
-                   "target_images_per_class": 3},
+                   "target_images_per_class": 6},
     "data": {"min_object_pixels": 600, "targets": {"hazy": {"layout": "fss1000", "root": "data/synthetic/targets/hazy"}}},
     "episodes": {"folds": [0], "shots": [1], "orders": ["image"], "test_episodes": 20, "test_seeds": [0, 1],
                  "val_episodes": 10},
@@ -119,14 +120,24 @@ def test_registry_holds_a_tagged_version(repo):
     assert tags["status"] == "candidate" and tags["fold"] == "0" and tags["shot"] == "1"
     assert tags["dataset"] == "synthetic" and "metric.miou" in tags
     assert 0.0 <= float(tags["metric.target_hazy_miou"]) <= 1.0
-    # the first version becomes every domain's champion, each decision recorded with its score
-    for domain in ("source", "hazy"):
-        assert client.get_model_version_by_alias("fssmeta", f"champion-{domain}").version == versions[0].version
-        assert tags[f"promotion.{domain}.decision"] == "promoted"
-        assert 0.0 <= float(tags[f"promotion.{domain}.score"]) <= 1.0
-    promotions = json.loads((path / "report/registered.json").read_text())["promotions"]
-    assert [(p["domain"], p["promoted"], p["reason"]) for p in promotions] == [
-        ("source", True, "no champion yet"), ("hazy", True, "no champion yet")]
+    registered = json.loads((path / "report/registered.json").read_text())
+    assert registered["selection"] == registered["versions"][0]["selection"] == tags["selection"] == "source-validation"
+    # Each domain's decision is recorded with the version's score and the non-learned baseline's on the same
+    # selection episodes (hazy: its val lists, never its test lists). The first version becomes a domain's
+    # champion only where it beats that baseline (the floor applies to the first champion too): whether a
+    # one-epoch tiny BAM does is the scores' business, so the rule is checked against the recorded scores.
+    promotions = registered["promotions"]
+    assert [(p["domain"], p["episodes"]) for p in promotions] == [
+        ("source", "source-validation"), ("hazy", "target-validation:hazy")]
+    for p in promotions:
+        domain, above = p["domain"], p["challenger_score"] > p["baseline_score"]
+        assert 0.0 <= p["challenger_score"] <= 1.0 and 0.0 <= p["baseline_score"] <= 1.0
+        assert float(tags[f"promotion.{domain}.score"]) == p["challenger_score"]
+        assert float(tags[f"promotion.{domain}.baseline_score"]) == p["baseline_score"]
+        assert p["promoted"] is above and tags[f"promotion.{domain}.decision"] == ("promoted" if above else "rejected")
+        assert p["reason"] == "no champion yet" if above else "below the non-learned baseline" in p["reason"]
+        aliases = client.get_registered_model("fssmeta").aliases
+        assert aliases.get(f"champion-{domain}") == (versions[0].version if above else None)
 
 
 def test_second_repro_reruns_nothing(repo):
@@ -138,6 +149,10 @@ def test_second_repro_reruns_nothing(repo):
 
 def test_eval_change_reruns_only_downstream(repo):
     path, env, _ = repo
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    champions = set(client.get_registered_model("fssmeta").aliases)  # before the rerun
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["eval"]["baseline_threshold"] = 0.6
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -146,7 +161,15 @@ def test_eval_change_reruns_only_downstream(repo):
     assert ran == {"evaluate@0", "evaluate_targets", "report", "register"}
     registered = json.loads((path / "report/registered.json").read_text())
     assert registered["versions"][0]["created"] is False  # the same checkpoint: the registry is not duplicated
-    assert {p["reason"] for p in registered["promotions"]} == {"already the champion"}
+    # where the version is champion it stays so; where it was below the baseline it is decided again (the
+    # baseline's threshold changed, so its score did), by the same rule
+    for p in registered["promotions"]:
+        if f"champion-{p['domain']}" in champions:
+            assert p["reason"] == "already the champion"
+        else:
+            above = p["challenger_score"] > p["baseline_score"]
+            assert p["promoted"] is above
+            assert p["reason"] == "no champion yet" if above else "below the non-learned baseline" in p["reason"]
 
 
 def test_failing_stage_keeps_earlier_outputs_and_names_the_problem(repo):

@@ -51,5 +51,7 @@ def _add_stub(repo: Path) -> None:
     params["model"]["memory"]["enabled"] = False  # family parts the stub does not have
     params["model"]["mining"]["enabled"] = False
     params["registry"]["promote"] = False
+    # no promotion, so no target selection pool: 8 hazy images per class cannot hold 6 + 6 for 5-shot pools
+    params["episodes"]["target_val_fraction"] = 0.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

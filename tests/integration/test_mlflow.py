@@ -294,33 +294,38 @@ def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path)
         register_model(cfg, checkpoint=save_model(cfg, tmp_path / f"v{seed}.pt", seed=seed), metrics={"miou": 0.1},
                        tags={}, fold=0, shot=1, base_classes=BASE_CLASSES)
     scores = {"1": 0.40, "2": 0.50, "3": 0.503}  # min_improvement 0.005: version 3 wins by too little
+    baselines = {"1": 0.10, "2": 0.10, "3": 0.10, "4": 0.10}  # the non-learned baseline: every version clears it
+
+    def floor(version: str) -> float:
+        return baselines[version]
     client = client_for(cfg)
 
     def champion(domain: str) -> str:
         return str(client.get_model_version_by_alias(name, f"champion-{domain}").version)
 
-    first = promote(cfg, domain="gray", version="1", score=scores.__getitem__)
+    first = promote(cfg, domain="gray", version="1", score=scores.__getitem__, baseline=floor)
     assert first.promoted and first.reason == "no champion yet" and champion("gray") == "1"
-    better = promote(cfg, domain="gray", version="2", score=scores.__getitem__)
+    better = promote(cfg, domain="gray", version="2", score=scores.__getitem__, baseline=floor)
     assert better.promoted and (better.champion, better.champion_score) == ("1", 0.40) and champion("gray") == "2"
-    within = promote(cfg, domain="gray", version="3", score=scores.__getitem__)
+    within = promote(cfg, domain="gray", version="3", score=scores.__getitem__, baseline=floor)
     assert not within.promoted and "< min_improvement 0.005" in within.reason and champion("gray") == "2"
     tags = client.get_model_version(name, "3").tags
     assert tags["promotion.gray.decision"] == "rejected" and tags["promotion.gray.score"] == "0.503"
     assert (tags["promotion.gray.champion_version"], tags["promotion.gray.champion_score"]) == ("2", "0.5")
-    worse = promote(cfg, domain="gray", version="1", score=scores.__getitem__)
+    assert (tags["promotion.gray.baseline_score"], tags["promotion.gray.episodes"]) == ("0.1", "target-validation:gray")
+    worse = promote(cfg, domain="gray", version="1", score=scores.__getitem__, baseline=floor)
     assert not worse.promoted and champion("gray") == "2"
 
     scores["3"] = float("nan")
     with pytest.raises(PromotionRefused, match="challenger's score is nan"):
-        promote(cfg, domain="gray", version="3", score=scores.__getitem__)
+        promote(cfg, domain="gray", version="3", score=scores.__getitem__, baseline=floor)
     assert champion("gray") == "2" and client.get_model_version(name, "3").tags["promotion.gray.decision"] == "refused"
     scores.update({"2": float("nan"), "3": 0.9})  # a champion that can no longer be scored: refused as well
     with pytest.raises(PromotionRefused, match="champion's score is nan"):
-        promote(cfg, domain="gray", version="3", score=scores.__getitem__)
+        promote(cfg, domain="gray", version="3", score=scores.__getitem__, baseline=floor)
     assert champion("gray") == "2"
 
-    assert promote(cfg, domain="hazy", version="3", score=scores.__getitem__).promoted  # domains are separate
+    assert promote(cfg, domain="hazy", version="3", score=scores.__getitem__, baseline=floor).promoted  # domains are separate
     assert (champion("hazy"), champion("gray")) == ("3", "2")
     assert rollback(cfg, domain="gray") == "1" and champion("gray") == "1"
     with pytest.raises(PromotionRefused, match="no previous champion-gray"):
@@ -333,5 +338,104 @@ def test_promotion_moves_aliases_only_on_a_real_win(cfg: Config, tmp_path: Path)
                    shot=5, base_classes=BASE_CLASSES)
     scores["4"] = 0.99
     with pytest.raises(PromotionRefused, match="would not be scored on the same gray episodes"):
-        promote(cfg, domain="gray", version="4", score=scores.__getitem__)
+        promote(cfg, domain="gray", version="4", score=scores.__getitem__, baseline=floor)
     assert champion("gray") == "1" and client.get_model_version(name, "4").tags["promotion.gray.decision"] == "refused"
+
+
+def test_no_champion_below_the_non_learned_baseline(cfg: Config, tmp_path: Path):
+    """The floor: a version must beat the non-learned baseline on the same selection episodes to take
+    `champion-<domain>`, the first champion included; the baseline's score is recorded beside the decision."""
+    from fssmeta.integrations.promotion import PromotionRefused, promote
+
+    name = cfg.mlflow.registered_model
+    for seed in range(3):
+        register_model(cfg, checkpoint=save_model(cfg, tmp_path / f"v{seed}.pt", seed=seed), metrics={}, tags={},
+                       fold=0, shot=1, base_classes=BASE_CLASSES)
+    client = client_for(cfg)
+    scores = {"1": 0.0, "2": 0.31, "3": 0.29}  # version 1 learned nothing
+    baseline = {"1": 0.30, "2": 0.30, "3": 0.30}  # the same fold and shot: the same baseline
+
+    def aliases() -> dict[str, str]:
+        return {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+
+    nothing = promote(cfg, domain="source", version="1", score=scores.__getitem__, baseline=baseline.__getitem__)
+    assert not nothing.promoted and nothing.champion is None and aliases() == {}  # even with no champion yet
+    assert "below the non-learned baseline" in nothing.reason and nothing.baseline_score == 0.30
+    assert nothing.episodes == "source-validation"
+    tags = client.get_model_version(name, "1").tags
+    assert tags["promotion.source.decision"] == "rejected" and tags["promotion.source.baseline_score"] == "0.3"
+    assert "below the non-learned baseline" in tags["promotion.source.reason"]
+
+    first = promote(cfg, domain="source", version="2", score=scores.__getitem__, baseline=baseline.__getitem__)
+    assert first.promoted and first.reason == "no champion yet" and aliases() == {"champion-source": "2"}
+    assert client.get_model_version(name, "2").tags["promotion.source.baseline_score"] == "0.3"
+    # winning over the champion does not lift the floor: 0.29 beats the champion's 0.0, not the baseline's 0.305
+    scores["2"] = 0.0
+    baseline["3"] = 0.305
+    beaten = promote(cfg, domain="source", version="3", score=scores.__getitem__, baseline=baseline.__getitem__)
+    assert not beaten.promoted and "below the non-learned baseline" in beaten.reason
+    assert aliases() == {"champion-source": "2"}
+    baseline["3"] = 0.2
+    assert promote(cfg, domain="source", version="3", score=scores.__getitem__, baseline=baseline.__getitem__).promoted
+    assert aliases() == {"champion-source": "3"}
+
+    baseline["1"] = float("nan")  # a floor that cannot be computed refuses: nothing moves
+    with pytest.raises(PromotionRefused, match="non-learned baseline's score is nan"):
+        promote(cfg, domain="gray", version="1", score=scores.__getitem__, baseline=baseline.__getitem__)
+    assert client.get_model_version(name, "1").tags["promotion.gray.decision"] == "refused"
+    off = cfg.model_copy(update={"episodes": cfg.episodes.model_copy(update={"target_val_fraction": 0.0})})
+    with pytest.raises(PromotionRefused, match="episodes.target_val_fraction is 0: target gray has no selection"):
+        promote(off, domain="gray", version="2", score=scores.__getitem__, baseline=baseline.__getitem__)
+    assert aliases() == {"champion-source": "3"}
+
+
+def test_promotion_scores_the_baseline_on_the_targets_selection_episodes(cfg: Config, tmp_path: Path):
+    """Real scores, no stand-ins: a registered version and the non-learned baseline scored on a target's
+    selection lists (written by the episodes stage); its test lists are never read."""
+    import torch
+
+    from fssmeta.checkpoint import save_checkpoint
+    from fssmeta.evaluation import score_domain
+    from fssmeta.integrations.promotion import promote, score_baseline, score_version
+    from fssmeta.models.pspnet import build_pspnet
+    from fssmeta.params import load_config
+    from fssmeta.runs import evaluation_model
+
+    root = tmp_path / "data"
+    sets = {"synthesize.out": root / "syn", "synthesize.image_size": 96, "synthesize.train_images": 100,
+            "synthesize.test_images": 40, "synthesize.val_images": 30, "synthesize.target_images_per_class": 6,
+            "data.root": root / "syn", "data.prepared": root / "prepared", "data.cache_dir": root / "cache",
+            "data.targets": f"{{hazy: {{layout: fss1000, root: {root}/syn/targets/hazy}}}}",
+            "data.min_object_pixels": 400, "episodes.out": root / "episodes", "episodes.folds": "[0]",
+            "episodes.shots": "[1]", "episodes.orders": "[image]", "episodes.test_episodes": 8,
+            "episodes.test_seeds": "[0]", "episodes.val_episodes": 8}
+    args = [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
+    for stage in ("synthesize", "prepare", "episodes"):
+        assert main([stage, "--params", "none", "--quiet", *args]) == 0, stage
+    data = load_config(None, [f"{key}={value}" for key, value in sets.items()])
+    # The baseline borrows the fold's stage-1 encoder (no ImageNet weights here): a seeded one, as train-base writes
+    scored = cfg.model_copy(update={"data": data.data, "episodes": data.episodes,
+                                    "eval": cfg.eval.model_copy(update={"resized_size": 65}),
+                                    "model": cfg.model.model_copy(update={"backbone_source": "stage1"}),
+                                    "train": cfg.train.model_copy(update={"out": str(tmp_path / "runs")})})
+    (tmp_path / "runs" / "fold0" / "base").mkdir(parents=True)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "runs" / "fold0" / "base" / "best.pt", config=config_to_dict(scored),
+                    model=build_pspnet(scored.model, 1 + len(BASE_CLASSES)))
+    name = cfg.mlflow.registered_model
+    register_model(scored, checkpoint=save_model(scored, tmp_path / "v.pt", seed=0), metrics={}, tags={}, fold=0,
+                   shot=1, base_classes=BASE_CLASSES)
+    for path in (root / "episodes" / "targets" / "hazy").glob("test_*.json"):
+        path.write_text("not an episode list")  # promotion must never read a test list
+
+    decision = promote(scored, domain="hazy", version="1",
+                       score=lambda v: score_version(scored, version=v, domain="hazy", name=name))
+    baseline = evaluation_model(scored, 0, 1, "baseline", torch.device("cpu"))
+    expected = score_domain(scored, baseline, "hazy", fold=0, shot=1, method="baseline")
+    assert decision.baseline_score == pytest.approx(expected) and 0.0 <= expected <= 1.0
+    assert score_baseline(scored, version="1", domain="hazy") == pytest.approx(expected)
+    assert decision.promoted == (decision.challenger_score > decision.baseline_score)
+    assert decision.episodes == "target-validation:hazy"
+    tags = client_for(scored).get_model_version(name, "1").tags
+    assert tags["selection"] == "source-validation"  # the version's own: no sweep chose its values
+    assert float(tags["promotion.hazy.baseline_score"]) == pytest.approx(expected)

@@ -170,3 +170,62 @@ def test_search_space_is_checked_at_load():
     space = load_config(None, {"tune.search_space": SPACE, "tune.trials": 2}).tune.search_space
     assert space["train.optim.lr"] == ("loguniform", 0.001, 0.1)
     assert math.isclose(with_overrides(load_config(None), {"train.optim.lr": 1}, "x").train.optim.lr, 1.0)
+
+
+@pytest.mark.integration
+def test_a_sweep_scored_on_a_targets_selection_episodes(workspace, ray_env, tmp_path):
+    """`tune.domain: hazy`: every trial is scored each epoch on hazy's selection lists (its test lists never),
+    Tune keeps the best by that score, and the sweep's and trials' MLflow runs say which episodes chose."""
+    from fssmeta.cli import main
+    from fssmeta.integrations.ray_tune import TARGET_METRIC, SweepError, run_sweep
+
+    syn = tmp_path / "syn"  # a target with enough images for both pools: 2 of 6 per class for selection
+    assert main(["synthesize", "--params", "none", "--quiet", "--set", f"synthesize.out={syn}",
+                 "--set", "synthesize.image_size=96", "--set", "synthesize.train_images=8",
+                 "--set", "synthesize.test_images=4", "--set", "synthesize.val_images=4",
+                 "--set", "synthesize.target_images_per_class=6"]) == 0
+    targets = {"data.targets": {"hazy": {"layout": "fss1000", "root": str(syn / "targets" / "hazy")}},
+               "episodes.out": str(tmp_path / "episodes"), "eval.resized_size": 65}
+    _, sets = workspace
+    episode_sets = {**{k: v for k, v in sets.items() if k.split(".")[0] not in ("ray", "mlflow")}, **targets}
+    assert main(["episodes", "--params", "none", "--quiet",
+                 *[a for k, v in episode_sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]]) == 0
+    for path in (tmp_path / "episodes" / "targets" / "hazy").glob("test_*.json"):
+        path.write_text("not an episode list")  # a trial that read a test list would fail
+
+    with pytest.raises(ConfigError, match=r"tune.domain: 'mars' is not `source` nor a data.targets name \(known: "
+                                          r"source, hazy\)"):
+        run_sweep(with_overrides(tune_config(workspace, tmp_path), {**targets, "tune.domain": "mars"}, "test"),
+                  progress=False)
+    off = with_overrides(tune_config(workspace, tmp_path), {**targets, "tune.domain": "hazy",
+                                                            "episodes.target_val_fraction": 0.0}, "test")
+    with pytest.raises(SweepError, match="tune.domain hazy: trials are scored on its selection list"):
+        run_sweep(off, progress=False)
+
+    cfg = with_overrides(tune_config(workspace, tmp_path, trials=2, trial_overrides={"train.epochs": 2}),
+                         {**targets, "tune.domain": "hazy"}, "test")
+    result = run_sweep(cfg, progress=False)
+    assert {t["status"] for t in result.trials} == {"terminated"}
+    assert all(0.0 <= t["score"] <= 1.0 for t in result.trials) and result.score == max(t["score"] for t in result.trials)
+    assert (result.metric, result.selection) == (TARGET_METRIC, "target-validation:hazy")
+    best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text())
+    assert (best["metric"], best["domain"], best["selection"]) == (TARGET_METRIC, "hazy", "target-validation:hazy")
+    trials = json.loads((tmp_path / "tune" / "trials.json").read_text())
+    assert trials["metric"] == TARGET_METRIC and trials["trials"] == result.trials
+
+    runs = runs_of(cfg)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics[f"best_{TARGET_METRIC}"] == pytest.approx(result.score)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and {r.data.tags["selection"] for r in [parent, *children]} == {"target-validation:hazy"}
+    for run in children:  # both scores per epoch: source validation and the target's selection episodes
+        assert {"val_miou", TARGET_METRIC} <= set(run.data.metrics)
+        history = mlflow_history(cfg, run.info.run_id, TARGET_METRIC)
+        trial = next(t for t in result.trials if t["trial"] == run.data.tags["fssmeta.trial_id"])
+        assert max(history) == pytest.approx(trial["score"]) and len(history) == trial["epochs"]
+
+
+def mlflow_history(cfg: Config, run_id: str, key: str) -> list[float]:
+    import mlflow
+
+    return [m.value for m in mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(run_id, key)]

@@ -50,6 +50,11 @@ MAX_PIXELS = 10_000  # FSSMETA_MAX_IMAGE_PIXELS of the served model: the valid r
 SCORES = {"1": 0.40, "2": 0.50}
 
 
+def baseline(version: str) -> float:
+    """The non-learned baseline on the versions' episodes (same fold and shot): both clear that floor."""
+    return 0.10
+
+
 def group_members(pgid: int) -> list[str]:
     """Live (non-zombie) processes of a process group, from /proc."""
     members = []
@@ -166,7 +171,7 @@ def served(registry: tuple[Config, dict[str, Path]], server: str, workdir: Path)
     """`champion-source` (version 2, promoted over version 1) served by `mlflow models serve`; its URL."""
     cfg, _ = registry
     for version in ("1", "2"):
-        assert promote(cfg, domain="source", version=version, score=SCORES.__getitem__).promoted
+        assert promote(cfg, domain="source", version=version, score=SCORES.__getitem__, baseline=baseline).promoted
     port = free_port()
     args = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fss-serving@champion-source",
             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
@@ -199,15 +204,16 @@ def test_promotion_through_the_server(registry: tuple[Config, dict[str, Path]]):
     def champion() -> str:
         return str(client.get_model_version_by_alias("fss-serving", "champion-gray").version)
 
-    assert promote(cfg, domain="gray", version="1", score=scores.__getitem__).reason == "no champion yet"
-    better = promote(cfg, domain="gray", version="2", score=scores.__getitem__)
+    assert promote(cfg, domain="gray", version="1", score=scores.__getitem__,
+                   baseline=baseline).reason == "no champion yet"
+    better = promote(cfg, domain="gray", version="2", score=scores.__getitem__, baseline=baseline)
     assert better.promoted and better.champion == "1" and champion() == "2"
-    worse = promote(cfg, domain="gray", version="1", score=scores.__getitem__)
+    worse = promote(cfg, domain="gray", version="1", score=scores.__getitem__, baseline=baseline)
     assert not worse.promoted and champion() == "2"
     assert client.get_model_version("fss-serving", "1").tags["promotion.gray.decision"] == "rejected"
     scores["1"] = math.nan
     with pytest.raises(PromotionRefused, match="challenger's score is nan"):
-        promote(cfg, domain="gray", version="1", score=scores.__getitem__)
+        promote(cfg, domain="gray", version="1", score=scores.__getitem__, baseline=baseline)
     assert champion() == "2"
     assert rollback(cfg, domain="gray") == "1" and champion() == "1"
 

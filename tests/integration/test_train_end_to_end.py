@@ -17,7 +17,9 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     sets = {
         "synthesize.out": root / "syn", "synthesize.image_size": 96, "synthesize.train_images": 400,
-        "synthesize.test_images": 100, "synthesize.val_images": 60, "synthesize.target_images_per_class": 3,
+        # 6 target images per class: ceil(0.2 x 6) = 2 go to the selection pool (episodes.target_val_fraction),
+        # 4 stay for the test lists; with 3, a class had 1 selection image, too few for a 1-shot episode
+        "synthesize.test_images": 100, "synthesize.val_images": 60, "synthesize.target_images_per_class": 6,
         "data.root": root / "syn", "data.prepared": root / "prepared", "data.cache_dir": root / "cache",
         "data.targets": "{}", "data.min_object_pixels": 600,
         "episodes.out": root / "episodes", "episodes.folds": "[0]", "episodes.shots": "[1]",
@@ -80,7 +82,7 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     for method in ("bam", "baseline"):
         assert main(["evaluate", "--targets", "--method", method, *args, *extra]) == 0
     printed = capsys.readouterr().out
-    assert "bam (source fold 0) on the targets, resized 97" in printed and "\ngray " in printed
+    assert "bam (source fold 0, regime none) on the targets, resized 97" in printed and "\ngray " in printed
     report = json.loads((root / "results/targets/bam-fold0.json").read_text())
     assert set(report["results"]) == {"gray", "hazy"}
     assert report["protocol"]["checkpoint_selection"] == "source validation list"
@@ -88,6 +90,15 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     assert len(gray["seeds"]) == 2 and gray["seeds"][0]["episodes"] == 8
     assert set(gray["seeds"][0]["per_class"]) <= {"1", "2", "3", "4"} and 0.0 <= gray["miou_mean"] <= 1.0
     assert 0.0 < report["mean_over_targets"]["1shot"] <= 1.0
+    # the tta regime: its own file beside the none one, its settings recorded, its own episode count
+    tta = ["--regime", "tta", "--set", "eval.tta.steps=2", "--set", "eval.tta.episodes=3"]
+    assert main(["evaluate", "--targets", "--method", "bam", *args, *extra, *tta]) == 0
+    adapted = json.loads((root / "results/targets/bam-fold0-tta.json").read_text())
+    assert adapted["regime"] == "tta" and adapted["protocol"]["regime"]["tta"]["steps"] == 2
+    assert adapted["results"]["gray"]["1shot"]["seeds"][0]["episodes"] == 3
+    assert json.loads((root / "results/targets/bam-fold0.json").read_text()) == report  # untouched
+    assert main(["evaluate", "--targets", "--method", "baseline", *args, *extra, *tta]) == 2
+    assert "baseline learns nothing" in capsys.readouterr().err
 
 
 def test_score_domain_uses_fixed_validation_episodes(workspace):

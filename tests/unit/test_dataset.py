@@ -99,3 +99,17 @@ def test_present_classes_follow_data_query_class(prepared):
     assert present_classes(index, DataConfig(), lists, "test")["te000"] == [1]
     assert present_classes(index, DataConfig(query_class="qualifying"), lists, "test") is None
     assert present_classes(index, DataConfig(train_pool="hsnet"), lists, "train") is None  # lines name a class
+
+
+def test_train_query_class_sets_the_training_rule_apart_from_the_test_lists(prepared):
+    from fssmeta.stages import training_data
+
+    index, lists = load_index(prepared), load_fold(prepared, 0)
+    same = DataConfig()
+    assert training_data(same) is same  # `same`: the training episodes follow data.query_class
+    apart = DataConfig(train_query_class="qualifying")
+    assert training_data(apart).query_class == "qualifying" and apart.query_class == "present"
+    assert present_classes(index, training_data(apart), lists, "train") is None  # the qualifying lists
+    assert present_classes(index, apart, lists, "test")["te000"] == [1]  # the test pool keeps its rule
+    flipped = DataConfig(query_class="qualifying", train_query_class="present")
+    assert present_classes(index, training_data(flipped), lists, "train")["tr07"] == [7, 8]

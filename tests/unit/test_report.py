@@ -80,14 +80,14 @@ def test_plots_are_images(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "p.png").stat().st_size > 1000
 
 
-def fake_targets(root, method, gray, tiles):
+def fake_targets(root, method, gray, tiles, suffix=""):
     def entry(m):
         return {"miou_mean": m, "miou_std": 0.01, "fbiou_mean": m, "fbiou_std": 0.0, "seeds": []}
 
     report = {"method": method, "source_fold": 0, "protocol": {"resolution": "resized", "size": 400},
               "results": {"gray": {"1shot": entry(gray)}, "tiles": {"1shot": entry(tiles)}},
               "mean_over_targets": {"1shot": (gray + tiles) / 2}}
-    path = root / "targets" / f"{method}-fold0.json"
+    path = root / "targets" / f"{method}-fold0{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report))
 
@@ -104,6 +104,14 @@ def test_cross_domain_section_and_metrics(cfg, tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Cross-domain (PATNet protocol)" in text
     assert "| bam | 1 | 40.0 ± 1.0 | 20.0 ± 1.0 | **30.0** |" in text
+    # the tta regime is its own row (and metrics key), read only for the regimes eval.target_regimes lists
+    fake_targets(tmp_path / "results", "bam", 0.6, 0.4, suffix="-tta")
+    assert "bam + tta" not in write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)["cross_domain"]
+    both = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"target_regimes": ("none", "tta")})})
+    table = write_report(both, tmp_path / "report", ["bam", "baseline"], {}, None)
+    assert table["cross_domain"]["bam + tta"]["1shot"]["mean"] == pytest.approx(0.5)
+    assert table["cross_domain"]["bam"]["1shot"]["mean"] == pytest.approx(0.3)
+    assert "| bam + tta | 1 | 60.0 ± 1.0 | 40.0 ± 1.0 | **50.0** |" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_target_stage_without_targets_records_why(tmp_path, monkeypatch):
@@ -124,20 +132,27 @@ def test_ablation_table_and_report_section(cfg, tmp_path):
     flagship = cfg.model.model_copy(update=ABLATION_VARIANTS["flagship"](cfg.model))
     assert flagship.method == "bam" and flagship.memory.enabled and flagship.mining.enabled
     assert not cfg.model.model_copy(update=ABLATION_VARIANTS["ntrenet"](cfg.model)).memory.enabled
-    results = {"source_fold": 0, "test_seeds": [0, 1], "episodes_per_list": 100, "machine": "test box",
-               "train": {"epochs": 5}, "variants": {
-                   "bam": {"in_domain": {"1shot": {"miou": 0.5, "std": 0.01}},
-                           "targets": {"gray": {"1shot": {"miou": 0.25, "std": 0.02}}},
-                           "targets_mean": {"1shot": 0.25}},
-                   "flagship": {"in_domain": {"1shot": {"miou": 0.55, "std": 0.0}}}}}
+    results = {"source_fold": 0, "shots": [1], "seeds": [0, 1], "test_seeds": [0, 1], "episodes_per_list": 100,
+               "machine": "test box", "train": {"epochs": 5}, "tta": {"steps": 20}, "variants": {
+                   "bam": {"runs": {
+                       "0": {"in_domain": {"1shot": 0.5}, "targets": {"none": {"gray": {"1shot": 0.2}, "hazy": {"1shot": 0.4}},
+                                                                     "tta": {"gray": {"1shot": 0.5}, "hazy": {"1shot": 0.7}}}},
+                       "1": {"in_domain": {"1shot": 0.6}, "targets": {"none": {"gray": {"1shot": 0.4}, "hazy": {"1shot": 0.4}},
+                                                                     "tta": {"gray": {"1shot": 0.5}, "hazy": {"1shot": 0.5}}}}}},
+                   "flagship": {"runs": {"0": {"in_domain": {"1shot": 0.55}, "targets": {}}}}},
+               "baseline": {"in_domain": {"1shot": 0.3}, "targets": {"none": {"gray": {"1shot": 0.1}, "hazy": {"1shot": 0.3}}}}}
     text = ablation_markdown(results)
-    assert "| bam | 1 | 50.0 ± 1.0 | 25.0 ± 2.0 | **25.0** |" in text
-    assert "| flagship | 1 | 55.0 ± 0.0 | — | — |" in text and "test box" in text
+    # mean ± population std over the two training seeds; the target mean is per seed, then spread
+    assert "| bam | 1 | 2 | 55.0 ± 5.0 | 30.0 ± 10.0 | 40.0 ± 0.0 | **35.0 ± 5.0** |" in text
+    assert "| bam + tta | 1 | 2 | — | 50.0 ± 0.0 | 60.0 ± 10.0 | **55.0 ± 5.0** |" in text  # its own row
+    assert "| flagship | 1 | 1 | 55.0 ± 0.0 | — | — | — |" in text and "test box" in text
+    assert "| baseline | 1 | 1 | 30.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 | **20.0 ± 0.0** |" in text
     path = tmp_path / "ablation.json"
     path.write_text(json.dumps(results))
     cfg = cfg.model_copy(update={"report": cfg.report.model_copy(update={"ablation": str(path)})})
     write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)
     assert "## Ablation of the flagship" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "plots" / "ablation_targets.png").stat().st_size > 0
 
 
 def test_sweep_section_lists_the_trials_and_the_chosen_values(cfg, tmp_path):

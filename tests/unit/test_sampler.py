@@ -13,6 +13,7 @@ from fssmeta.data.sampler import (
     class_pools,
     sample_episodes,
     sample_target_episodes,
+    selection_images,
 )
 
 # 18 images of classes 1..3, one image "multi" holds two classes; class 4 has a single image (never usable).
@@ -70,6 +71,24 @@ def test_target_episodes_follow_patnet():
     assert [ep["query"] for ep in fss] == [str(i) for i in range(9)]
     with pytest.raises(DataError, match=r"target classes \[2\]"):
         sample_target_episodes(by_class, 2, 10, seed=0)
+
+
+def test_selection_images_hold_out_a_share_of_every_class_by_whole_image():
+    # classes 0 and 1 with 10 single-class images each; class 2 lives only on images that also hold class 1
+    # (a SUIM image is a sample of every class it shows): samples 20..24 are images m0..m4 again
+    image_of = [f"a{i}" for i in range(10)] + [f"m{i}" for i in range(10)] + [f"m{i}" for i in range(5)]
+    by_class = {0: list(range(10)), 1: list(range(10, 20)), 2: list(range(20, 25))}
+    held = selection_images(by_class, image_of, 0.2)
+    assert held == selection_images(by_class, image_of, 0.2)  # fixed by (seed, class) alone
+    per_class = {c: sum(image_of[i] in held for i in keys) for c, keys in by_class.items()}
+    # ceil(0.2 x n) = 2, 2, 1. Class 2 (the rarest) draws 1 image first; it counts for class 1 too, which then
+    # draws 1 more (4 images in all). That one may also hold class 2: a class gets its share or more.
+    assert per_class[0] == 2 and per_class[1] == 2 and per_class[2] in (1, 2)
+    assert held <= set(image_of) and len(held) == 4
+    assert selection_images(by_class, image_of, 0.1) != selection_images(by_class, image_of, 0.1, seed=1)
+    assert selection_images(by_class, image_of, 0.0) == set()
+    # 0.1 x 30 is 3.0000000000000004 in floating point: still 3 images, not 4
+    assert len(selection_images({0: list(range(30))}, [str(i) for i in range(30)], 0.1)) == 3
 
 
 def test_train_sampler_depends_on_epoch_rank_index_only():

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from fssmeta.config import ConfigError
 from fssmeta.params import load_config
-from fssmeta.tracking import JsonTracker, NullTracker, flatten, params_hash, protocol_tags
+from fssmeta.tracking import JsonTracker, NullTracker, flatten, params_hash, protocol_tags, selection_source
 
 
 def test_json_tracker_keeps_the_latest_metrics(tmp_path):
@@ -23,3 +26,32 @@ def test_flatten_and_protocol_tags():
     tags = protocol_tags(cfg, fold=2, shot=5)
     assert tags["fold"] == "2" and tags["shot"] == "5" and tags["exclude_novel_images"] == "True"
     assert tags["params_hash"] == params_hash(cfg) != params_hash(load_config(None, ["eval.episodes=7"]))
+
+
+TARGETS = {"data.targets": {"gray": {"layout": "deepglobe", "root": "g"}, "hazy": {"layout": "fss1000", "root": "h"}}}
+
+
+def test_selection_source_names_the_episodes_that_chose_the_values():
+    assert selection_source(load_config(None)) == "source-validation"
+    hazy = load_config(None, {**TARGETS, "tune.domain": "hazy", "tune.trials": 2,
+                              "tune.search_space": {"train.optim.lr": ["choice", 0.1]}})
+    assert selection_source(hazy) == "target-validation:hazy"
+    assert protocol_tags(hazy, fold=0, shot=1)["selection"] == "target-validation:hazy"
+    # no sweep ran: nothing was chosen on the target, whatever tune.domain says
+    assert selection_source(load_config(None, {**TARGETS, "tune.domain": "hazy"})) == "source-validation"
+
+
+def test_tune_domain_errors_name_the_key():
+    # checked when the params load, before any stage runs
+    with pytest.raises(ConfigError, match=r"tune.domain: 'mars' is not `source` nor a data.targets name "
+                                          r"\(known: source, gray, hazy\)"):
+        load_config(None, {**TARGETS, "tune.domain": "mars"})
+    with pytest.raises(ConfigError, match="tune.domain: 'gray' is not `source`"):  # a target of other params
+        load_config(None, {"tune.domain": "gray"})
+    with pytest.raises(ConfigError, match=r"tune: domain 'hazy': a sweep scored on a target runs single-worker "
+                                          r"trials; set num_workers: 1 \(got 2\)"):
+        load_config(None, {**TARGETS, "tune.domain": "hazy", "tune.num_workers": 2})
+    with pytest.raises(ConfigError, match="tune: domain: empty"):
+        load_config(None, {"tune.domain": ""})
+    with pytest.raises(ConfigError, match="episodes.target_val_fraction"):
+        load_config(None, {"episodes.target_val_fraction": 1.0})  # nothing left for the test lists
