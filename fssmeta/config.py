@@ -80,6 +80,11 @@ class DataConfig(Section):
     prepared: str = "data/prepared"
     targets: dict[str, TargetConfig] = {}
 
+    @property
+    def training_query_class(self) -> str:
+        """The rule the training episodes follow: `train_query_class`, or `query_class` for `same`."""
+        return self.query_class if self.train_query_class == "same" else self.train_query_class
+
 
 class SynthesizeConfig(Section):
     """The procedurally generated few-shot dataset (the embedded default)."""

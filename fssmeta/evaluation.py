@@ -135,7 +135,9 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
         per_fold = [results[f"fold{f}"][f"{shot}shot"]["miou_mean"] for f in cfg.eval.folds]
         per_fold_fb = [results[f"fold{f}"][f"{shot}shot"]["fbiou_mean"] for f in cfg.eval.folds]
         mean[f"{shot}shot"] = {"miou": statistics.fmean(per_fold), "fb_iou": statistics.fmean(per_fold_fb)}
-    protocol = {**index["protocol"], "query_class": cfg.data.query_class, "resolution": cfg.eval.resolution,
+    protocol = {**index["protocol"], "query_class": cfg.data.query_class,
+                "train_query_class": cfg.data.training_query_class,
+                "resolution": cfg.eval.resolution,
                 "test_size": cfg.eval.size, "canvas": transform.canvas if cfg.eval.resolution == "original" else "none",
                 "episode_order": cfg.eval.episode_order, "test_seeds": list(cfg.episodes.test_seeds),
                 "regime": regime_record(cfg, regime),

@@ -164,7 +164,7 @@ def training_data(data: DataConfig) -> DataConfig:
     `data.query_class` unless it is `same`."""
     if data.train_query_class == "same":
         return data
-    return data.model_copy(update={"query_class": data.train_query_class})
+    return data.model_copy(update={"query_class": data.training_query_class})
 
 
 def training_config(cfg: Config) -> Config:

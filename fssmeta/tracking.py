@@ -107,7 +107,9 @@ def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "valida
     tags = {
         "dataset": d.dataset, "fold": fold, "shot": shot, "train_pool": d.train_pool,
         "exclude_novel_images": d.exclude_novel_images, "coco_split": d.coco_split,
-        "min_object_pixels": d.min_object_pixels, "query_class": d.query_class, "resolution": cfg.eval.resolution,
+        "min_object_pixels": d.min_object_pixels, "query_class": d.query_class,
+        "train_query_class": d.training_query_class,
+        "resolution": cfg.eval.resolution,
         "test_size": cfg.eval.size, "canvas": get_method(cfg.model.method).test_canvas(cfg.eval.canvas),
         "episode_order": cfg.eval.episode_order, "test_episodes": e.test_episodes,
         "test_seeds": list(e.test_seeds), "val_seeds": list(e.val_seeds), "checkpoint_selection": selection,

@@ -26,6 +26,10 @@ def test_flatten_and_protocol_tags():
     tags = protocol_tags(cfg, fold=2, shot=5)
     assert tags["fold"] == "2" and tags["shot"] == "5" and tags["exclude_novel_images"] == "True"
     assert tags["params_hash"] == params_hash(cfg) != params_hash(load_config(None, ["eval.episodes=7"]))
+    # the training episodes' rule is recorded as trained: `same` resolves to the test lists' rule
+    assert tags["query_class"] == tags["train_query_class"] == "present"
+    apart = protocol_tags(load_config(None, ["data.train_query_class=qualifying"]), fold=0, shot=1)
+    assert (apart["query_class"], apart["train_query_class"]) == ("present", "qualifying")
 
 
 TARGETS = {"data.targets": {"gray": {"layout": "deepglobe", "root": "g"}, "hazy": {"layout": "fss1000", "root": "h"}}}
