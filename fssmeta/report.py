@@ -74,14 +74,14 @@ def markdown_table(collected: dict[str, dict[str, Any]], shots: tuple[int, ...])
 
 def collect_targets(cfg: Config, methods: list[str]) -> dict[str, dict[str, Any]]:
     """Cross-domain results (`evaluation.target_result_path`) of the methods that have them, one row label
-    per method and regime of `eval.target_regimes` (`bam`, `bam + tta`: separate rows, never mixed); empty
+    per method and regime of `eval.target_regimes` (`bam`, `bam+tta`: separate rows, never mixed); empty
     when no target was configured."""
     found = {}
     for method in methods:
         for regime in cfg.eval.target_regimes:
             path = target_result_path(cfg, method, cfg.eval.target_fold, regime)
             if path.is_file():
-                label = method if regime == "none" else f"{method} + {regime}"
+                label = method if regime == "none" else f"{method}+{regime}"
                 found[label] = read_json(path, f"cross-domain evaluation of {method} ({regime})")
     return found
 
@@ -151,7 +151,7 @@ def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                                          if key in run["targets"].get(regime, {}).get(t, {})]) for t in targets}
                 means = [statistics.fmean(run["targets"][regime][t][key] for t in targets) for run in done
                          if targets and all(key in run["targets"].get(regime, {}).get(t, {}) for t in targets)]
-                label = name + ("" if regime == "none" else f" + {regime}") + "".join(f" ({o})" for o in overrides)
+                label = name + ("" if regime == "none" else f"+{regime}") + "".join(f" ({o})" for o in overrides)
                 rows.append({"label": label, "variant": name, "regime": regime, "shot": shot, "seeds": len(done),
                              "in_domain": spread([run["in_domain"][key] for run in done]) if regime == "none" else None,
                              "targets": per_target, "mean": spread(means)})
@@ -160,7 +160,7 @@ def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ablation_markdown(results: dict[str, Any]) -> str:
     """The ablation table: per variant, regime and shot, in-domain mIoU, each target's mIoU and their mean, as
-    mean ± std over training seeds; `none` and `tta` are separate rows."""
+    mean ± std over training seeds; `none` and `tta` (`<variant>+tta`) are separate rows."""
     rows = ablation_rows(results)
     if not rows:
         return "No ablation results.\n"
@@ -179,7 +179,7 @@ def ablation_markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Source fold {results['source_fold']}; mIoU in %, mean ± std over the training seeds "
               f"{results.get('seeds')} (each run: the mean over test seeds {results['test_seeds']}, "
               f"{results['episodes_per_list']} episodes per list); the non-learned baseline shares the one "
-              f"stage-1 encoder (no training seed); `+ tta`: {tta}; training {results['train']}; "
+              f"stage-1 encoder (no training seed); `+tta`: {tta}; training {results['train']}; "
               f"{results['machine']}."]
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,8 @@ TINY = {
     "episodes": {"folds": [0], "shots": [1], "orders": ["image"], "test_episodes": 20, "test_seeds": [0, 1],
                  "val_episodes": 10},
     "transform": {"crop_size": 65},
-    "eval": {"test_size": 65, "resized_size": 97, "folds": [0], "shots": [1], "episodes": 20},
+    "eval": {"test_size": 65, "resized_size": 97, "folds": [0], "shots": [1], "episodes": 20,
+             "target_regimes": ["none", "tta"], "tta": {"steps": 3, "episodes": 5}},
     "model": {"pspnet": {"ppm_dim": 16}, "bam": {"reduce_dim": 16, "aspp_dilations": [1, 2, 3]}},
     "train_base": {"epochs": 1, "episodes_per_epoch": 32, "val_episodes": 10, "transform": {"crop_size": 65}},
     "train": {"epochs": 1, "episodes_per_epoch": 16, "batch_size": 4, "val_episodes": 10},
@@ -93,13 +94,17 @@ def test_repro_end_to_end(repo):
     for name in ("report/report.md", "report/metrics.json", "report/plots/training_curves.png",
                  "report/plots/per_class_iou.png", "report/plots/qualitative.png", "report/registered.json",
                  "runs/fold0/bam-1shot/best.pt", "results/fold0/bam.json", "results/fold0/baseline.json",
-                 "results/targets/bam-fold0.json", "results/targets/baseline-fold0.json"):
+                 "results/targets/bam-fold0.json", "results/targets/baseline-fold0.json",
+                 "results/targets/bam-fold0-tta.json"):
         assert (path / name).is_file(), name
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], path, env).stdout
     assert "report/metrics.json" in shown and "bam.1shot.miou" in shown
     assert "cross_domain.bam.1shot.hazy" in shown and "cross_domain.baseline.1shot.mean" in shown
     report = (path / "report/report.md").read_text()
     assert "## Cross-domain (PATNet protocol)" in report and "## Hyperparameter sweep (tune stage)" in report
+    assert "| bam+tta | 1 |" in report and "cross_domain.bam+tta.1shot.hazy" in shown  # its own row
+    adapted = json.loads((path / "results/targets/bam-fold0-tta.json").read_text())
+    assert adapted["protocol"]["regime"]["tta"]["steps"] == 3 and adapted["protocol"]["episodes_per_list"] == 5
     # the sweep ran before training, and training used its best values
     best = yaml.safe_load((path / "runs/tune/best.yaml").read_text())
     assert set(best["overrides"]) == {"train.optim.lr", "model.memory.alpha"} and best["trials"] == 2

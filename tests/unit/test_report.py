@@ -106,12 +106,12 @@ def test_cross_domain_section_and_metrics(cfg, tmp_path):
     assert "| bam | 1 | 40.0 ± 1.0 | 20.0 ± 1.0 | **30.0** |" in text
     # the tta regime is its own row (and metrics key), read only for the regimes eval.target_regimes lists
     fake_targets(tmp_path / "results", "bam", 0.6, 0.4, suffix="-tta")
-    assert "bam + tta" not in write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)["cross_domain"]
+    assert "bam+tta" not in write_report(cfg, tmp_path / "report", ["bam", "baseline"], {}, None)["cross_domain"]
     both = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"target_regimes": ("none", "tta")})})
     table = write_report(both, tmp_path / "report", ["bam", "baseline"], {}, None)
-    assert table["cross_domain"]["bam + tta"]["1shot"]["mean"] == pytest.approx(0.5)
+    assert table["cross_domain"]["bam+tta"]["1shot"]["mean"] == pytest.approx(0.5)
     assert table["cross_domain"]["bam"]["1shot"]["mean"] == pytest.approx(0.3)
-    assert "| bam + tta | 1 | 60.0 ± 1.0 | 40.0 ± 1.0 | **50.0** |" in (tmp_path / "report" / "report.md").read_text()
+    assert "| bam+tta | 1 | 60.0 ± 1.0 | 40.0 ± 1.0 | **50.0** |" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_target_stage_without_targets_records_why(tmp_path, monkeypatch):
@@ -144,7 +144,7 @@ def test_ablation_table_and_report_section(cfg, tmp_path):
     text = ablation_markdown(results)
     # mean ± population std over the two training seeds; the target mean is per seed, then spread
     assert "| bam | 1 | 2 | 55.0 ± 5.0 | 30.0 ± 10.0 | 40.0 ± 0.0 | **35.0 ± 5.0** |" in text
-    assert "| bam + tta | 1 | 2 | — | 50.0 ± 0.0 | 60.0 ± 10.0 | **55.0 ± 5.0** |" in text  # its own row
+    assert "| bam+tta | 1 | 2 | — | 50.0 ± 0.0 | 60.0 ± 10.0 | **55.0 ± 5.0** |" in text  # its own row
     assert "| flagship | 1 | 1 | 55.0 ± 0.0 | — | — | — |" in text and "test box" in text
     assert "| baseline | 1 | 1 | 30.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 | **20.0 ± 0.0** |" in text
     path = tmp_path / "ablation.json"
