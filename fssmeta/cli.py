@@ -225,13 +225,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fssmeta.evaluation import (
         evaluate_method,
+        evaluate_target_splits,
         evaluate_targets,
         format_report,
+        format_splits_report,
         format_target_report,
         result_path,
     )
 
     cfg = _config(args)
+    if args.targets and args.splits:
+        print(format_splits_report(evaluate_target_splits(cfg, args.method, progress=not args.quiet,
+                                                          regime=args.regime or cfg.eval.regime)))
+        return 0
     if args.targets:
         fold = cfg.eval.target_fold if args.fold is None else args.fold
         print(format_target_report(evaluate_targets(cfg, args.method, fold=fold, progress=not args.quiet,
@@ -344,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
     p.add_argument("--fold", type=int, default=None,
                    help="with --targets: the source fold's model (default: eval.target_fold)")
+    p.add_argument("--splits", action="store_true",
+                   help="with --targets: every eval.folds model scores the targets; per-split rows and their mean "
+                        "(RMT's protocol)")
     p.add_argument("--regime", choices=["none", "tta"],
                    help="none, or tta: adapt on each episode's supports before predicting (default: eval.regime)")
     p = add("register", cmd_register, "register a trained checkpoint as a version of the MLflow registered model "

@@ -220,6 +220,51 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     return report
 
 
+def evaluate_target_splits(cfg: Config, method: str | None = None, *, progress: bool = True,
+                           device: torch.device | None = None, regime: str = "none") -> dict[str, Any]:
+    """RMT's cross-domain tables: the model of EVERY source split (`eval.folds`) scores every target
+    (`evaluate_targets`, one results file per split as usual); the per-split rows and their mean are written
+    to `target_splits_path`. A target result then no longer depends on which five classes one fold held out."""
+    method = method or cfg.model.method
+    per_split = {fold: evaluate_targets(cfg, method, fold=fold, progress=progress, device=device, regime=regime)
+                 for fold in cfg.eval.folds}
+    summary = {"method": method, "regime": regime, "source": "splits", **splits_summary(per_split)}
+    write_json_atomic(target_splits_path(cfg, method, regime), summary)
+    return summary
+
+
+def splits_summary(per_split: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per split (fold) its targets' mIoU and their mean; per target and shot the mean over splits; the mean
+    over splits of each split's mean over targets. `per_split` maps a fold to its `evaluate_targets` report."""
+    first = next(iter(per_split.values()))
+    shots, targets = list(first["mean_over_targets"]), list(first["results"])
+    rows = {f"fold{fold}": {"targets": {t: {s: r["results"][t][s]["miou_mean"] for s in shots} for t in targets},
+                            "mean_over_targets": dict(r["mean_over_targets"])} for fold, r in per_split.items()}
+    mean = {t: {s: statistics.fmean(row["targets"][t][s] for row in rows.values()) for s in shots} for t in targets}
+    return {"folds": list(per_split), "protocol": first["protocol"], "per_split": rows, "mean": mean,
+            "mean_over_targets": {s: statistics.fmean(row["mean_over_targets"][s] for row in rows.values())
+                                  for s in shots}}
+
+
+def target_splits_path(cfg: Config, method: str, regime: str = "none") -> Path:
+    """`<eval.out>/targets/<method>-splits.json` (`-splits-tta.json` under tta): every split's model."""
+    return Path(cfg.eval.out) / "targets" / f"{method}-splits{regime_suffix(regime)}.json"
+
+
+def format_splits_report(summary: dict[str, Any]) -> str:
+    """Per split and shot the mean over targets, then per target the mean over splits (RMT's layout)."""
+    shots = list(summary["mean_over_targets"])
+    lines = [f"{summary['method']} (every split's model, regime {summary['regime']}) on the targets",
+             "row       " + "".join(f"{s:>10}" for s in shots)]
+    for split, row in summary["per_split"].items():
+        lines.append(f"{split:<10}" + "".join(f"{100 * row['mean_over_targets'][s]:>10.1f}" for s in shots))
+    for target, per_shot in summary["mean"].items():
+        lines.append(f"{target:<10}" + "".join(f"{100 * per_shot[s]:>10.1f}" for s in shots))
+    lines.append("mean      " + "".join(f"{100 * summary['mean_over_targets'][s]:>10.1f}" for s in shots))
+    lines.append("rows: a split's mean over targets; a target's mean over splits; the mean of the split means")
+    return "\n".join(lines)
+
+
 def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
                    desc: str) -> list[dict[str, Any]]:
     """One score dict per test seed of `model` on target `name`'s fixed 1-way lists (PATNet protocol)."""

@@ -99,6 +99,12 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     assert json.loads((root / "results/targets/bam-fold0.json").read_text()) == report  # untouched
     assert main(["evaluate", "--targets", "--method", "baseline", *args, *extra, *tta]) == 2
     assert "baseline learns nothing" in capsys.readouterr().err
+    # RMT's protocol: every eval.folds model (here the one fold trained) scores the targets, and the mean
+    assert main(["evaluate", "--targets", "--splits", "--method", "bam", *args, *extra]) == 0
+    splits = json.loads((root / "results/targets/bam-splits.json").read_text())
+    assert splits["folds"] == [0] and splits["source"] == "splits"
+    assert splits["mean_over_targets"]["1shot"] == pytest.approx(report["mean_over_targets"]["1shot"])
+    assert "every split's model" in capsys.readouterr().out
 
 
 def test_score_domain_uses_fixed_validation_episodes(workspace):

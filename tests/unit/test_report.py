@@ -195,3 +195,21 @@ def test_stages_record_their_time_and_the_report_lists_them(tmp_path, monkeypatc
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows[0].startswith("| train_base fold 0 | 30 |")  # longest first
     assert rows[-1].startswith(f"| all recorded stages | {30 + recorded['seconds']:.0f} |")
+
+
+def test_splits_summary_means_over_the_source_splits():
+    from fssmeta.evaluation import format_splits_report, splits_summary
+
+    def report(gray: float, tiles: float) -> dict:
+        entry = lambda m: {"miou_mean": m, "miou_std": 0.0}  # noqa: E731
+        return {"protocol": {"resolution": "resized"}, "results": {"gray": {"1shot": entry(gray)},
+                                                                   "tiles": {"1shot": entry(tiles)}},
+                "mean_over_targets": {"1shot": (gray + tiles) / 2}}
+
+    summary = splits_summary({0: report(0.2, 0.4), 1: report(0.4, 0.0), 3: report(0.6, 0.2)})
+    assert summary["folds"] == [0, 1, 3] and list(summary["per_split"]) == ["fold0", "fold1", "fold3"]
+    assert summary["per_split"]["fold1"]["mean_over_targets"]["1shot"] == pytest.approx(0.2)
+    assert summary["mean"]["gray"]["1shot"] == pytest.approx(0.4) and summary["mean"]["tiles"]["1shot"] == pytest.approx(0.2)
+    assert summary["mean_over_targets"]["1shot"] == pytest.approx((0.3 + 0.2 + 0.4) / 3)
+    text = format_splits_report({"method": "bam", "regime": "none", **summary})
+    assert "fold3" in text and "gray" in text and "30.0" in text.splitlines()[-2]
