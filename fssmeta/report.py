@@ -202,7 +202,7 @@ def plot_ablation_targets(results: dict[str, Any], path: Path) -> None:
             ax.bar(np.arange(len(targets)) + i * width, heights, width, yerr=errors, label=row["label"], capsize=2)
         ax.set_xticks(np.arange(len(targets)) + 0.4 - width / 2, targets)
         ax.set_title(f"{shot}-shot, cross-domain mIoU (%)")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below the bars
     _save(fig, path)
 
 
