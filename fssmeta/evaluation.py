@@ -114,8 +114,7 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     method = method or cfg.model.method
     regime = regime or cfg.eval.regime
     record = get_method(method)
-    check_regime(method, regime)
-    cfg = regime_config(cfg, regime)
+    cfg = regime_config(cfg, method, regime)
     index = load_index(cfg.data.prepared)
     source = IndexSource(index)
     transform = scoring_transform(cfg, method)
@@ -170,15 +169,11 @@ def regime_suffix(regime: str) -> str:
     return "" if regime == "none" else f"-{regime}"
 
 
-def check_regime(method: str, regime: str) -> None:
-    """A regime a method can be scored under: `tta` adapts learned parameters, which a non-learned method
-    has none of."""
+def regime_config(cfg: Config, method: str, regime: str) -> Config:
+    """`cfg` as `method` is scored under `regime`: under tta, `eval.tta.episodes` (when set) episodes per
+    list. tta adapts learned parameters, so a non-learned method cannot be scored under it."""
     if regime == "tta" and not get_method(method).learned:
         raise DataError(f"eval.regime tta: {method} learns nothing, so there is nothing to adapt at test time")
-
-
-def regime_config(cfg: Config, regime: str) -> Config:
-    """`cfg` as a regime scores: under tta, `eval.tta.episodes` (when set) episodes per list."""
     if regime != "tta" or not cfg.eval.tta.episodes:
         return cfg
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": cfg.eval.tta.episodes})})
@@ -199,8 +194,7 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     `target_result_path`."""
     device = device or default_device()
     method = method or cfg.model.method
-    check_regime(method, regime)
-    cfg = regime_config(cfg, regime)
+    cfg = regime_config(cfg, method, regime)
     if not cfg.data.targets:
         raise DataError("data.targets is empty: configure at least one cross-domain target")
     shots = (shot,) if shot is not None else cfg.eval.shots
@@ -266,11 +260,13 @@ def format_splits_report(summary: dict[str, Any]) -> str:
 
 
 def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
-                   desc: str) -> list[dict[str, Any]]:
-    """One score dict per test seed of `model` on target `name`'s fixed 1-way lists (PATNet protocol)."""
+                   desc: str, split: str = "test") -> list[dict[str, Any]]:
+    """One score dict per seed of `model` on target `name`'s fixed 1-way lists (PATNet protocol): its test
+    lists (`episodes.test_seeds`), or with `split="val"` its selection lists (`episodes.val_seeds`)."""
     target = cfg.data.targets[name]
     target_set = read_target(name, target.layout, target.root)
-    paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed) for seed in cfg.episodes.test_seeds}
+    seeds = cfg.episodes.test_seeds if split == "test" else cfg.episodes.val_seeds
+    paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed, split) for seed in seeds}
     return _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
                         len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
 
@@ -283,15 +279,12 @@ def _target_selection_scores(cfg: Config, model: torch.nn.Module, name: str, sho
     if cfg.episodes.target_val_fraction == 0:
         raise DataError(f"target {name}: episodes.target_val_fraction is 0, so it has no selection episodes to choose "
                         "a model on (its test lists never are); set it > 0 and rerun the episodes stage")
-    paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed, "val") for seed in cfg.episodes.val_seeds}
-    missing = [str(path) for path in paths.values() if not path.is_file()]
+    paths = [target_list_path(cfg.episodes.out, name, shot, seed, "val") for seed in cfg.episodes.val_seeds]
+    missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise DataError(f"{', '.join(missing)}: no {shot}-shot selection list of target {name}; run the episodes "
                         "stage (`fssmeta episodes`) with episodes.target_val_fraction > 0")
-    target = cfg.data.targets[name]
-    target_set = read_target(name, target.layout, target.root)
-    return _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
-                        len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
+    return _target_scores(cfg, model, name, shot, progress, desc, split="val")
 
 
 def domains(cfg: Config) -> list[str]:
