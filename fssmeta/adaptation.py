@@ -1,6 +1,8 @@
-"""Test-time adaptation on the support set, one episode at a time (`eval.regime: tta`).
+"""Test-time adaptation on the support set, one episode at a time: one mechanism (`EpisodeAdaptation`), two
+regimes that differ only in the views it trains on (`REGIME_VIEWS`): `tta` (`support_views`, below) and
+`finetune` (`labelled_views`: CRNet's k-shot inference, each labelled support predicted from the others).
 
-Per episode, a copy-free fine-tune of the model's learnable parameters (or the modules `eval.tta.modules`
+`tta`: per episode, a copy-free fine-tune of the model's learnable parameters (or the modules `eval.tta.modules`
 names) on the episode's SUPPORT images only: each step takes one support shot (shot `step % S`), flipped
 left-right, as the query, with the episode's own supports (all S of them, unflipped) as the support set, and
 minimises the cross-entropy of the model's output against that shot's flipped mask. The query image is
@@ -10,13 +12,15 @@ labelled supports). This is the support-as-its-own-query scheme of the strongest
 (ABCDFSS, IFA), with one fixed augmentation so that the frozen features of both views are computed once per
 episode (the feature cache of evaluation keeps them; models/feature_cache.py).
 
-Bounded: `eval.tta.steps` forward / backward passes of one support-as-query episode, whatever the shot, and
-a fresh optimiser (`eval.tta.optimizer`, `eval.tta.lr`) per episode, so no state crosses episodes.
+Bounded: `steps` forward / backward passes of one view, whatever the shot, and a fresh optimiser
+(`optimizer`, `lr`) per episode, so no state crosses episodes; the settings are the regime's own section
+(`eval.tta`, `eval.finetune`).
 Plain PyTorch: the scoring loop (`train.evaluate`) calls the wrapper like any model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,10 +31,11 @@ from fssmeta.episode import Episode, SegOutput
 from fssmeta.losses import cross_entropy
 
 
-def adapted_parameters(model: nn.Module, modules: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+def adapted_parameters(model: nn.Module, modules: tuple[str, ...] = (), section: str = "eval.tta",
+                       ) -> dict[str, nn.Parameter]:
     """The parameters test-time adaptation may change: every learnable (requires_grad) parameter, or those
     under the module prefixes `modules` (e.g. ("cls_meta", "ensemble")). An unknown prefix is an error naming
-    the modules that exist, so a typo cannot silently adapt nothing."""
+    the modules that exist, so a typo cannot silently adapt nothing; `section` names the settings in it."""
     learnable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not modules:
         return learnable
@@ -39,7 +44,7 @@ def adapted_parameters(model: nn.Module, modules: tuple[str, ...] = ()) -> dict[
     missing = [m for m in modules if not any(n == m or n.startswith(m + ".") for n in learnable)]
     if missing:
         tops = sorted({n.split(".")[0] for n in learnable})
-        raise ValueError(f"eval.tta.modules: {missing} hold no learnable parameter of {type(model).__name__} "
+        raise ValueError(f"{section}.modules: {missing} hold no learnable parameter of {type(model).__name__} "
                          f"(its learnable modules: {tops})")
     return chosen
 
@@ -52,20 +57,40 @@ def support_views(episode: Episode, shot: int) -> Episode:
     return Episode(episode.support_imgs, episode.support_masks, query, mask, episode.class_id)
 
 
+def labelled_views(episode: Episode, shot: int) -> Episode:
+    """The `finetune` view of `shot` (CRNet's k-shot fine-tuning): that shot's image and mask as the query,
+    predicted from the OTHER k - 1 labelled supports; with one support, that support flipped left-right,
+    predicted from itself (`support_views`). Reads nothing of the episode's query."""
+    shots = episode.support_imgs.shape[1]
+    if shots == 1:
+        return support_views(episode, 0)
+    others = [s for s in range(shots) if s != shot]
+    return Episode(episode.support_imgs[:, others], episode.support_masks[:, others],
+                   episode.support_imgs[:, shot], episode.support_masks[:, shot], episode.class_id)
+
+
+Views = Callable[[Episode, int], Episode]
+# The regimes that adapt, each with the views it trains on; `none` is the model as trained.
+REGIME_VIEWS: dict[str, Views] = {"tta": support_views, "finetune": labelled_views}
+
+
 class EpisodeAdaptation(nn.Module):
-    """Wraps a trained model: `forward(episode)` adapts on the supports, predicts the query, restores.
+    """Wraps a trained model: `forward(episode)` adapts on views of the supports (`views(episode, shot)`, shot
+    `step % S` at each step), predicts the query, restores. `regime` names it in errors.
 
     Use in eval mode (BN statistics and dropout fixed while adapting). `feature_cache` reads and sets the
     wrapped model's, so `feature_cache.caching(wrapper, cache)` reaches the model that reads it.
     """
 
-    def __init__(self, model: nn.Module, cfg: TTAConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: TTAConfig, views: Views = support_views, regime: str = "tta") -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.params = adapted_parameters(model, cfg.modules)
+        self.views = views
+        self.regime = regime
+        self.params = adapted_parameters(model, cfg.modules, f"eval.{regime}")
         if not self.params:
-            raise ValueError(f"eval.regime tta: {type(model).__name__} has no learnable parameter to adapt")
+            raise ValueError(f"eval.regime {regime}: {type(model).__name__} has no learnable parameter to adapt")
         self.last_losses: list[float] = []  # the adaptation losses of the last episode (diagnostics, tests)
 
     @property
@@ -84,7 +109,7 @@ class EpisodeAdaptation(nn.Module):
 
     def forward(self, episode: Episode) -> SegOutput:
         if episode.query_img.shape[0] != 1:
-            raise ValueError(f"eval.regime tta adapts one episode at a time: got a batch of "
+            raise ValueError(f"eval.regime {self.regime} adapts one episode at a time: got a batch of "
                              f"{episode.query_img.shape[0]} (set eval.batch_size: 1)")
         saved = {name: p.detach().clone() for name, p in self.params.items()}
         shots = episode.support_imgs.shape[1]
@@ -93,7 +118,7 @@ class EpisodeAdaptation(nn.Module):
         try:
             with torch.enable_grad():
                 for step in range(self.cfg.steps):
-                    view = support_views(episode, step % shots)
+                    view = self.views(episode, step % shots)
                     loss = cross_entropy(self.model(view).logits, view.query_mask)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -109,9 +134,10 @@ class EpisodeAdaptation(nn.Module):
 
 
 def with_regime(model: nn.Module, regime: str, cfg: TTAConfig) -> nn.Module:
-    """`model` as scored under `eval.regime`: itself (`none`) or wrapped in `EpisodeAdaptation` (`tta`)."""
+    """`model` as scored under `eval.regime`: itself (`none`) or wrapped in `EpisodeAdaptation` with the
+    regime's views (`tta`, `finetune`); `cfg` is that regime's settings (`eval.tta` or `eval.finetune`)."""
     if regime == "none":
         return model
-    if regime == "tta":
-        return EpisodeAdaptation(model, cfg)
-    raise ValueError(f"eval.regime: {regime!r} is not none or tta")
+    if regime in REGIME_VIEWS:
+        return EpisodeAdaptation(model, cfg, REGIME_VIEWS[regime], regime)
+    raise ValueError(f"eval.regime: {regime!r} is not none, {' or '.join(REGIME_VIEWS)}")

@@ -98,6 +98,16 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_arg(text: str) -> int | str:
+    """`--fold`: a fold 0..3 or `all`, the all-classes source split (a usage error otherwise)."""
+    from fssmeta.data.folds import parse_split
+
+    try:
+        return parse_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _fold_override(args: argparse.Namespace, section: str) -> None:
     if getattr(args, "fold", None) is not None:
         args.set = [*args.set, f"{section}.fold={args.fold}"]
@@ -231,15 +241,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         format_splits_report,
         format_target_report,
         result_path,
+        target_sources,
     )
 
     cfg = _config(args)
-    if args.targets and args.splits:
+    if args.targets and (args.splits or (args.fold is None and cfg.eval.target_source == "splits")):
         print(format_splits_report(evaluate_target_splits(cfg, args.method, progress=not args.quiet,
                                                           regime=args.regime or cfg.eval.regime)))
         return 0
     if args.targets:
-        fold = cfg.eval.target_fold if args.fold is None else args.fold
+        fold = target_sources(cfg)[0] if args.fold is None else args.fold
         print(format_target_report(evaluate_targets(cfg, args.method, fold=fold, progress=not args.quiet,
                                                     regime=args.regime or cfg.eval.regime)))
         return 0
@@ -334,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("episodes", cmd_episodes, "write the fixed test and validation episode lists")
     p.add_argument("--out", help="output folder (default: episodes.out)")
     p = add("train-base", cmd_train_base, "train a fold's stage-1 PSPNet (BAM's base learner; the encoder other methods and the baseline may start from)")
-    p.add_argument("--fold", type=int, help="fold (default: train_base.fold)")
+    p.add_argument("--fold", type=split_arg, help="fold 0..3, or all: every source class (default: train_base.fold)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
     add("tune", cmd_tune, "Ray Tune sweep (tune.*) on the validation episodes; best values to tune.out/best.yaml")
     p = add("train", cmd_train, "episodic meta-training of model.method on a fold (what differs per method: its METHOD record)")
     p.add_argument("--tuned", help="a sweep's best.yaml: its values on top of params (as the train_meta stage)")
-    p.add_argument("--fold", type=int, help="fold (default: train.fold)")
+    p.add_argument("--fold", type=split_arg, help="fold 0..3, or all: every source class (default: train.fold)")
     p.add_argument("--shot", type=int, help="shots (default: train.shot)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
     p.add_argument("--ray", action="store_true",
@@ -347,14 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "score trained models on the fixed test episode lists")
     p.add_argument("--method", help="a trained method, or `baseline` (default: model.method)")
     p.add_argument("--targets", action="store_true",
-                   help="cross-domain: score the source model of --fold on every data.targets list (PATNet)")
-    p.add_argument("--fold", type=int, default=None,
-                   help="with --targets: the source fold's model (default: eval.target_fold)")
+                   help="cross-domain: the source model(s) of eval.target_source (or --fold / --splits) score "
+                        "every data.targets list")
+    p.add_argument("--fold", type=split_arg, default=None,
+                   help="with --targets: the model of this source split, a fold or all (PATNet's all-classes model)")
     p.add_argument("--splits", action="store_true",
                    help="with --targets: every eval.folds model scores the targets; per-split rows and their mean "
                         "(RMT's protocol)")
-    p.add_argument("--regime", choices=["none", "tta"],
-                   help="none, or tta: adapt on each episode's supports before predicting (default: eval.regime)")
+    p.add_argument("--regime", choices=["none", "tta", "finetune"],
+                   help="none, or tta / finetune: adapt on each episode's supports before predicting (finetune: "
+                        "each labelled support predicted from the others, CRNet's k-shot) (default: eval.regime)")
     p = add("register", cmd_register, "register a trained checkpoint as a version of the MLflow registered model "
                                        "(fold, shot and protocol tags from its stored config; idempotent)")
     p.add_argument("--checkpoint", required=True, help="a .pt checkpoint written by training")

@@ -15,6 +15,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 # negative or zero value is rejected at load with its key path, not found mid-run.
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
+# A source split a model trains on: a fold (its base classes) or `all` (every source class; data/folds.py).
+SourceSplit = NonNegative | Literal["all"]
 # bf16 autocast: `off`; `cuda` = on CUDA only; `all` = on CUDA and on CPUs that compute bf16 natively
 # (AVX-512 BF16 / AMX; elsewhere the CPU stays fp32). true / false read as `cuda` / `off` (earlier configs;
 # YAML reads `on` / `off` as booleans too, hence `all`).
@@ -41,10 +43,13 @@ class Section(BaseModel):
 
 
 class TargetConfig(Section):
-    """One cross-domain target set in a PATNet layout."""
+    """One cross-domain target set in a PATNet layout, or PASCAL VOC val (`pascal`: RMT's cross-dataset setting)."""
 
-    layout: Literal["deepglobe", "isic", "chest_xray", "fss1000", "suim"]
+    layout: Literal["deepglobe", "isic", "chest_xray", "fss1000", "suim", "pascal"]
     root: str
+    # RMT's COCO-20i -> PASCAL: leave out the target classes the source model trained on (matched by name,
+    # PASCAL's to COCO's; docs/protocol.md section 5), so each source split is scored on its unseen classes only.
+    exclude_seen_classes: bool = False
 
 
 class DataConfig(Section):
@@ -129,17 +134,18 @@ class TransformConfig(Section):
     flip_prob: float = 0.5
 
 
-Regime = Literal["none", "tta"]
+Regime = Literal["none", "tta", "finetune"]
 
 
 class TTAConfig(Section):
-    """`eval.tta`: test-time adaptation on each episode's supports (fssmeta/adaptation.py)."""
+    """`eval.tta` / `eval.finetune`: adaptation on each episode's supports (fssmeta/adaptation.py), one
+    section per regime that adapts."""
 
     steps: Positive = 20  # support-as-query forward / backward passes per episode, whatever the shot
     lr: Annotated[float, Field(gt=0)] = 1.0e-3
     optimizer: Literal["adam", "sgd"] = "adam"  # fresh per episode
     modules: tuple[str, ...] = ()  # module prefixes to adapt; () = every learnable parameter
-    episodes: NonNegative = 0  # episodes scored per list under tta (the first ones); 0 = eval.episodes
+    episodes: NonNegative = 0  # episodes scored per list under the regime (the first ones); 0 = eval.episodes
 
 
 class EvalConfig(Section):
@@ -162,18 +168,26 @@ class EvalConfig(Section):
     feature_cache_mib: NonNegative = 1024  # frozen features reused per image, exact at batch_size 1; 0 = off
     out: str = "results"
     baseline_threshold: float = 0.5  # the non-learned prototype baseline's cut on min-max cosine
-    target_fold: int = 0  # cross-domain: the source fold whose models score every data.targets list
-    # none: the trained weights as they are; tta: adapted per episode on its supports (fssmeta/adaptation.py).
+    # Cross-domain: which source model scores the data.targets lists (docs/protocol.md section 5). `all` =
+    # PATNet's: one model trained on every source class (its own stage 1 and meta stage), selected on held-out
+    # source images; `splits` = RMT's: every eval.folds model, per-split rows and their mean; `fold` = the
+    # `target_fold` model alone (fssmeta's earlier shortcut, neither paper's protocol).
+    target_source: Literal["all", "splits", "fold"] = "all"
+    target_fold: int = 0  # the fold of `target_source: fold`, and whose version promotion takes to `source`
+    # none: the trained weights as they are; tta: adapted per episode on its supports (fssmeta/adaptation.py);
+    # finetune: adapted per episode on its labelled supports, each predicted from the others (CRNet's k-shot).
     # `regime` is that of `fssmeta evaluate` and the evaluate stage; `target_regimes` those the
     # evaluate_targets stage scores, each to its own results file (the report never mixes them).
     regime: Regime = "none"
     target_regimes: Annotated[tuple[Regime, ...], Field(min_length=1)] = ("none",)
     tta: TTAConfig = TTAConfig()
+    finetune: TTAConfig = TTAConfig(steps=10)
 
     @model_validator(mode="after")
     def _one_episode_at_a_time(self) -> EvalConfig:
-        if self.batch_size != 1 and "tta" in (self.regime, *self.target_regimes):
-            raise ValueError(f"eval.regime / eval.target_regimes tta adapts one episode at a time: it needs "
+        adapting = sorted({"tta", "finetune"} & {self.regime, *self.target_regimes})
+        if self.batch_size != 1 and adapting:
+            raise ValueError(f"eval.regime / eval.target_regimes {' / '.join(adapting)} adapts one episode at a time: it needs "
                              f"eval.batch_size 1 (got {self.batch_size})")
         return self
 
@@ -303,7 +317,7 @@ SGD_RECIPE = OptimConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1.
 class TrainConfig(Section):
     """A training stage (base learner or episodic meta-training): one loop, one process or DDP."""
 
-    fold: NonNegative = 0
+    fold: SourceSplit = 0  # a fold, or `all` (every source class: the cross-domain source model)
     shot: Positive = 1  # episodes' shots; a method trained 1-shot for every k (Method.trains_each_shot) uses 1
     seed: int = 0
     epochs: NonNegative = 4

@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from fssmeta import distributed
 from fssmeta.adaptation import with_regime
-from fssmeta.config import Config
+from fssmeta.config import Config, TTAConfig
 from fssmeta.data import folds
 from fssmeta.data.dataset import EpisodeDataset, IndexSource, TargetSource, episode_loader
 from fssmeta.data.episode_lists import list_path, load_episode_list, target_list_path
-from fssmeta.data.io import DataError, write_json_atomic
+from fssmeta.data.io import DataError, read_json, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.targets import read_target
 from fssmeta.data.transforms import TestTransform
@@ -58,17 +58,19 @@ def _summarise(scores: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], source: Any, transform: TestTransform,
                  n_classes: int, progress: bool, desc: str, *, id_offset: int = 0,
-                 names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+                 names: tuple[str, ...] | None = None, keep: set[int] | None = None) -> list[dict[str, Any]]:
     """Score `model` on each seed's fixed list (the first `eval.episodes`); one score dict per seed.
 
     `id_offset` shifts the lists' class ids (target lists count classes from 0, meters from 1); `names`
-    labels per-class IoUs by class name instead of id. With `eval.feature_cache_mib` > 0 one frozen-feature
+    labels per-class IoUs by class name instead of id; `keep` (list class ids) drops every episode of another
+    class before the first `eval.episodes` are taken. With `eval.feature_cache_mib` > 0 one frozen-feature
     cache serves all of this model's lists (models/feature_cache.py; the logits are exactly the uncached ones).
     """
     cache = FeatureCache(cfg.eval.feature_cache_mib * 2**20) if cfg.eval.feature_cache_mib else None
     lists = {}
     for seed, path in paths.items():
         episodes = load_episode_list(path)["episodes"]
+        episodes = episodes if keep is None else [ep for ep in episodes if ep["class_id"] in keep]
         episodes = episodes[: cfg.eval.episodes] if cfg.eval.episodes else episodes
         lists[seed] = [{**ep, "class_id": ep["class_id"] + id_offset} for ep in episodes] if id_offset else episodes
 
@@ -123,7 +125,8 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
     start = time.perf_counter()
     for fold in cfg.eval.folds:
         for shot in cfg.eval.shots:
-            model = with_regime(evaluation_model(cfg, fold, shot, method, device), regime, cfg.eval.tta)
+            model = with_regime(evaluation_model(cfg, fold, shot, method, device), regime,
+                                regime_settings(cfg, regime))
             paths = {seed: list_path(cfg.episodes.out, fold, "test", shot, cfg.eval.episode_order, seed)
                      for seed in cfg.episodes.test_seeds}
             scores = _score_lists(cfg, model, paths, source, transform, n_classes, progress,
@@ -159,38 +162,85 @@ def result_path(cfg: Config, fold: int, method: str, regime: str = "none") -> Pa
     return Path(cfg.eval.out) / f"fold{fold}" / f"{method}{regime_suffix(regime)}.json"
 
 
-def target_result_path(cfg: Config, method: str, fold: int, regime: str = "none") -> Path:
-    """Where the cross-domain evaluation of `method`'s fold-`fold` model lives:
-    `<eval.out>/targets/<method>-fold<k>.json`, and `<method>-fold<k>-tta.json` under `tta`."""
-    return Path(cfg.eval.out) / "targets" / f"{method}-fold{fold}{regime_suffix(regime)}.json"
+def target_result_path(cfg: Config, method: str, fold: folds.Split, regime: str = "none") -> Path:
+    """Where the cross-domain evaluation of `method`'s model of source split `fold` lives: for a fold,
+    `<eval.out>/fold<k>/targets/<method>.json` (beside its in-domain results: the evaluate stage of that
+    fold writes both); for the all-classes split, `<eval.out>/targets/<method>-all.json`; `-tta` before
+    `.json` under tta."""
+    if fold == folds.ALL:
+        return Path(cfg.eval.out) / "targets" / f"{method}-{folds.ALL}{regime_suffix(regime)}.json"
+    return Path(cfg.eval.out) / folds.split_name(fold) / "targets" / f"{method}{regime_suffix(regime)}.json"
+
+
+def target_sources(cfg: Config) -> list[folds.Split]:
+    """The source splits whose models score the targets under `eval.target_source`: `all` -> the all-classes
+    split; `splits` -> every eval.folds fold; `fold` -> eval.target_fold."""
+    source = cfg.eval.target_source
+    return [folds.ALL] if source == "all" else list(cfg.eval.folds) if source == "splits" else [cfg.eval.target_fold]
+
+
+def scores_targets(cfg: Config, fold: folds.Split) -> bool:
+    """Whether the models of `fold` score the targets in the pipeline (data.targets set, and `fold` among
+    `target_sources`)."""
+    return bool(cfg.data.targets) and fold in target_sources(cfg)
+
+
+def target_report(cfg: Config, method: str, regime: str = "none") -> dict[str, Any] | None:
+    """`method`'s cross-domain result under `eval.target_source`, in `evaluate_targets`' shape (None while a
+    file is missing): one source model's file as written, or for `splits` the mean over every split's file
+    (`results[t][shot]`: mean and std over SPLITS of each split's test-seed mean) with the per-split rows."""
+    paths = [target_result_path(cfg, method, fold, regime) for fold in target_sources(cfg)]
+    if not all(p.is_file() for p in paths):
+        return None
+    reports = [read_json(p, f"cross-domain evaluation of {method} ({regime})") for p in paths]
+    if cfg.eval.target_source != "splits":
+        return {"source": cfg.eval.target_source, **reports[0]}
+    summary = splits_summary(dict(zip(target_sources(cfg), reports, strict=True)))
+    per = {t: {s: [row["targets"][t][s] for row in summary["per_split"].values()] for s in per_shot}
+           for t, per_shot in summary["mean"].items()}
+    results = {t: {s: {"miou_mean": statistics.fmean(v), "miou_std": statistics.pstdev(v)} for s, v in by.items()}
+               for t, by in per.items()}
+    return {"method": method, "source": "splits", "source_fold": "splits", "regime": regime,
+            "protocol": summary["protocol"], "results": results,
+            "mean_over_targets": summary["mean_over_targets"], "per_split": summary["per_split"]}
 
 
 def regime_suffix(regime: str) -> str:
     return "" if regime == "none" else f"-{regime}"
 
 
+def regime_settings(cfg: Config, regime: str) -> TTAConfig:
+    """The settings of an adapting regime: `eval.tta` or `eval.finetune` (`eval.tta` for `none`, unread)."""
+    return cfg.eval.finetune if regime == "finetune" else cfg.eval.tta
+
+
 def regime_config(cfg: Config, method: str, regime: str) -> Config:
-    """`cfg` as `method` is scored under `regime`: under tta, `eval.tta.episodes` (when set) episodes per
-    list. tta adapts learned parameters, so a non-learned method cannot be scored under it."""
-    if regime == "tta" and not get_method(method).learned:
-        raise DataError(f"eval.regime tta: {method} learns nothing, so there is nothing to adapt at test time")
-    if regime != "tta" or not cfg.eval.tta.episodes:
+    """`cfg` as `method` is scored under `regime`: under tta / finetune, `eval.<regime>.episodes` (when set)
+    episodes per list. Both adapt learned parameters, so every learned method may be scored under either
+    (finetune is CRNet's k-shot inference, and a like-for-like row for the others); a non-learned one cannot."""
+    if regime != "none" and not get_method(method).learned:
+        raise DataError(f"eval.regime {regime}: {method} learns nothing, so there is nothing to adapt at test time "
+                        "(eval.regime / eval.target_regimes: use none for it)")
+    episodes = regime_settings(cfg, regime).episodes
+    if regime == "none" or not episodes:
         return cfg
-    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": cfg.eval.tta.episodes})})
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"episodes": episodes})})
 
 
 def regime_record(cfg: Config, regime: str) -> dict[str, Any]:
-    """The regime as results record it: its name and, for tta, its settings."""
-    return {"name": regime, **({"tta": cfg.eval.tta.model_dump(mode="json")} if regime == "tta" else {})}
+    """The regime as results record it: its name and, for tta / finetune, its settings under its name."""
+    settings = {} if regime == "none" else {regime: regime_settings(cfg, regime).model_dump(mode="json")}
+    return {"name": regime, **settings}
 
 
-def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, shot: int | None = None,
+def evaluate_targets(cfg: Config, method: str | None = None, *, fold: folds.Split = 0, shot: int | None = None,
                      progress: bool = True, device: torch.device | None = None,
                      regime: str = "none") -> dict[str, Any]:
-    """Cross-domain evaluation (PATNet protocol): the model trained on the source (fold `fold`, selected on
-    source-side validation episodes) scores every configured target's fixed 1-way lists, images and masks
+    """Cross-domain evaluation (PATNet protocol): the model trained on the source split `fold` (a fold, or
+    `all` = every source class; selected on source-side validation episodes) scores every configured
+    target's fixed 1-way lists, images and masks
     at `eval.resized_size` (400). Per target: mIoU over its classes, mean and std over test seeds; and the
-    mean over targets. `regime` none or tta (`EpisodeAdaptation` on each episode's supports). Written to
+    mean over targets. `regime` none, tta or finetune (`EpisodeAdaptation` on each episode's supports). Written to
     `target_result_path`."""
     device = device or default_device()
     method = method or cfg.model.method
@@ -200,9 +250,10 @@ def evaluate_targets(cfg: Config, method: str | None = None, *, fold: int = 0, s
     shots = (shot,) if shot is not None else cfg.eval.shots
     results: dict[str, Any] = {}
     for s in shots:
-        model = with_regime(evaluation_model(cfg, fold, s, method, device), regime, cfg.eval.tta)
+        model = with_regime(evaluation_model(cfg, fold, s, method, device), regime, regime_settings(cfg, regime))
         for name in sorted(cfg.data.targets):
-            scores = _target_scores(cfg, model, name, s, progress, f"{method} ({regime}) -> {name} {s}-shot")
+            scores = _target_scores(cfg, model, name, s, progress, f"{method} ({regime}) -> {name} {s}-shot",
+                                    fold=fold)
             results.setdefault(name, {})[f"{s}shot"] = _summarise(scores)
     mean = {f"{s}shot": statistics.fmean(results[n][f"{s}shot"]["miou_mean"] for n in results) for s in shots}
     report = {"method": method, "source_fold": fold, "regime": regime, "protocol": {"resolution": "resized",
@@ -232,7 +283,7 @@ def splits_summary(per_split: dict[int, dict[str, Any]]) -> dict[str, Any]:
     over splits of each split's mean over targets. `per_split` maps a fold to its `evaluate_targets` report."""
     first = next(iter(per_split.values()))
     shots, targets = list(first["mean_over_targets"]), list(first["results"])
-    rows = {f"fold{fold}": {"targets": {t: {s: r["results"][t][s]["miou_mean"] for s in shots} for t in targets},
+    rows = {folds.split_name(fold): {"targets": {t: {s: r["results"][t][s]["miou_mean"] for s in shots} for t in targets},
                             "mean_over_targets": dict(r["mean_over_targets"])} for fold, r in per_split.items()}
     mean = {t: {s: statistics.fmean(row["targets"][t][s] for row in rows.values()) for s in shots} for t in targets}
     return {"folds": list(per_split), "protocol": first["protocol"], "per_split": rows, "mean": mean,
@@ -260,19 +311,36 @@ def format_splits_report(summary: dict[str, Any]) -> str:
 
 
 def _target_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
-                   desc: str, split: str = "test") -> list[dict[str, Any]]:
-    """One score dict per seed of `model` on target `name`'s fixed 1-way lists (PATNet protocol): its test
-    lists (`episodes.test_seeds`), or with `split="val"` its selection lists (`episodes.val_seeds`)."""
+                   desc: str, split: str = "test", fold: folds.Split = 0) -> list[dict[str, Any]]:
+    """One score dict per seed of `model` (trained on source split `fold`) on target `name`'s fixed 1-way
+    lists (PATNet protocol): its test lists (`episodes.test_seeds`), or with `split="val"` its selection lists
+    (`episodes.val_seeds`); with `exclude_seen_classes`, the episodes of the classes it did not train on."""
     target = cfg.data.targets[name]
     target_set = read_target(name, target.layout, target.root)
     seeds = cfg.episodes.test_seeds if split == "test" else cfg.episodes.val_seeds
     paths = {seed: target_list_path(cfg.episodes.out, name, shot, seed, split) for seed in seeds}
     return _score_lists(cfg, model, paths, TargetSource(target_set), TestTransform("resized", cfg.eval.resized_size),
-                        len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes)
+                        len(target_set.classes), progress, desc, id_offset=1, names=target_set.classes,
+                        keep=unseen_classes(cfg, name, target_set.classes, fold))
+
+
+def unseen_classes(cfg: Config, name: str, classes: tuple[str, ...], fold: folds.Split) -> set[int] | None:
+    """With `data.targets.<name>.exclude_seen_classes` (RMT's COCO-20i -> PASCAL), the indices of the target's
+    classes that source split `fold` did not train on, matched by name (`folds.canonical_name`); None = all.
+    Nothing left (e.g. the all-classes source model) is a DataError naming both."""
+    if not cfg.data.targets[name].exclude_seen_classes:
+        return None
+    seen = folds.seen_class_names(cfg.data.dataset, fold, cfg.data.coco_split)
+    keep = {i for i, c in enumerate(classes) if folds.canonical_name(c) not in seen}
+    if not keep:
+        raise DataError(f"data.targets.{name}.exclude_seen_classes: the {cfg.data.dataset} model of source split "
+                        f"{fold} trained on every class of target {name}, so none is left to score (use "
+                        "eval.target_source splits, RMT's per-split protocol)")
+    return keep
 
 
 def _target_selection_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
-                             desc: str) -> list[dict[str, Any]]:
+                             desc: str, fold: folds.Split = 0) -> list[dict[str, Any]]:
     """One score dict per validation seed of `model` on target `name`'s SELECTION lists
     (`targets/<name>/val_<shot>shot_seed<seed>.json`, drawn from images its test lists never use; docs/protocol.md
     section 5), scored as its test lists are. With `episodes.target_val_fraction` 0 there are none: refused."""
@@ -284,7 +352,7 @@ def _target_selection_scores(cfg: Config, model: torch.nn.Module, name: str, sho
     if missing:
         raise DataError(f"{', '.join(missing)}: no {shot}-shot selection list of target {name}; run the episodes "
                         "stage (`fssmeta episodes`) with episodes.target_val_fraction > 0")
-    return _target_scores(cfg, model, name, shot, progress, desc, split="val")
+    return _target_scores(cfg, model, name, shot, progress, desc, split="val", fold=fold)
 
 
 def domains(cfg: Config) -> list[str]:
@@ -292,7 +360,7 @@ def domains(cfg: Config) -> list[str]:
     return ["source", *sorted(cfg.data.targets)]
 
 
-def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int, shot: int,
+def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: folds.Split, shot: int,
                  progress: bool = False, method: str | None = None) -> float:
     """Mean mIoU over validation seeds of `model` on one domain's fixed SELECTION episodes, for choosing among
     models on the SAME episodes (promotion, target-scored sweeps), never on test lists: `source` = the fold's
@@ -306,7 +374,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: int,
         scores = _score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
                               f"source fold {fold}")
     elif domain in cfg.data.targets:
-        scores = _target_selection_scores(cfg, model, domain, shot, progress, f"{domain} selection")
+        scores = _target_selection_scores(cfg, model, domain, shot, progress, f"{domain} selection", fold=fold)
     else:
         known = ", ".join(domains(cfg))
         raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")
@@ -328,10 +396,19 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def source_label(report: dict[str, Any]) -> str:
+    """How a cross-domain result names its source model(s): `every source class`, `fold <k>`, or (splits)
+    `every split's model, mean of fold0, fold1, ...`."""
+    if "per_split" in report:
+        return f"every split's model, mean of {', '.join(report['per_split'])}"
+    fold = report["source_fold"]
+    return "one model on every source class" if fold == folds.ALL else f"fold {fold}"
+
+
 def format_target_report(report: dict[str, Any]) -> str:
     """Cross-domain table: per target and shot, mIoU mean +- std over seeds; the mean over targets."""
     shots = list(report["mean_over_targets"])
-    lines = [f"{report['method']} (source fold {report['source_fold']}, regime {report.get('regime', 'none')}) on the targets, "
+    lines = [f"{report['method']} (source: {source_label(report)}, regime {report.get('regime', 'none')}) on the targets, "
              f"{report['protocol']['resolution']} {report['protocol']['size']}",
              "target    " + "".join(f"{s:>18}" for s in shots)]
     for name, per_shot in report["results"].items():

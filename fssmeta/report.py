@@ -21,8 +21,16 @@ from fssmeta.data.io import DataError, atomic_path, read_json, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.transforms import TestTransform, denormalize
 from fssmeta.episode import IGNORE_INDEX
-from fssmeta.evaluation import target_result_path
+from fssmeta.evaluation import source_label, target_report
 from fssmeta.losses import resize_logits
+from fssmeta.models import METHODS
+
+
+def row_label(label: str) -> str:
+    """A table row's label as shown: `crnet+finetune` -> `crnet+finetune (approximate)` for a method whose
+    record calls itself approximate (no official code to follow), so such rows never pass as faithful."""
+    method = METHODS.get(label.split("+")[0])
+    return f"{label} (approximate)" if method is not None and "approximate" in method.summary else label
 
 
 def collect(cfg: Config, methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -65,7 +73,7 @@ def markdown_table(collected: dict[str, dict[str, Any]], shots: tuple[int, ...])
                      for f in folds]
             mean = statistics.fmean(entry["results"][f][key]["miou_mean"] for f in folds)
             fb = statistics.fmean(entry["results"][f][key]["fbiou_mean"] for f in folds)
-            lines.append(f"| {method} | {shot} | " + " | ".join(cells) + f" | **{100 * mean:.1f}** | {100 * fb:.1f} |")
+            lines.append(f"| {row_label(method)} | {shot} | " + " | ".join(cells) + f" | **{100 * mean:.1f}** | {100 * fb:.1f} |")
     protocol = next(iter(collected.values()))["protocol"]
     lines += ["", "mIoU in %: class-wise accumulated over each list, mean ± std over test seeds.", "",
               "Protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items())]
@@ -73,16 +81,15 @@ def markdown_table(collected: dict[str, dict[str, Any]], shots: tuple[int, ...])
 
 
 def collect_targets(cfg: Config, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """Cross-domain results (`evaluation.target_result_path`) of the methods that have them, one row label
-    per method and regime of `eval.target_regimes` (`bam`, `bam+tta`: separate rows, never mixed); empty
-    when no target was configured."""
+    """Cross-domain results of the methods that have them under `eval.target_source`
+    (`evaluation.target_report`), one row label per method and regime of `eval.target_regimes` (`bam`,
+    `bam+tta`: separate rows, never mixed); empty when no target was configured."""
     found = {}
     for method in methods:
         for regime in cfg.eval.target_regimes:
-            path = target_result_path(cfg, method, cfg.eval.target_fold, regime)
-            if path.is_file():
-                label = method if regime == "none" else f"{method}+{regime}"
-                found[label] = read_json(path, f"cross-domain evaluation of {method} ({regime})")
+            report = target_report(cfg, method, regime)
+            if report is not None:
+                found[method if regime == "none" else f"{method}+{regime}"] = report
     return found
 
 
@@ -102,8 +109,9 @@ def targets_markdown(collected: dict[str, dict[str, Any]]) -> str:
         for shot, mean in report["mean_over_targets"].items():
             cells = [f"{100 * report['results'][n][shot]['miou_mean']:.1f} ± {100 * report['results'][n][shot]['miou_std']:.1f}"
                      for n in names]
-            lines.append(f"| {method} | {shot.removesuffix('shot')} | " + " | ".join(cells) + f" | **{100 * mean:.1f}** |")
-    lines += ["", f"Source fold {first['source_fold']}; 1-way episodes per target; protocol: "
+            lines.append(f"| {row_label(method)} | {shot.removesuffix('shot')} | " + " | ".join(cells)
+                         + f" | **{100 * mean:.1f}** |")
+    lines += ["", f"Source: {source_label(first)}; 1-way episodes per target; protocol: "
               + ", ".join(f"{k}={v}" for k, v in first["protocol"].items())]
     return "\n".join(lines) + "\n"
 
@@ -139,7 +147,7 @@ def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     if results.get("baseline"):
         entries.append(("baseline", {"-": results["baseline"]}, []))
     for name, runs, overrides in entries:
-        regimes = sorted({r for run in runs.values() for r in run.get("targets", {})}, key=("none", "tta").index)
+        regimes = sorted({r for run in runs.values() for r in run.get("targets", {})}, key=("none", "tta", "finetune").index)
         for regime in regimes or ["none"]:
             for shot in results.get("shots", []):
                 key = f"{shot}shot"

@@ -31,22 +31,22 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def base_dir(cfg: Config, fold: int) -> Path:
-    return Path(cfg.train.out) / f"fold{fold}" / "base"
+def base_dir(cfg: Config, fold: folds.Split) -> Path:
+    return Path(cfg.train.out) / folds.split_name(fold) / "base"
 
 
-def run_dir(cfg: Config, fold: int, shot: int, method: str | None = None) -> Path:
+def run_dir(cfg: Config, fold: folds.Split, shot: int, method: str | None = None) -> Path:
     """The folder named for (fold, shot): the train_meta stage's output folder."""
-    return Path(cfg.train.out) / f"fold{fold}" / f"{method or cfg.model.method}-{shot}shot"
+    return Path(cfg.train.out) / folds.split_name(fold) / f"{method or cfg.model.method}-{shot}shot"
 
 
-def meta_dir(cfg: Config, fold: int, shot: int, method: str | None = None) -> Path:
+def meta_dir(cfg: Config, fold: folds.Split, shot: int, method: str | None = None) -> Path:
     """The folder holding the checkpoint that scores `shot`-shot episodes: `run_dir` of the training shot."""
     method = method or cfg.model.method
     return run_dir(cfg, fold, get_method(method).training_shot(shot), method)
 
 
-def write_pointer(cfg: Config, fold: int, shot: int, method: str | None = None) -> Path:
+def write_pointer(cfg: Config, fold: folds.Split, shot: int, method: str | None = None) -> Path:
     """For a method trained once at 1 shot: record in `run_dir(shot)` where its checkpoint lives."""
     method = method or cfg.model.method
     here, there = run_dir(cfg, fold, shot, method), meta_dir(cfg, fold, shot, method)
@@ -56,18 +56,18 @@ def write_pointer(cfg: Config, fold: int, shot: int, method: str | None = None) 
     return here / POINTER
 
 
-def fold_base_classes(cfg: Config, fold: int) -> list[int]:
+def fold_base_classes(cfg: Config, fold: folds.Split) -> list[int]:
     """The fold's base classes: the prepared fold list (`data.prepared`, relative to the working folder) when
     it holds this dataset's lists, else the protocol's definition (fssmeta.data.folds) that `prepare` writes."""
     split = folds.fold_classes(cfg.data.dataset, fold, cfg.data.coco_split)
-    if (Path(cfg.data.prepared) / f"fold{fold}.json").is_file():
+    if (Path(cfg.data.prepared) / f"{folds.split_name(fold)}.json").is_file():
         prepared = load_fold(cfg.data.prepared, fold)
         if prepared.get("novel") == split["novel"]:  # else another dataset's lists live there now
             return [int(c) for c in prepared["base"]]
     return split["base"]
 
 
-def stage1_checkpoint(cfg: Config, fold: int) -> Path:
+def stage1_checkpoint(cfg: Config, fold: folds.Split) -> Path:
     """The fold's stage-1 PSPNet checkpoint (`train_base.select`: `best.pt`, selected on validation, or
     `last.pt`); a missing one names the command that trains it."""
     base = base_dir(cfg, fold) / f"{cfg.train_base.select}.pt"
@@ -76,13 +76,13 @@ def stage1_checkpoint(cfg: Config, fold: int) -> Path:
     return base
 
 
-def require_stage1(cfg: Config, fold: int, method: str | None = None) -> None:
+def require_stage1(cfg: Config, fold: folds.Split, method: str | None = None) -> None:
     """Fail early (before workers start) when `method` starts from stage 1 and the fold has none."""
     if get_method(method or cfg.model.method).stage1_for(cfg.model) is not None:
         stage1_checkpoint(cfg, fold)
 
 
-def fresh_model(cfg: Config, fold: int, shot: int, method: str | None = None) -> nn.Module:
+def fresh_model(cfg: Config, fold: folds.Split, shot: int, method: str | None = None) -> nn.Module:
     """`method` (default `model.method`) built for `shot` on the fold's base classes, with what its record
     takes from the fold's stage 1 loaded (`Method.stage1_for`: nothing for a method with no stage 1, or a
     backbone taken from `model.weights`)."""
@@ -120,7 +120,7 @@ def model_from_checkpoint(payload: dict[str, Any], *, shot: int, base_classes: l
     return model.eval(), cfg
 
 
-def evaluation_model(cfg: Config, fold: int, shot: int, method: str, device: torch.device) -> nn.Module:
+def evaluation_model(cfg: Config, fold: folds.Split, shot: int, method: str, device: torch.device) -> nn.Module:
     """What `fssmeta evaluate` scores at `shot`: a learned method's best checkpoint (selected on the
     validation list; its memory restyles at the params' `model.memory.test_alpha`), or a non-learned method built on the fold's stage 1 with `eval.baseline_threshold`."""
     record = get_method(method)

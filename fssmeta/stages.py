@@ -64,7 +64,7 @@ def _resume_payload(run: Path, model: torch.nn.Module, optimizer: Any, scheduler
     return None
 
 
-def base_training_keys(cfg: Config, fold: int) -> list[str]:
+def base_training_keys(cfg: Config, fold: folds.Split) -> list[str]:
     """Stage 1's images: every image of the train pool (`train_base.images: all`, BAM's base list, novel
     pixels relabelled background by the dataset) or the fold's meta-training list (`meta`)."""
     if cfg.train_base.images == "meta":
@@ -118,7 +118,7 @@ def base_miou(model: torch.nn.Module, loader: DataLoader, num_classes: int) -> f
     return float((inter[seen] / union[seen]).mean()) if seen.any() else 0.0
 
 
-def train_base(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,
+def train_base(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_run: bool = True,
                device: torch.device | None = None) -> FitResult:
     """Stage 1: the PSPNet base learner, supervised on the fold's base classes (novel pixels -> 0), as BAM
     trains it (`train_base`: images, encoder / head rates, its own transform, the checkpoint selected on
@@ -146,7 +146,7 @@ def train_base(cfg: Config, fold: int, *, progress: bool = True, resume_run: boo
                amp=tc.amp, grad_clip=tc.grad_clip, progress=progress, desc=f"base fold {fold}")
 
 
-def validation_loader(cfg: Config, fold: int, shot: int) -> DataLoader | None:
+def validation_loader(cfg: Config, fold: folds.Split, shot: int) -> DataLoader | None:
     """The fixed validation list (never the test list) for checkpoint selection; None when disabled."""
     if cfg.train.val_episodes <= 0:
         return None
@@ -176,7 +176,7 @@ def training_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"train": train})
 
 
-def train_meta(cfg: Config, fold: int, *, progress: bool = True, resume_run: bool = True,
+def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_run: bool = True,
                device: torch.device | None = None, forward_wrapper: Any = None, reporter: Reporter | None = None,
                start: dict | None = None, checkpoint_dir: Path | None = None,
                observe: Any = None) -> FitResult:

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fssmeta.cli import split_arg  # noqa: F401  (the stages' --fold)
 from fssmeta.config import Config
+from fssmeta.data.folds import ALL, Split
 from fssmeta.data.io import write_json_atomic
 from fssmeta.params import load_config
 
@@ -24,6 +26,18 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 
 def config(args: argparse.Namespace) -> Config:
     return load_config(args.params, args.set)
+
+
+def skip_unused_all(cfg: Config, fold: Split, out: Path) -> bool:
+    """The all-classes source stages train only under `eval.target_source: all`; otherwise they write
+    `skipped.json` into their output folder `out` (DVC wants it to exist) and the stage does nothing."""
+    if fold != ALL or cfg.eval.target_source == ALL:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "skipped.json", {"reason": f"eval.target_source is {cfg.eval.target_source}, not all: "
+                                                       "no all-classes source model is needed"})
+    print(f"{out}: skipped (eval.target_source {cfg.eval.target_source}; the fold models are the cross-domain source)")
+    return True
 
 
 def stage_name(path: str, argv: list[str]) -> str:

@@ -1,10 +1,13 @@
 """DVC stage `evaluate@<fold>`: the fold's trained method (and the non-learned baseline) on every test
-seed's fixed list, written to `<eval.out>/fold<k>/<method>.json`."""
+seed's fixed list, written to `<eval.out>/fold<k>/<method>.json`. When this fold's models are a cross-domain
+source (`eval.target_source: splits`, or `fold` with `eval.target_fold` = this fold) they also score every
+`data.targets` list (`pipelines/evaluate_targets.py` says how), to `<eval.out>/fold<k>/targets/`."""
 
 from __future__ import annotations
 
-from fssmeta.evaluation import evaluate_method, format_report
+from fssmeta.evaluation import evaluate_method, format_report, scores_targets
 from pipelines.common import config, parser, run
+from pipelines.evaluate_targets import score_targets
 
 
 def main() -> None:
@@ -15,6 +18,8 @@ def main() -> None:
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"folds": (args.fold,)})})
     for method in (cfg.model.method, "baseline"):
         print(format_report(evaluate_method(cfg, method)))
+    if scores_targets(config(args), args.fold):  # the params' eval.folds decide what `splits` means
+        score_targets(cfg, args.fold)
 
 
 if __name__ == "__main__":

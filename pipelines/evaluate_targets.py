@@ -1,15 +1,28 @@
-"""DVC stage `evaluate_targets`: cross-domain evaluation (PATNet protocol). The source fold's trained method
-(`eval.target_fold`, checkpoint selected on source-side validation episodes) and the non-learned baseline
-score every `data.targets` list, 1-way, at every `eval.shots`, the method under each `eval.target_regimes`
-(none, tta); written to `<eval.out>/targets/<method>-fold<k>[-tta].json`. With no targets configured the stage records that and succeeds."""
+"""DVC stage `evaluate_targets`: cross-domain evaluation (PATNet protocol) from the all-classes source model
+(`eval.target_source: all`: trained on every source class by the train_base_all / train_meta_all stages,
+checkpoint selected on held-out source images). It and the non-learned baseline on that split's stage 1 score
+every `data.targets` list, 1-way, at every `eval.shots`, the method under each `eval.target_regimes` (none,
+tta); written to `<eval.out>/targets/<method>-all[-tta].json`. Under `splits` / `fold` the fold models are the
+source and each fold's evaluate stage scores the targets instead (their files sit beside its in-domain
+results); this stage then records where. With no targets configured it records that and succeeds."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fssmeta.config import Config
+from fssmeta.data.folds import ALL, Split
 from fssmeta.data.io import write_json_atomic
-from fssmeta.evaluation import evaluate_targets, format_target_report
+from fssmeta.evaluation import evaluate_targets, format_target_report, scores_targets
 from pipelines.common import config, parser, run
+
+
+def score_targets(cfg: Config, fold: Split) -> None:
+    """`model.method` under every `eval.target_regimes` and the baseline (nothing to adapt) on the targets,
+    from source split `fold`'s models; each to its own file (the report shows them as rows)."""
+    for regime in cfg.eval.target_regimes:
+        print(format_target_report(evaluate_targets(cfg, cfg.model.method, fold=fold, regime=regime)))
+    print(format_target_report(evaluate_targets(cfg, "baseline", fold=fold)))
 
 
 def main() -> None:
@@ -20,9 +33,13 @@ def main() -> None:
         write_json_atomic(out / "none.json", {"targets": {}, "reason": "data.targets is empty in params"})
         print("data.targets is empty: no cross-domain evaluation")
         return
-    for regime in cfg.eval.target_regimes:  # each regime to its own file; the report shows them as rows
-        print(format_target_report(evaluate_targets(cfg, cfg.model.method, fold=cfg.eval.target_fold, regime=regime)))
-    print(format_target_report(evaluate_targets(cfg, "baseline", fold=cfg.eval.target_fold)))  # nothing to adapt
+    if not scores_targets(cfg, ALL):
+        where = f"{cfg.eval.out}/fold<k>/targets (the evaluate stages)"
+        write_json_atomic(out / "none.json", {"targets": sorted(cfg.data.targets), "source": cfg.eval.target_source,
+                                              "reason": f"eval.target_source {cfg.eval.target_source}: see {where}"})
+        print(f"eval.target_source {cfg.eval.target_source}: the fold models score the targets, in {where}")
+        return
+    score_targets(cfg, ALL)
 
 
 if __name__ == "__main__":

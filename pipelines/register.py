@@ -2,8 +2,11 @@
 `mlflow.registered_model`, tagged with its metrics and protocol (status=candidate). Idempotent: a checkpoint
 already registered returns its version.
 
-Then, with `registry.promote`, the version of (`eval.target_fold`, `registry.shot`) challenges each domain's
-`champion-<domain>` alias (`registry.domains`; default `source` and every data.targets name): it, the champion
+Under `eval.target_source: all` the all-classes source model's versions (fold tag `all`) are registered too.
+Then, with `registry.promote`, a version challenges each domain's `champion-<domain>` alias (`registry.domains`;
+default `source` and every data.targets name): on `source` the version of (`eval.target_fold`,
+`registry.shot`), on a target the cross-domain source's (the all-classes model, or `eval.target_fold`'s under
+`splits` / `fold`). It, the champion
 and the non-learned baseline are scored on that domain's SAME fixed selection episodes (never test lists), and
 the alias moves only when it beats the baseline and wins by `registry.min_improvement`. A refused promotion (a
 NaN score, versions not comparable, a target without selection lists) is recorded and reported; it moves
@@ -17,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fssmeta.config import Config
+from fssmeta.data.folds import ALL, Split, split_name
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold
 from fssmeta.evaluation import domains as all_domains
+from fssmeta.evaluation import scores_targets, target_result_path
 from fssmeta.integrations.promotion import (
     PromotionRefused,
     decision_dict,
@@ -40,26 +45,49 @@ def main() -> None:
     table = read_json(out / "metrics.json", "report metrics (run the report stage)")
     method = cfg.model.method
     versions = []
-    for fold in cfg.eval.folds:
+    for fold in registered_splits(cfg):
         for shot in cfg.eval.shots:
-            scores = table[method][f"{shot}shot"][f"fold{fold}"]
-            metrics = {"miou": scores["miou"], "miou_std": scores["miou_std"], "fb_iou": scores["fb_iou"]}
-            cross = table.get("cross_domain", {}).get(method, {}).get(f"{shot}shot")
-            if cross and fold == cfg.eval.target_fold:  # the per-domain test scores, for the record
-                metrics |= {f"target_{name}_miou": value for name, value in cross.items()}
+            metrics = {}
+            if fold != ALL:
+                scores = table[method][f"{shot}shot"][f"fold{fold}"]
+                metrics = {"miou": scores["miou"], "miou_std": scores["miou_std"], "fb_iou": scores["fb_iou"]}
+            metrics |= target_metrics(cfg, method, fold, shot)  # the per-domain test scores, for the record
             tags = protocol_tags(cfg, fold=fold, shot=shot)
             info = register_model(cfg, checkpoint=meta_dir(cfg, fold, shot) / "best.pt", metrics=metrics,
                                   tags=tags, fold=fold, shot=shot,
                                   base_classes=load_fold(cfg.data.prepared, fold)["base"])
             versions.append({"fold": fold, "shot": shot, "selection": tags["selection"], **info})
             state = "registered" if info["created"] else "already registered"
-            print(f"register: {info['name']} version {info['version']} ({method}, fold {fold}, {shot}-shot) {state}")
-    challenger = next((v for v in versions if (v["fold"], v["shot"]) == (cfg.eval.target_fold, cfg.registry.shot)),
-                      None)
-    promotions = promote_everywhere(cfg, challenger["version"], domains) if challenger and domains else []
+            print(f"register: {info['name']} version {info['version']} ({method}, {split_name(fold)}, {shot}-shot) {state}")
+    promotions = []
+    for domain in domains:  # `source` takes eval.target_fold's version; a target, the cross-domain source's
+        fold = cfg.eval.target_fold if domain == "source" else deployed_split(cfg)
+        challenger = next(v for v in versions if (v["fold"], v["shot"]) == (fold, cfg.registry.shot))
+        promotions += promote_everywhere(cfg, challenger["version"], [domain])
     write_json_atomic(out / "registered.json", {"registered_model": cfg.mlflow.registered_model,
                                                 "selection": selection_source(cfg), "versions": versions,
                                                 "promotions": promotions})
+
+
+def registered_splits(cfg: Config) -> list[Split]:
+    """Every eval.folds fold, and the all-classes split when it is the cross-domain source."""
+    return [*cfg.eval.folds, *([ALL] if scores_targets(cfg, ALL) else [])]
+
+
+def deployed_split(cfg: Config) -> Split:
+    """The split whose version challenges on the targets: the all-classes model under `eval.target_source:
+    all`; eval.target_fold's otherwise (under `splits` every fold scores the targets, one is deployed)."""
+    return ALL if scores_targets(cfg, ALL) else cfg.eval.target_fold
+
+
+def target_metrics(cfg: Config, method: str, fold: Split, shot: int) -> dict[str, float]:
+    """`target_<name>_miou` of `fold`'s model (regime none) when it scored the targets, else nothing."""
+    path = target_result_path(cfg, method, fold)
+    if not scores_targets(cfg, fold) or not path.is_file():
+        return {}
+    results = read_json(path, f"cross-domain evaluation of {method}")["results"]
+    return {f"target_{name}_miou": per_shot[f"{shot}shot"]["miou_mean"] for name, per_shot in results.items()
+            if f"{shot}shot" in per_shot}
 
 
 def check_promotion(cfg: Config) -> list[str]:

@@ -1,4 +1,5 @@
-"""DVC stage `train_meta`: episodic meta-training of `model.method` for one fold and shot under Ray Train,
+"""DVC stages `train_meta` and `train_meta_all`: episodic meta-training of `model.method` for one fold (or,
+with `--fold all` and only under `eval.target_source: all`, the all-classes source split) and shot under Ray Train,
 with the tune stage's best values (`--tuned best.yaml`) applied on top of params; the best checkpoint lands
 in `<train.out>/fold<k>/<method>-<shot>shot/best.pt` (its stored config says what was trained). A method
 trained 1-shot for every k (its record's `trains_each_shot` false) trains once, into the 1-shot folder; the
@@ -14,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray  # noqa: E402
 from fssmeta.models import get_method  # noqa: E402
 from fssmeta.params import apply_tuned  # noqa: E402
-from fssmeta.runs import meta_dir, write_pointer  # noqa: E402
-from pipelines.common import config, parser, run  # noqa: E402
+from fssmeta.runs import meta_dir, run_dir, write_pointer  # noqa: E402
+from pipelines.common import config, parser, run, skip_unused_all, split_arg  # noqa: E402
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--fold", type=int, help="fold (default: train.fold)")
+    p.add_argument("--fold", type=split_arg, help="fold 0..3 or all (default: train.fold)")
     p.add_argument("--shot", type=int, help="shots (default: train.shot)")
     p.add_argument("--tuned", help="a sweep's best.yaml: its `overrides` are applied on top of params")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -31,6 +32,8 @@ def main() -> None:
         print(f"train_meta: tuned values from {args.tuned}: {tuned or 'none (params pass through)'}")
     fold = cfg.train.fold if args.fold is None else args.fold
     shot = cfg.train.shot if args.shot is None else args.shot
+    if skip_unused_all(cfg, fold, run_dir(cfg, fold, shot)):
+        return
     trained_shot = get_method(cfg.model.method).training_shot(shot)
     checkpoint = meta_dir(cfg, fold, shot) / "best.pt"
     if trained_shot != shot and checkpoint.is_file():

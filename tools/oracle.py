@@ -1,15 +1,19 @@
-"""Oracle parity fixtures: the official PFENet / BAM / NTRENet forward on fssmeta's seeded weights, recorded.
+"""Oracle parity fixtures: the official PFENet / BAM / NTRENet / HSNet forward on fssmeta's seeded weights, recorded.
 
     python tools/oracle.py --method pfenet --official /tmp/official/PFENet --out tests/fixtures/oracle/pfenet.pt
     python tools/oracle.py --method bam --official /tmp/official/BAM --out tests/fixtures/oracle/bam.pt
     python tools/oracle.py --method ntrenet --official /tmp/official/NERTNet --out tests/fixtures/oracle/ntrenet.pt
+    python tools/oracle.py --method hsnet --official /tmp/official/hsnet --torchvision /tmp/tvpkg \
+        --out tests/fixtures/oracle/hsnet.pt
 
 `--official` is a local checkout of the pinned commit (`OFFICIAL` below). Its code is imported from that path
 and run in a scratch directory (its constructors load `initmodel/...` weight files relative to the working
 directory; fssmeta's weights, renamed to the official keys, are written there), with `.cuda()` made a no-op
 on CPU. NTRENet's release does not import as published: its files are copied into the scratch directory and the
-explicit text substitutions in `PATCHES` (recorded in the fixture) are applied there. Nothing of it is copied
-into this project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
+explicit text substitutions in `PATCHES` (recorded in the fixture) are applied there. HSNet builds its
+backbone with torchvision's `resnet50`: `--torchvision` names a directory holding the torchvision package (its
+model code is imported from there, its compiled extension never loaded). Nothing of it is copied into this
+project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
 with `fssmeta_model` and compares its forward with the recorded outputs; docs/parity.md says what is pinned.
 """
 
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,7 +80,17 @@ OFFICIAL = {
         "model/base/resnet.py": "f5b9f3b6094743b4f28e17f3b9dadbb4900f49d5f9e63d36d53920a25bb08131",
         "config/pascal_split0_resnet50.yaml": "13aec87c2c24543878bed5195a893c03a6fdf27dfdad48c30a7e62d9c0d2575f",
     }),
+    "hsnet": Official("juhongm999/hsnet", "6b1bc12b3ff9f3950f49c55ab6f089e8d9e0d191", {
+        "model/hsnet.py": "7ea6ba75e69fe95a6b02b1c3e7d7f7a63200f674d5ac10add9fa4aca6e6b924a",
+        "model/learner.py": "fc7f76bb993f04d152ce11c3d82efa48e5857bc8d15ceacf548d87b852c8e2e8",
+        "model/base/conv4d.py": "3ab05e89be400539ac7abdf417d9c193535cd162beb8e1fbaeb47ed94af26aaa",
+        "model/base/correlation.py": "62e1857de916034c91c38629be3351a02f37a98a3819bdd5957da761b1311db0",
+        "model/base/feature.py": "558f70e8f247de8cd363539777239ba81d4ba257215969bb0c088b4b704e6681",
+    }),
 }
+# HSNet's backbone is torchvision's ResNet-50 (`resnet.resnet50(pretrained=True)`): the release whose model code
+# the oracle ran, and the sha256 of its `models/resnet.py` (checked; recorded in the fixture).
+TORCHVISION = ("0.28.0", "9faf2f321fdaf7edbd791aedc6e3610c7edf9c892112cbd75861beae1e9518d1")
 
 # The smallest text substitutions that make an official release import and run its eval forward, applied to a
 # copy in the scratch directory: (file, old, new, reason). None changes what the forward computes.
@@ -116,6 +131,7 @@ MODEL_CONFIG = {
     "pfenet": {"method": "pfenet", "backbone": "resnet50", "backbone_source": "stage1"},
     "bam": {"method": "bam", "backbone": "resnet50"},
     "ntrenet": {"method": "ntrenet", "backbone": "resnet50", "backbone_source": "stage1"},
+    "hsnet": {"method": "hsnet", "backbone": "resnet50"},  # its own frozen backbone: nothing from stage 1
 }
 
 
@@ -124,7 +140,7 @@ def perturb_(model: nn.Module, seed: int) -> None:
     """Redraw every BatchNorm's affine parameters and running statistics, and BAM's two pass-through merge
     convs, from a seeded generator. At their constant initial values (BN 1 / 0 / 0 / 1, merges [1, 0]) a BN
     mapped onto the wrong official layer would still agree, and `cls_merge` = [1, 0] would hide the whole
-    base learner from the output."""
+    base learner from the output. GroupNorm affine parameters (HSNet's learner) are redrawn likewise."""
     g = torch.Generator().manual_seed(seed)
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -133,6 +149,10 @@ def perturb_(model: nn.Module, seed: int) -> None:
             module.bias.copy_(0.1 * torch.randn(shape, generator=g))
             module.running_mean.copy_(0.1 * torch.randn(shape, generator=g))
             module.running_var.copy_(torch.rand(shape, generator=g) + 0.5)
+        elif isinstance(module, nn.GroupNorm):  # none in PFENet / BAM / NTRENet: their draws are unchanged
+            shape = module.weight.shape
+            module.weight.copy_(torch.rand(shape, generator=g) + 0.5)
+            module.bias.copy_(0.1 * torch.randn(shape, generator=g))
         elif name.endswith(("gram_merge", "cls_merge")):
             module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=g))
     # NTRENet's background prototype, zero-initialised: at zero neither its mapping nor the half of each
@@ -145,8 +165,14 @@ def perturb_(model: nn.Module, seed: int) -> None:
 def fssmeta_model(config: dict, shot: int, seed: int = SEED) -> nn.Module:
     """fssmeta's model as a fixture pins it, from its `model` settings (`MODEL_CONFIG`): a random stage-1
     PSPNet (seed) loaded through the method's stage-1 record (BAM: the base learner; PFENet: its encoder as
-    the backbone), the method under seed + 1, then `perturb_` (seed + 2). Eval mode, CPU, fp32."""
+    the backbone), the method under seed + 1, then `perturb_` (seed + 2). Eval mode, CPU, fp32. A method
+    that takes nothing from stage 1 (HSNet) is built under seed + 1 alone, its backbone random too."""
     cfg = ModelConfig(**config)
+    if get_method(cfg.method).stage1 is None:
+        torch.manual_seed(seed + 1)
+        model = build_model(cfg, shot=shot, base_classes=list(BASE_CLASSES))
+        perturb_(model, seed + 2)
+        return model.eval()
     torch.manual_seed(seed)
     pspnet = build_pspnet(cfg, 1 + len(BASE_CLASSES))
     torch.manual_seed(seed + 1)
@@ -230,6 +256,22 @@ def fssmeta_losses(model: nn.Module, method: str, batch: Episode) -> dict[str, f
     return {k: float(v) for k, v in losses.items()}
 
 
+def hsnet_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HSNet's case inputs: the query mask as its loader gives it (`extract_ignore_idx`: the class 1, every
+    other pixel, the 255 ring included, 0), so that both losses see the same target; the support masks keep
+    their 255 ring (fssmeta reads it as background; the official model gets `mask == 1`, as its loader)."""
+    return {**inputs, "query_mask": (inputs["query_mask"] == 1).to(torch.uint8)}
+
+
+def hsnet_outputs(model: nn.Module, batch: Episode) -> dict[str, torch.Tensor]:
+    """fssmeta's HSNet outputs under the fixture's names: 1 shot, the forward's logits; k shots, each shot's
+    logits (`shot_logits`, the query encoded once) and the voted mask (argmax of the forward's logits)."""
+    with torch.no_grad():
+        if batch.support_imgs.shape[1] == 1:
+            return {"logits": model(batch).logits}
+        return {"shot_logits": model.shot_logits(batch), "vote": model(batch).logits.argmax(1).float()}
+
+
 # ---------------------------------------------------------------------------------------------- official side
 
 @contextlib.contextmanager
@@ -300,6 +342,9 @@ def import_official(method: str, path: Path) -> types.ModuleType:
         sys.modules["model.base.vgg"] = stub
         import model.ourmodel as official
         return official
+    if method == "hsnet":
+        import model.hsnet as official  # torchvision is importable: `torchvision_models` has run
+        return official
     if method == "bam":
         # BAM's model imports util.util for a data helper only; that module pulls in seaborn, pandas, scipy,
         # matplotlib, which the model never uses. A stub stands in for it.
@@ -310,6 +355,30 @@ def import_official(method: str, path: Path) -> types.ModuleType:
     else:
         import model.PFENet as official
     return official
+
+
+def torchvision_models(path: Path | None) -> dict[str, str]:
+    """Make `torchvision.models` importable for HSNet: from `path`, a directory holding the torchvision
+    package, as bare packages (its `__init__` loads a compiled extension that a CPU torch of another build
+    refuses; the model code needs none of it), else the installed one. `resnet50(pretrained=True)` is made to
+    build the random-init model: nothing is downloaded, the weights are fssmeta's (strict load). Returns the
+    version and sha256 of `models/resnet.py`, which must be `TORCHVISION`'s."""
+    if path is not None:
+        for name, sub in (("torchvision", ""), ("torchvision.models", "models")):
+            package = types.ModuleType(name)
+            package.__path__ = [str(path / "torchvision" / sub)]
+            sys.modules[name] = package
+    from torchvision.models import resnet
+
+    source = Path(resnet.__file__)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    found = re.search(r"__version__ = '([^']+)'", (source.parents[1] / "version.py").read_text())
+    version = found.group(1) if found else "?"  # e.g. 0.28.0+cu130: the wheel's build, same model code
+    if not version.startswith(TORCHVISION[0]) or digest != TORCHVISION[1]:
+        sys.exit(f"{source}: torchvision {version} ({digest}), the oracle pins {TORCHVISION}")
+    build = resnet.resnet50
+    resnet.resnet50 = lambda pretrained=False, **kwargs: build(weights=None, **kwargs)
+    return {"version": version, "models/resnet.py": digest}
 
 
 def bam_args(path: Path, shot: int):
@@ -323,6 +392,8 @@ def bam_args(path: Path, shot: int):
 
 def official_key(method: str, key: str) -> str:
     """The fssmeta state-dict key that fills official `key` (PFENet, BAM, or BAM's stage-1 PSPNet file)."""
+    if method == "hsnet":
+        return hsnet_key(key)
     stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # layer0.<i>
     backbone = "backbone." if method in ("pfenet", "ntrenet") else "base_learner.backbone."
     head, _, rest = key.partition(".")
@@ -360,6 +431,21 @@ def official_key(method: str, key: str) -> str:
     return key
 
 
+def hsnet_key(key: str) -> str:
+    """HSNet: the torchvision backbone keys are fssmeta's; `hpn_learner.<block>.<i>.conv1 / conv2` (the
+    center-pivot kernels over the query / support dims) are `<block>.<i>.query_conv / support_conv`."""
+    if not key.startswith("hpn_learner."):
+        return key
+    block, _, rest = key.removeprefix("hpn_learner.").partition(".")
+    block = {"encoder_layer4": "squeeze4", "encoder_layer3": "squeeze3", "encoder_layer2": "squeeze2",
+             "encoder_layer4to3": "mix43", "encoder_layer3to2": "mix32"}.get(block, block)
+    rest = rest.replace(".conv1.", ".query_conv.").replace(".conv2.", ".support_conv.")
+    return f"{block}.{rest}"
+
+
+# Official entries no fssmeta entry fills, kept at the official model's own values: torchvision's ImageNet
+# classifier, which HSNet builds with its backbone and never runs.
+OFFICIAL_ONLY = {"hsnet": ("backbone.fc.",)}
 # fssmeta entries with no official counterpart: PSPNet's layer3 auxiliary head (semseg's; BAM's PSPNet has
 # none; it is not used in BAM's forward) and BAM's sorted base-class ids.
 UNMAPPED = ("base_learner.aux.", "base_classes")
@@ -372,6 +458,9 @@ def to_official(method: str, official: nn.Module, state: dict[str, torch.Tensor]
     """fssmeta's `state` renamed onto `official`'s keys; every official key filled with a tensor of its shape."""
     mapped, used = {}, set()
     for key, target in official.state_dict().items():
+        if key.startswith(OFFICIAL_ONLY.get(method, ())):
+            mapped[key] = target.clone()
+            continue
         source = official_key(method, key)
         if source not in state:
             raise KeyError(f"official {key}: no fssmeta entry {source}")
@@ -393,6 +482,10 @@ def official_model(method: str, module: types.ModuleType, path: Path, case: Case
                    scratch: Path) -> nn.Module:
     """Construct the official model as its train.py does, loading from `initmodel/` in `scratch` the files
     its constructors read, then fssmeta's whole state mapped onto its keys (strict)."""
+    if method == "hsnet":  # as train.py / test.py: resnet50, logits upsampled to the 400 canvas
+        model = module.HypercorrSqueezeNetwork("resnet50", False)
+        model.load_state_dict(to_official(method, model, state), strict=True)
+        return model.eval()
     initmodel = scratch / "initmodel"
     initmodel.mkdir(exist_ok=True)
     # The ImageNet ResNet-50 file both constructors load (strict=False): fssmeta's backbone keys ARE the
@@ -430,6 +523,8 @@ def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor])
     x = normalise(inputs["query_img"])
     s_x = normalise(inputs["support_imgs"])
     s_y = inputs["support_masks"].float()
+    if method == "hsnet":
+        return run_hsnet(model, x, s_x, (inputs["support_masks"] == 1).float())
     with torch.no_grad():
         if method == "pfenet":
             return {"logits": model(x, s_x, s_y)}
@@ -454,6 +549,17 @@ def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor])
     return {"logits": final, **captured}
 
 
+def run_hsnet(model: nn.Module, x: torch.Tensor, s_x: torch.Tensor, s_y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HSNet: 1 shot, the forward's logits (B, 2, H, W); k shots, each shot's logits (B, S, 2, H, W), one
+    official forward per shot, and `predict_mask_nshot`'s voted mask (B, H, W) as test.py computes it."""
+    with torch.no_grad():
+        if s_x.shape[1] == 1:
+            return {"logits": model(x, s_x[:, 0], s_y[:, 0])}
+        shot_logits = torch.stack([model(x, s_x[:, s], s_y[:, s]) for s in range(s_x.shape[1])], 1)
+        batch = {"query_img": x, "support_imgs": s_x, "support_masks": s_y}
+        return {"shot_logits": shot_logits, "vote": model.predict_mask_nshot(batch, nshot=s_x.shape[1]).float()}
+
+
 def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
     """The official training-mode losses, named as fssmeta's loss dict: `ce` = main_loss, `aux` = PFENet's
     aux_loss (mean over its 4 heads) / BAM's aux_loss1 (meta head). BAM's aux_loss2 (the frozen base
@@ -462,6 +568,12 @@ def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tenso
     s_x = normalise(inputs["support_imgs"])
     s_y = inputs["support_masks"].float()
     y = inputs["query_mask"].float()
+    if method == "hsnet":  # train.py: train_mode() (backbone BN fixed), 1-shot, compute_objective = CE
+        with torch.no_grad():
+            model.train_mode()
+            loss = model.compute_objective(model(x, s_x[:, 0], (inputs["support_masks"][:, 0] == 1).float()), y)
+            model.eval()
+        return {"ce": float(loss)}
     with torch.no_grad():
         train_mode_(model, fix_bn=method == "bam")  # PFENet's train.py never fixes BN; BAM's does
         if method == "pfenet":
@@ -484,6 +596,8 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
     model = fssmeta_model(config, case.shot)
     names, values = fingerprint(model)
     inputs = make_inputs(SEED + case.size + case.shot, case.size, case.shot)
+    if method == "hsnet":
+        inputs = hsnet_inputs(inputs)
     official = official_model(method, module, path, case, model.state_dict(), scratch)
     outputs = run_official(method, official, inputs)
     entry = {"name": case.name, "shot": case.shot, "size": case.size, "feature_size": feature,
@@ -491,18 +605,27 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
              "fingerprint_names": names, "fingerprint": values, **inputs,
              "class_id": 1, "train_class_id": TRAIN_CLASS,  # eval: a novel class; losses: a base class
              "outputs": outputs}
-    with torch.no_grad():
-        ours = model(episode(inputs, 1)).logits
-    entry["max_abs_diff_at_recording"] = float((ours - outputs["logits"]).abs().max())
+    if method == "hsnet":  # every output: the 5-shot case has per-shot logits and the vote, no "logits"
+        ours = hsnet_outputs(model, episode(inputs, 1))
+        entry["max_abs_diff_at_recording"] = {k: float((ours[k] - v).abs().max()) for k, v in outputs.items()}
+        print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']}"
+              f" (|official| <= {[round(float(v.abs().max()), 3) for v in outputs.values()]})")
+    else:
+        with torch.no_grad():
+            ours = model(episode(inputs, 1)).logits
+        entry["max_abs_diff_at_recording"] = float((ours - outputs["logits"]).abs().max())
     if case.losses and method not in EVAL_ONLY:
         entry["losses"] = official_losses(method, official, inputs)
         mine = fssmeta_losses(model, method, episode(inputs, TRAIN_CLASS))
         entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
     else:
         del entry["query_mask"]  # only the loss run reads it
-    print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
-          f" (|official| <= {float(outputs['logits'].abs().max()):.3g})"
-          + (f", losses {entry['losses']} diff {entry['loss_diff_at_recording']}" if "losses" in entry else ""))
+    if method == "hsnet":
+        print(f"{method} {case.name}: losses {entry.get('losses')} diff {entry.get('loss_diff_at_recording')}")
+    else:
+        print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
+              f" (|official| <= {float(outputs['logits'].abs().max()):.3g})"
+              + (f", losses {entry['losses']} diff {entry['loss_diff_at_recording']}" if "losses" in entry else ""))
     return entry
 
 
@@ -512,6 +635,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--official", required=True, type=Path, help="checkout of the pinned official commit")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--scratch", type=Path, help="working directory for the official run (default: a temp dir)")
+    parser.add_argument("--torchvision", type=Path, help="hsnet: a directory holding the torchvision package "
+                        f"{TORCHVISION[0]} (pip install --no-deps --target DIR torchvision=={TORCHVISION[0]}); "
+                        "default: the installed torchvision")
     args = parser.parse_args(argv)
     official_path = args.official.resolve()
     out = args.out.resolve()
@@ -525,6 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.method in PATCHES:
             run_path, patched = patched_copy(args.method, official_path, scratch)
         with cpu_only():
+            torchvision = torchvision_models(args.torchvision) if args.method == "hsnet" else None
             module = import_official(args.method, run_path)
             cases = [record_case(args.method, case, module, run_path, scratch) for case in CASES]
     finally:
@@ -539,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
         "official": {"repo": pinned.repo, "commit": pinned.commit, "files": hashes,
                      "patches": [{"file": rel, "old": old, "new": new, "reason": why}
                                  for rel, old, new, why in PATCHES.get(args.method, ())],
-                     "patched_files": patched},
+                     "patched_files": patched, **({"torchvision": torchvision} if torchvision else {})},
         "torch": str(torch.__version__), "normalise": {"mean": list(MEAN), "std": list(STD)},
         "generated_by": "tools/oracle.py", "cases": cases,
     }

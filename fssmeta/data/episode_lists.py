@@ -1,7 +1,8 @@
 """`episodes`: write the fixed test and validation episode lists per (fold, shot, order, seed) as JSON.
 
 Every evaluation reads these files, so every model is scored on identical episodes. Layout under `out`:
-`fold<k>/<split>_<shot>shot_<order>_seed<seed>.json`, `targets/<name>/test_<shot>shot_seed<seed>.json`,
+`fold<k>/<split>_<shot>shot_<order>_seed<seed>.json`, `all/val_<shot>shot_<order>_seed<seed>.json` (the
+all-classes source split's validation, on the held-out source images), `targets/<name>/test_<shot>shot_seed<seed>.json`,
 `targets/<name>/val_<shot>shot_seed<seed>.json` (a target's selection lists, drawn from images its test lists
 never use), and `manifest.json` (written last) naming every file with the protocol it was drawn under: the
 prepared index's record plus `query_class` (`data.query_class`, docs/protocol.md sections 3 and 5).
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from fssmeta.config import DataConfig, EpisodesConfig
+from fssmeta.data.folds import ALL, Split, split_name
 from fssmeta.data.io import DataError, read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold, load_index, present_classes
 from fssmeta.data.sampler import (
@@ -30,8 +32,8 @@ if TYPE_CHECKING:
     from fssmeta.data.targets import TargetSet
 
 
-def list_path(out: str | Path, fold: int, split: str, shot: int, order: str, seed: int) -> Path:
-    return Path(out) / f"fold{fold}" / f"{split}_{shot}shot_{order}_seed{seed}.json"
+def list_path(out: str | Path, fold: Split, split: str, shot: int, order: str, seed: int) -> Path:
+    return Path(out) / split_name(fold) / f"{split}_{shot}shot_{order}_seed{seed}.json"
 
 
 def target_list_path(out: str | Path, name: str, shot: int, seed: int, split: str = "test") -> Path:
@@ -54,10 +56,12 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
     jobs = [(fold, split, shot, order, seed)
             for fold in cfg.folds for shot in cfg.shots for order in cfg.orders
             for split, seeds in (("test", cfg.test_seeds), ("val", cfg.val_seeds)) for seed in seeds]
+    # The all-classes source split (PATNet's cross-domain source model) is only ever validated.
+    jobs += [(ALL, "val", shot, order, seed) for shot in cfg.shots for order in cfg.orders for seed in cfg.val_seeds]
     drawn: list[tuple[Path, dict[str, Any]]] = []
     files, warnings = [], []
-    fold_cache: dict[int, dict[str, Any]] = {}
-    present_cache: dict[tuple[int, str], dict[str, list[int]] | None] = {}
+    fold_cache: dict[Split, dict[str, Any]] = {}
+    present_cache: dict[tuple[Split, str], dict[str, list[int]] | None] = {}
     for fold, split, shot, order, seed in tqdm(jobs, desc="episode lists", disable=not progress, unit="list"):
         lists = fold_cache.setdefault(fold, load_fold(data.prepared, fold))
         # Checkpoint selection never looks at the test list's episodes: it uses the separate validation

@@ -114,14 +114,16 @@ def present_classes(index: dict[str, Any], cfg: DataConfig, lists: dict[str, Any
     the class of each (image, class) line, so it keeps that class."""
     if cfg.query_class == "qualifying" or (pool == "train" and cfg.train_pool == "hsnet"):
         return None
-    active = sorted(int(c) for c in lists["base" if pool == "train" else "novel"])
+    active = sorted(int(c) for c in (lists["base"] if pool == "train" else folds.held_out_classes(lists)))
     return {row["key"]: [c for c in active if str(c) in row["pixels"]] for row in index["pools"][pool]}
 
 
-def fold_lists(index: dict[str, Any], cfg: DataConfig, fold: int) -> dict[str, Any]:
-    """Per-fold lists `[key, [qualifying classes]]` for train (base classes) and test / val (novel classes)."""
+def fold_lists(index: dict[str, Any], cfg: DataConfig, fold: folds.Split) -> dict[str, Any]:
+    """Per-fold lists `[key, [qualifying classes]]` for train (base classes) and test / val (novel classes;
+    for the ALL split, every class: its validation holds out images, not classes)."""
     split = folds.fold_classes(cfg.dataset, fold, cfg.coco_split)
     novel, base = split["novel"], split["base"]
+    held_out = folds.held_out_classes(split)
     novel_set = {str(c) for c in novel}
     train = []
     for row in index["pools"]["train"]:
@@ -136,7 +138,8 @@ def fold_lists(index: dict[str, Any], cfg: DataConfig, fold: int) -> dict[str, A
             train.append([row["key"], classes])
     out: dict[str, Any] = {"fold": fold, "novel": novel, "base": base, "train": train}
     for pool in ("test", "val"):
-        out[pool] = [[row["key"], cs] for row in index["pools"][pool] if (cs := qualifying(row, novel, cfg.min_object_pixels))]
+        out[pool] = [[row["key"], cs] for row in index["pools"][pool]
+                     if (cs := qualifying(row, held_out, cfg.min_object_pixels))]
     for pool in ("train", "test"):
         if not out[pool]:
             raise DataError(f"fold {fold}: no {pool} images left after the filters "
@@ -152,7 +155,8 @@ def index_fingerprint(cfg: DataConfig) -> str:
 
 
 def prepare(cfg: DataConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Validate and index the configured dataset; write `index.json` and `fold<k>.json` under `out`."""
+    """Validate and index the configured dataset; write `index.json`, `fold<k>.json` and `all.json` (the
+    all-classes source split) under `out`."""
     out = Path(out or cfg.prepared)
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)  # a declared output, empty unless COCO masks render
     n_classes = folds.num_classes(cfg.dataset)
@@ -163,9 +167,9 @@ def prepare(cfg: DataConfig, out: str | Path | None = None, progress: bool = Tru
     index = {"version": INDEX_VERSION, "dataset": cfg.dataset, "format": reader_format(cfg),
              "num_classes": n_classes, "fingerprint": index_fingerprint(cfg),
              "protocol": protocol_record(cfg), "pools": indexed}
-    lists = [fold_lists(index, cfg, k) for k in range(folds.NUM_FOLDS)]
+    lists = [fold_lists(index, cfg, k) for k in (*range(folds.NUM_FOLDS), folds.ALL)]
     for fold in lists:
-        write_json_atomic(out / f"fold{fold['fold']}.json", fold, indent=None)
+        write_json_atomic(out / f"{folds.split_name(fold['fold'])}.json", fold, indent=None)
     write_json_atomic(out / "index.json", index, indent=None)  # last: its presence means the lists are complete
     return summarize(index, lists)
 
@@ -192,8 +196,8 @@ def load_index(prepared: str | Path) -> dict[str, Any]:
     return index
 
 
-def load_fold(prepared: str | Path, fold: int) -> dict[str, Any]:
-    path = Path(prepared) / f"fold{fold}.json"
+def load_fold(prepared: str | Path, fold: folds.Split) -> dict[str, Any]:
+    path = Path(prepared) / f"{folds.split_name(fold)}.json"
     if not path.is_file():
         raise DataError(f"{path}: not found; run `fssmeta prepare` first")
     return read_json(path, "fold list")

@@ -11,9 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fssmeta.data.io import DataError, Problems, image_size, read_gray_mask, read_image, read_rgb_mask
+from fssmeta.data.folds import PASCAL_CLASSES
+from fssmeta.data.io import (
+    DataError,
+    Problems,
+    image_size,
+    read_gray_mask,
+    read_image,
+    read_mask,
+    read_rgb_mask,
+)
 
-TARGET_LAYOUTS = ("deepglobe", "isic", "chest_xray", "fss1000", "suim")
+TARGET_LAYOUTS = ("deepglobe", "isic", "chest_xray", "fss1000", "suim", "pascal")
 FOREGROUND_THRESHOLD = 128  # PATNet reads every target mask as 8-bit grayscale and keeps >= 128
 
 # SUIM's 3-bit colour code (R, G, B) per foreground class, in this order; water (0, 0, 0) is background.
@@ -34,7 +43,11 @@ LAYOUT_HELP = {
     "chest_xray": "<root>/CXR_png/*.png + <root>/masks/<stem>_mask.png (or <stem>.png)",
     "fss1000": "<root>/<class>/<n>.jpg + <root>/<class>/<n>.png, classes from <root>/test.txt or the test split",
     "suim": "<root>/images/*.jpg + <root>/masks/<stem>.bmp (RGB colour-coded)",
+    "pascal": "<root>/ImageSets/Segmentation/val.txt + <root>/JPEGImages/<id>.jpg + "
+    "<root>/SegmentationClassAug/<id>.png (class ids 1..20, 255 ignored)",
 }
+PASCAL_TARGET_LIST = "ImageSets/Segmentation/val.txt"
+PASCAL_TARGET_MASKS = "SegmentationClassAug"
 
 FSS1000_SPLIT_SIZES = {"train": 520, "val": 240, "test": 240}
 _FSS1000_FILES = {"train": "trn", "val": "val", "test": "test"}  # HSNet's data/splits/fss/ file names
@@ -73,6 +86,9 @@ class TargetSet:
         image = read_image(sample.image)
         if self.layout == "suim":
             mask = suim_class_mask(read_rgb_mask(sample.mask), sample.class_index)
+        elif self.layout == "pascal":  # the class's pixels; VOC's 255 boundary stays ignored, as in HSNet's reader
+            ids = read_mask(sample.mask)
+            mask = np.where(ids == 255, 255, ids == sample.class_index + 1).astype(np.uint8)
         else:
             mask = (read_gray_mask(sample.mask) >= FOREGROUND_THRESHOLD).astype(np.uint8)
         if image.shape[:2] != mask.shape:
@@ -254,12 +270,36 @@ def _read_suim(root: Path, problems: Problems) -> tuple[list[str], list[TargetSa
     return classes, samples, [mask_dir] * len(classes)
 
 
+def _read_pascal(root: Path, problems: Problems) -> tuple[list[str], list[TargetSample], list[Path]]:
+    """PASCAL VOC val as a cross-domain target (RMT's COCO-20i -> PASCAL setting): an image is a sample of
+    every class id its mask contains."""
+    listed, image_dir, mask_dir = root / PASCAL_TARGET_LIST, root / "JPEGImages", root / PASCAL_TARGET_MASKS
+    if not (listed.is_file() and _folder(image_dir, problems) and _folder(mask_dir, problems)):
+        if not listed.is_file():
+            problems.add(listed, "image list not found")
+        return list(PASCAL_CLASSES), [], []
+    samples = []
+    for pair in _pair([image_dir / f"{stem}.jpg" for stem in _parse_names(listed.read_text(), listed)],
+                      lambda p: mask_dir / f"{p.stem}.png", 0, problems):
+        if not pair.image.is_file():
+            problems.add(pair.image, f"listed in {listed}, not found")
+            continue
+        try:
+            present = np.unique(read_mask(pair.mask))
+        except DataError as exc:
+            problems.add_error(exc)
+            continue
+        samples += [TargetSample(pair.image, pair.mask, int(c) - 1) for c in present if 1 <= c <= len(PASCAL_CLASSES)]
+    return list(PASCAL_CLASSES), samples, []
+
+
 _READERS: dict[str, Reader] = {
     "deepglobe": _read_deepglobe,
     "isic": _read_isic,
     "chest_xray": _read_chest_xray,
     "fss1000": _read_fss1000,
     "suim": _read_suim,
+    "pascal": _read_pascal,
 }
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fssmeta.config import Config
+from fssmeta.data.folds import parse_split
 from fssmeta.integrations.mlflow import _mlflow, resolve_tracking_uri
 from fssmeta.integrations.mlflow_model import load_logged_model
 from fssmeta.tracking import episodes_for
@@ -196,7 +197,7 @@ def score_version(cfg: Config, *, version: str, domain: str, name: str | None = 
 
     name = name or cfg.mlflow.registered_model
     model, model_cfg, info = load_logged_model(cfg.mlflow, f"models:/{name}/{version}")
-    return score_domain(cfg, model, domain, fold=int(info["fold"]), shot=int(info["shot"]),
+    return score_domain(cfg, model, domain, fold=parse_split(info["fold"]), shot=int(info["shot"]),
                         method=model_cfg.model.method)
 
 
@@ -212,7 +213,7 @@ def score_baseline(cfg: Config, *, version: str, domain: str, name: str | None =
     if "fold" not in tags or "shot" not in tags:
         raise PromotionRefused(f"{name} version {version} has no `fold` / `shot` tags (not registered by "
                                "register_model): the baseline cannot be scored on its episodes")
-    fold, shot = int(tags["fold"]), int(tags["shot"])
+    fold, shot = parse_split(tags["fold"]), int(tags["shot"])
     model = evaluation_model(cfg, fold, shot, "baseline", default_device())
     return score_domain(cfg, model, domain, fold=fold, shot=shot, method="baseline")
 

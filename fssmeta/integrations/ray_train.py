@@ -31,6 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from fssmeta.checkpoint import read_checkpoint
 from fssmeta.config import Config, config_to_dict
+from fssmeta.data.folds import split_name
 from fssmeta.params import config_from_dict
 from fssmeta.runs import meta_dir, require_stage1
 from fssmeta.stages import train_meta, training_config
@@ -61,7 +62,7 @@ class RayRunResult:
 
 def run_name(cfg: Config, fold: int, shot: int) -> str:
     """Unique, so a new run never silently resumes an old one stored under the same name."""
-    return f"{cfg.model.method}-fold{fold}-{shot}shot-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    return f"{cfg.model.method}-{split_name(fold)}-{shot}shot-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def train_with_ray(cfg: Config, *, fold: int | None = None, shot: int | None = None,

@@ -13,6 +13,7 @@ from typing import Any
 from fssmeta import distributed
 from fssmeta.checkpoint import CheckpointError, file_sha256, read_checkpoint
 from fssmeta.config import Config
+from fssmeta.data.folds import split_name
 from fssmeta.integrations.mlflow import (
     MLflowTracker,
     _metric_entities,
@@ -32,7 +33,7 @@ def _base_classes(cfg: Config, checkpoint: Path, fold: int, base_classes: list[i
         return [int(c) for c in base_classes]
     from fssmeta.data.prepare import load_fold
 
-    fold_file = Path(cfg.data.prepared) / f"fold{fold}.json"
+    fold_file = Path(cfg.data.prepared) / f"{split_name(fold)}.json"
     if not fold_file.is_file():
         raise ValueError(f"register_model: {checkpoint}: pass base_classes=... (the fold's base class ids) or "
                          f"run `fssmeta prepare` so that {fold_file} exists")
@@ -74,7 +75,7 @@ def register_model(cfg: Config, *, checkpoint: str | Path, metrics: dict[str, fl
     if run_id is not None:
         client.log_batch(run_id, metrics=_metric_entities(metrics, step=0), synchronous=True)
         return _log_and_register(client, uri, name, checkpoint, info, version_tags, run_id)
-    with MLflowTracker(cfg.mlflow, run_name=f"register-{info['method']}-fold{fold}-{shot}shot", tags=tags) as run:
+    with MLflowTracker(cfg.mlflow, run_name=f"register-{info['method']}-{split_name(fold)}-{shot}shot", tags=tags) as run:
         run.log_metrics(metrics, step=0)
         return _log_and_register(client, uri, name, checkpoint, info, version_tags, run.run_id)
 

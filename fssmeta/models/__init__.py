@@ -16,6 +16,8 @@ METHOD_FILES = (
     "pfenet",
     "bam",
     "ntrenet",
+    "crnet",
+    "hsnet",
     "baseline",
 )
 METHODS: dict[str, Method] = {

@@ -308,6 +308,8 @@ def masked_features(backbone: ResNet, support_img: Tensor, support_mask: Tensor,
 
 
 def masked_bottleneck_features(backbone: ResNet, support_img: Tensor, support_mask: Tensor,
-                               mode: SupportMasking) -> list[Tensor]:
-    """`masked_features` for the HSNet family: the masked `bottleneck_features` (pre-ReLU, layer2..4)."""
-    return _masked(backbone.bottleneck_features, support_img, support_mask, mode)
+                               mode: SupportMasking,
+                               extract: Callable[[Tensor], list[Tensor]] | None = None) -> list[Tensor]:
+    """`masked_features` for the HSNet family: the masked `bottleneck_features` (pre-ReLU, layer2..4).
+    `extract` stands in for `backbone.bottleneck_features` (the same values, e.g. through a feature cache)."""
+    return _masked(extract or backbone.bottleneck_features, support_img, support_mask, mode)

@@ -105,16 +105,24 @@ def test_repro_end_to_end(repo):
     for name in ("report/report.md", "report/metrics.json", "report/plots/training_curves.png",
                  "report/plots/per_class_iou.png", "report/plots/qualitative.png", "report/registered.json",
                  "runs/fold0/bam-1shot/best.pt", "results/fold0/bam.json", "results/fold0/baseline.json",
-                 "results/targets/bam-fold0.json", "results/targets/baseline-fold0.json",
-                 "results/targets/bam-fold0-tta.json"):
+                 "runs/all/base/last.pt", "runs/all/bam-1shot/best.pt",  # the all-classes source stages
+                 "results/targets/bam-all.json", "results/targets/baseline-all.json",
+                 "results/targets/bam-all-tta.json"):
         assert (path / name).is_file(), name
+    # PATNet's source model: every source class (20) trained, selected on the all/ validation lists, and it
+    # (not fold 0's model, which holds 5 classes out) is what scored the targets
+    source = torch.load(path / "runs/all/bam-1shot/best.pt", weights_only=True)
+    assert source["config"]["train"]["fold"] == "all" and len(source["model"]["base_classes"]) == 20
+    assert "Running stage 'train_meta_all@1'" in first.stdout and (path / "data/episodes/all").is_dir()
+    scored = json.loads((path / "results/targets/bam-all.json").read_text())
+    assert scored["source_fold"] == "all" and not (path / "results/fold0/targets").exists()
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], path, env).stdout
     assert "report/metrics.json" in shown and "bam.1shot.miou" in shown
     assert "cross_domain.bam.1shot.hazy" in shown and "cross_domain.baseline.1shot.mean" in shown
     report = (path / "report/report.md").read_text()
     assert "## Cross-domain (PATNet protocol)" in report and "## Hyperparameter sweep (tune stage)" in report
     assert "| bam+tta | 1 |" in report and "cross_domain.bam+tta.1shot.hazy" in shown  # its own row
-    adapted = json.loads((path / "results/targets/bam-fold0-tta.json").read_text())
+    adapted = json.loads((path / "results/targets/bam-all-tta.json").read_text())
     assert adapted["protocol"]["regime"]["tta"]["steps"] == 3 and adapted["protocol"]["episodes_per_list"] == 5
     # the sweep ran before training, and training used its best values
     best = yaml.safe_load((path / "runs/tune/best.yaml").read_text())
@@ -130,14 +138,16 @@ def test_registry_holds_a_tagged_version(repo):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
-    versions = client.search_model_versions("name = 'fssmeta'")
-    assert len(versions) == 1
-    tags = versions[0].tags
-    assert tags["status"] == "candidate" and tags["fold"] == "0" and tags["shot"] == "1"
-    assert tags["dataset"] == "synthetic" and "metric.miou" in tags
-    assert 0.0 <= float(tags["metric.target_hazy_miou"]) <= 1.0
+    versions = {v.tags["fold"]: v for v in client.search_model_versions("name = 'fssmeta'")}
+    assert set(versions) == {"0", "all"}  # fold 0's model, and the all-classes cross-domain source model
+    for fold, version in versions.items():
+        tags = version.tags
+        assert tags["status"] == "candidate" and tags["shot"] == "1" and tags["dataset"] == "synthetic"
+        assert ("metric.miou" in tags) is (fold == "0")  # no in-domain test for a model that saw every class
+        assert ("metric.target_hazy_miou" in tags) is (fold == "all")
+    assert 0.0 <= float(versions["all"].tags["metric.target_hazy_miou"]) <= 1.0
     registered = json.loads((path / "report/registered.json").read_text())
-    assert registered["selection"] == registered["versions"][0]["selection"] == tags["selection"] == "source-validation"
+    assert registered["selection"] == registered["versions"][0]["selection"] == "source-validation"
     # Each domain's decision is recorded with the version's score and the non-learned baseline's on the same
     # selection episodes (hazy: its val lists, never its test lists). The first version becomes a domain's
     # champion only where it beats that baseline (the floor applies to the first champion too): whether a
@@ -145,15 +155,18 @@ def test_registry_holds_a_tagged_version(repo):
     promotions = registered["promotions"]
     assert [(p["domain"], p["episodes"]) for p in promotions] == [
         ("source", "source-validation"), ("hazy", "target-validation:hazy")]
-    for p in promotions:
+    for p in promotions:  # on source fold 0's version challenges, on the target the all-classes model's
         domain, above = p["domain"], p["challenger_score"] > p["baseline_score"]
+        version = versions["0" if domain == "source" else "all"]
+        tags = version.tags
+        assert p["challenger"] == str(version.version)
         assert 0.0 <= p["challenger_score"] <= 1.0 and 0.0 <= p["baseline_score"] <= 1.0
         assert float(tags[f"promotion.{domain}.score"]) == p["challenger_score"]
         assert float(tags[f"promotion.{domain}.baseline_score"]) == p["baseline_score"]
         assert p["promoted"] is above and tags[f"promotion.{domain}.decision"] == ("promoted" if above else "rejected")
         assert p["reason"] == "no champion yet" if above else "below the non-learned baseline" in p["reason"]
         aliases = client.get_registered_model("fssmeta").aliases
-        assert aliases.get(f"champion-{domain}") == (versions[0].version if above else None)
+        assert aliases.get(f"champion-{domain}") == (version.version if above else None)
 
 
 def test_second_repro_reruns_nothing(repo):
@@ -176,7 +189,7 @@ def test_eval_change_reruns_only_downstream(repo):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"evaluate@0", "evaluate_targets", "report", "register"}
     registered = json.loads((path / "report/registered.json").read_text())
-    assert registered["versions"][0]["created"] is False  # the same checkpoint: the registry is not duplicated
+    assert not any(v["created"] for v in registered["versions"])  # the same checkpoints: no duplicates
     # where the version is champion it stays so; where it was below the baseline it is decided again (the
     # baseline's threshold changed, so its score did), by the same rule
     for p in registered["promotions"]:

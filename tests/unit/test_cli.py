@@ -63,3 +63,27 @@ def test_a_corrupt_checkpoint_is_not_advised_to_load_unsafely(content: bytes, pr
     assert err.startswith(f"fssmeta predict: error: {corrupt}: not a safe fssmeta checkpoint")
     assert "weights_only=False" not in err and "`weights_only` set to `False`" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_fold_is_a_fold_or_all_and_anything_else_is_a_usage_error(capsys: pytest.CaptureFixture[str]):
+    # `all` = the all-classes source split (PATNet's cross-domain source model); a bad value stops argparse
+    with pytest.raises(SystemExit) as stopped:
+        main(["train-base", "--params", "none", "--fold", "4"])
+    assert stopped.value.code == 2
+    assert "a source split is a fold 0..3 or `all` (every source class), got '4'" in capsys.readouterr().err
+    # `all` parses, and reaches the stage, which names what is missing for that split
+    assert main(["train-base", "--params", "none", "--quiet", "--fold", "all", "--set",
+                 "data.prepared=/nonexistent/prepared"]) == 2
+    assert "/nonexistent/prepared/all.json: not found; run `fssmeta prepare` first" in capsys.readouterr().err
+
+
+def test_the_all_classes_stages_skip_unless_it_is_the_target_source(tmp_path: Path):
+    from fssmeta.params import load_config
+    from pipelines.common import skip_unused_all
+
+    cfg = load_config(None, {"eval.target_source": "splits"})
+    assert not skip_unused_all(cfg, 0, tmp_path / "fold0")  # a fold always trains
+    assert skip_unused_all(cfg, "all", tmp_path / "all")
+    assert "eval.target_source is splits" in (tmp_path / "all" / "skipped.json").read_text()
+    assert not skip_unused_all(load_config(None, {"eval.target_source": "all"}), "all", tmp_path / "again")
+    assert not (tmp_path / "again").exists()

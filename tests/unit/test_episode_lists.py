@@ -34,9 +34,14 @@ def test_prepare_then_episodes(voc3, tmp_path, capsys):
     assert "fold 0: train 15, test 15, val 0" in capsys.readouterr().out
     assert main(["episodes", *args]) == 0
     out = capsys.readouterr().out
-    assert "wrote 48 episode lists" in out  # 4 folds x 2 shots x 2 orders x (2 test + 1 val seed)
+    # 4 folds x 2 shots x 2 orders x (2 test + 1 val seed), and the all-classes split's 2 x 2 x 1 val lists
+    assert "wrote 52 episode lists" in out
     manifest = json.loads((tmp_path / "episodes" / "manifest.json").read_text())
-    assert manifest["protocol"]["dataset"] == "pascal" and len(manifest["files"]) == 48
+    assert manifest["protocol"]["dataset"] == "pascal" and len(manifest["files"]) == 52
+    every = load_episode_list(list_path(tmp_path / "episodes", "all", "val", 1, "image", 7))
+    assert every["fold"] == "all" and every["split"] == "val" and every["pool"] == "test"
+    assert len({ep["class_id"] for ep in every["episodes"]}) > 5  # every class is a candidate, not one fold's five
+    assert not (tmp_path / "episodes" / "all" / "test_1shot_image_seed0.json").exists()  # validated only
     lists = load_episode_list(list_path(tmp_path / "episodes", 2, "test", 2, "image", 1))
     assert lists["shot"] == 2 and lists["pool"] == "test" and len(lists["episodes"]) == 30
     for ep in lists["episodes"]:
@@ -73,7 +78,8 @@ def test_a_class_too_small_for_k_shot_is_reported_not_silently_dropped(voc3, tmp
     out = capsys.readouterr().out
     assert "warning: fold 0 test: class(es) [3] have fewer than 3 images in the test pool, so no 2-shot episode" in out
     manifest = json.loads((tmp_path / "episodes" / "manifest.json").read_text())
-    assert len(manifest["warnings"]) == 2  # once per split (test, val), not per seed and order
+    # once per split (test, val) of fold 0 and for the all-classes split's val lists, not per seed and order
+    assert len(manifest["warnings"]) == 3 and "fold all val: class(es) [3]" in manifest["warnings"][2]
     two = load_episode_list(list_path(tmp_path / "episodes", 0, "test", 2, "image", 0))
     one = load_episode_list(list_path(tmp_path / "episodes", 0, "test", 1, "image", 0))
     assert two["classes_without_episodes"] == [3] and 3 not in {ep["class_id"] for ep in two["episodes"]}

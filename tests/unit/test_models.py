@@ -265,8 +265,10 @@ def test_backbone_source(tmp_path):
 
 
 def test_build_model_unknown_method():
-    with pytest.raises(ValueError, match=r"model\.method.*'nope'.*bam, baseline, ntrenet, pfenet"):
+    known = ", ".join(sorted(METHODS))  # every registered method, sorted
+    with pytest.raises(ValueError, match=rf"model\.method.*'nope'.*known: {known}$"):
         build_model(ModelConfig(method="nope"), shot=1, base_classes=PASCAL_FOLD0_BASE)
+    assert known.startswith("bam, baseline") and "ntrenet, pfenet" in known
 
 
 @pytest.mark.parametrize("method", WITH_STAGE1)

@@ -1,4 +1,4 @@
-"""fssmeta's PFENet, BAM and NTRENet against the official forward passes recorded by tools/oracle.py.
+"""fssmeta's PFENet, BAM, NTRENet and HSNet against the official forward passes recorded by tools/oracle.py.
 
 Each fixture (tests/fixtures/oracle/<method>.pt) holds the inputs, the seed, a fingerprint of fssmeta's weights
 and the official outputs on those weights, with the official repository and commit. The official code is
@@ -70,6 +70,21 @@ def assert_close(label: str, ours: torch.Tensor, official: torch.Tensor) -> None
     assert diff <= ATOL + RTOL * scale, f"{label}: max |fssmeta - official| = {diff:.3g} > {ATOL} + {RTOL} x {scale:.3g}"
 
 
+def assert_vote(label: str, ours: torch.Tensor, official: torch.Tensor, official_shot_logits: torch.Tensor) -> None:
+    """HSNet's k-shot vote. fssmeta's rule (`hsnet.vote`) applied to the official per-shot logits gives the
+    official `predict_mask_nshot` mask exactly; fssmeta's forward (query encoded once) gives it at every pixel
+    where no shot's official logits are within ATOL of a tie (there fp32 summation order may flip an argmax)."""
+    from fssmeta.models.hsnet import vote
+
+    assert torch.equal(vote(official_shot_logits).argmax(1).float(), official), f"{label}: the voting rule"
+    margin = (official_shot_logits[:, :, 1] - official_shot_logits[:, :, 0]).abs().amin(1)  # (B, H, W)
+    settled = margin > ATOL
+    wrong = int((ours != official)[settled].sum())
+    print(f"{label}: {wrong} of {int(settled.sum())} settled pixels differ ({int((~settled).sum())} near a tie); "
+          f"foreground {float(official.mean()):.3f}")
+    assert ours.shape == official.shape and wrong == 0, f"{label}: {wrong} voted pixels differ"
+
+
 @pytest.mark.parametrize("name", [case.name for case in oracle.CASES])
 @pytest.mark.parametrize("method", sorted(oracle.OFFICIAL))
 def test_forward_matches_official(method: str, name: str) -> None:
@@ -88,12 +103,18 @@ def test_forward_matches_official(method: str, name: str) -> None:
         hooks = [model.background.head.register_forward_hook(lambda m, i, o: captured.__setitem__("bg_logits", o))]
         hooks += [head.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(f"initial_logits_{idx}", o))
                   for idx, head in enumerate(model.initial_cls)]
-    with torch.no_grad():
-        captured["logits"] = model(oracle.episode(inputs, case["class_id"])).logits
+    if method == "hsnet":  # 1 shot the logits; k shots each shot's logits and the vote (oracle.hsnet_outputs)
+        captured = oracle.hsnet_outputs(model, oracle.episode(inputs, case["class_id"]))
+    else:
+        with torch.no_grad():
+            captured["logits"] = model(oracle.episode(inputs, case["class_id"])).logits
     for hook in hooks:
         hook.remove()
     for key, official in case["outputs"].items():
-        assert_close(f"{method} {name} {key}", captured[key], official)
+        if key == "vote":
+            assert_vote(f"{method} {name} {key}", captured[key], official, case["outputs"]["shot_logits"])
+        else:
+            assert_close(f"{method} {name} {key}", captured[key], official)
 
     if "losses" in case:  # last: PFENet's training mode moves its backbone BN statistics
         ours = oracle.fssmeta_losses(model, method, oracle.episode(inputs, case["train_class_id"]))
@@ -119,3 +140,12 @@ def test_ntrenet_fixture_records_its_patches() -> None:
     official = fixture_of("ntrenet")["official"]
     assert official["files"] == oracle.OFFICIAL["ntrenet"].files
     assert [tuple(p.values()) for p in official["patches"]] == [tuple(p) for p in oracle.PATCHES["ntrenet"]]
+
+
+def test_hsnet_fixture_records_its_torchvision() -> None:
+    """The official HSNet builds torchvision's ResNet-50: the fixture names the torchvision whose model code ran
+    (its `models/resnet.py` sha256, as tools/oracle.py pins it) beside the pinned HSNet files."""
+    official = fixture_of("hsnet")["official"]
+    assert official["files"] == oracle.OFFICIAL["hsnet"].files
+    assert official["torchvision"]["version"].startswith(oracle.TORCHVISION[0])
+    assert official["torchvision"]["models/resnet.py"] == oracle.TORCHVISION[1]

@@ -60,6 +60,13 @@ def test_prepare_filters(tiny_voc, tmp_path):
     index = json.loads((tmp_path / "prepared" / "index.json").read_text())
     assert index["protocol"]["exclude_novel_images"] is True
     assert index["pools"]["test"][19]["pixels"] == {"20": 80}
+    # the all-classes source split: nothing held out, so nothing excluded; its validation holds out images
+    every = load_fold(tmp_path / "prepared", "all")
+    assert every["fold"] == "all" and every["novel"] == [] and every["base"] == list(range(1, 21))
+    assert [k for k, _ in every["train"]] == [f"tr{i:02d}" for i in range(20)]  # tr16 too (with class 17 only:
+    assert ["tr16", [17]] in every["train"] and ["tr00", [1]] in every["train"]  # its distractor is too small)
+    assert every["val"] == [["va00", [1]], ["va01", [2]], ["va02", [1]], ["va03", [2]]]
+    assert [k for k, _ in every["test"]] == [f"te{i:02d}" for i in range(19)]  # te19 fails the small-object rule
 
 
 def test_filter_switches(tiny_voc, tmp_path):

@@ -80,14 +80,15 @@ def test_plots_are_images(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000 and (tmp_path / "p.png").stat().st_size > 1000
 
 
-def fake_targets(root, method, gray, tiles, suffix=""):
+def fake_targets(root, method, gray, tiles, suffix="", split="all"):
     def entry(m):
         return {"miou_mean": m, "miou_std": 0.01, "fbiou_mean": m, "fbiou_std": 0.0, "seeds": []}
 
-    report = {"method": method, "source_fold": 0, "protocol": {"resolution": "resized", "size": 400},
+    report = {"method": method, "source_fold": split, "protocol": {"resolution": "resized", "size": 400},
               "results": {"gray": {"1shot": entry(gray)}, "tiles": {"1shot": entry(tiles)}},
               "mean_over_targets": {"1shot": (gray + tiles) / 2}}
-    path = root / "targets" / f"{method}-fold0{suffix}.json"
+    path = (root / "targets" / f"{method}-all{suffix}.json" if split == "all"
+            else root / f"fold{split}" / "targets" / f"{method}{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report))
 
@@ -112,6 +113,24 @@ def test_cross_domain_section_and_metrics(cfg, tmp_path):
     assert table["cross_domain"]["bam+tta"]["1shot"]["mean"] == pytest.approx(0.5)
     assert table["cross_domain"]["bam"]["1shot"]["mean"] == pytest.approx(0.3)
     assert "| bam+tta | 1 | 60.0 ± 1.0 | 40.0 ± 1.0 | **50.0** |" in (tmp_path / "report" / "report.md").read_text()
+    assert "Source: one model on every source class" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_cross_domain_source_splits_and_fold(cfg, tmp_path):
+    # fold 0's and fold 1's models on the targets: `fold` reads eval.target_fold's file, `splits` the mean
+    # (and spread) over every eval.folds file; the all-classes model's file is then not read
+    fake_targets(tmp_path / "results", "bam", 0.9, 0.9)
+    fake_targets(tmp_path / "results", "bam", 0.4, 0.2, split=0)
+    one = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"target_source": "fold", "target_fold": 0})})
+    assert write_report(one, tmp_path / "report", ["bam"], {}, None)["cross_domain"]["bam"]["1shot"]["mean"] == pytest.approx(0.3)
+    splits = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"target_source": "splits"})})
+    assert "cross_domain" not in write_report(splits, tmp_path / "report", ["bam"], {}, None)  # fold 1 missing
+    fake_targets(tmp_path / "results", "bam", 0.6, 0.0, split=1)
+    table = write_report(splits, tmp_path / "report", ["bam"], {}, None)["cross_domain"]["bam"]["1shot"]
+    assert table == pytest.approx({"mean": 0.3, "gray": 0.5, "tiles": 0.1})
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| bam | 1 | 50.0 ± 10.0 | 10.0 ± 10.0 | **30.0** |" in text  # std over the two splits
+    assert "Source: every split's model, mean of fold0, fold1" in text
 
 
 def test_target_stage_without_targets_records_why(tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ def test_missing_root_names_root_and_layout(tmp_path: Path, layout: str) -> None
 
 def test_unknown_layout(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown target layout"):
-        read_target("X", "pascal", tmp_path)
+        read_target("X", "coco", tmp_path)
 
 
 # ---- ISIC2018
@@ -296,3 +296,42 @@ def test_suim_problems(tmp_path: Path) -> None:
     assert any("d_r_4_.bmp: mask without an image" in line for line in lines)
     for code in ("PF", "WR", "RO", "RI", "SR"):
         assert any(f"class {code} has no samples" in line for line in lines)
+
+
+def test_pascal_layout_reads_every_class_of_an_image_and_keeps_the_ignore_ring(tmp_path: Path) -> None:
+    from tests.conftest import write_voc
+
+    first = np.zeros((24, 24), np.uint8)
+    first[2:10, 2:10], first[14:20, 14:20] = 1, 7  # aeroplane and car
+    first[1, 2:10] = 255  # VOC's boundary
+    second = np.full((24, 24), 14, np.uint8)  # motorbike everywhere
+    root = write_voc(tmp_path / "VOC2012", {"te00": first, "te01": second, "tr00": second}, ["tr00"], ["te00", "te01"])
+    voc = read_target("voc", "pascal", root)
+    assert voc.classes[0] == "aeroplane" and len(voc.classes) == 20
+    assert [(s.image.stem, s.class_index) for s in voc.samples] == [("te00", 0), ("te00", 6), ("te01", 13)]
+    _, plane = voc.load(0)
+    assert plane[5, 5] == 1 and plane[16, 16] == 0 and plane[1, 5] == 255 and plane[0, 0] == 0
+    (root / "ImageSets/Segmentation/val.txt").unlink()
+    with pytest.raises(DataError, match=r"val.txt: image list not found"):
+        read_target("voc", "pascal", root)
+
+
+def test_seen_classes_are_left_out_per_source_split() -> None:
+    # RMT's COCO-20i -> PASCAL: each COCO split's model is scored on the PASCAL classes it never trained on
+    from fssmeta.data.folds import PASCAL_CLASSES
+    from fssmeta.evaluation import unseen_classes
+    from fssmeta.params import load_config
+
+    def kept(dataset: str, fold: int | str) -> list[str]:
+        cfg = load_config(None, {"data.dataset": dataset, "data.targets": {
+            "voc": {"layout": "pascal", "root": "unused", "exclude_seen_classes": True}}})
+        return [PASCAL_CLASSES[i] for i in sorted(unseen_classes(cfg, "voc", PASCAL_CLASSES, fold))]
+
+    assert kept("coco", 0) == ["aeroplane", "boat", "chair", "diningtable", "dog", "person"]
+    assert kept("coco", 1) == ["bicycle", "bus", "horse", "sofa"]  # sofa = COCO's couch
+    assert kept("coco", 3) == ["bottle", "cat", "cow", "motorbike"]  # motorbike = COCO's motorcycle
+    assert kept("pascal", 2) == list(PASCAL_CLASSES[10:15])  # a PASCAL fold: its own novel classes
+    with pytest.raises(DataError, match=r"exclude_seen_classes: the coco model of source split all trained on every"):
+        kept("coco", "all")
+    cfg = load_config(None, {"data.targets": {"voc": {"layout": "pascal", "root": "unused"}}})
+    assert unseen_classes(cfg, "voc", PASCAL_CLASSES, 0) is None  # off: every class is scored
