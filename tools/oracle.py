@@ -1,10 +1,13 @@
-"""Oracle parity fixtures: the official PFENet / BAM / NTRENet / HSNet forward on fssmeta's seeded weights, recorded.
+"""Oracle parity fixtures: the official PFENet / BAM / NTRENet / HSNet / ASNet forward on fssmeta's seeded weights,
+recorded.
 
     python tools/oracle.py --method pfenet --official /tmp/official/PFENet --out tests/fixtures/oracle/pfenet.pt
     python tools/oracle.py --method bam --official /tmp/official/BAM --out tests/fixtures/oracle/bam.pt
     python tools/oracle.py --method ntrenet --official /tmp/official/NERTNet --out tests/fixtures/oracle/ntrenet.pt
     python tools/oracle.py --method hsnet --official /tmp/official/hsnet --torchvision /tmp/tvpkg \
         --out tests/fixtures/oracle/hsnet.pt
+    python tools/oracle.py --method asnet --official /tmp/official/ifsl --torchvision /tmp/tvpkg \
+        --einops /tmp/einopspkg --out tests/fixtures/oracle/asnet.pt
 
 `--official` is a local checkout of the pinned commit (`OFFICIAL` below). Its code is imported from that path
 and run in a scratch directory (its constructors load `initmodel/...` weight files relative to the working
@@ -12,8 +15,9 @@ directory; fssmeta's weights, renamed to the official keys, are written there), 
 on CPU. NTRENet's release does not import as published: its files are copied into the scratch directory and the
 explicit text substitutions in `PATCHES` (recorded in the fixture) are applied there. HSNet builds its
 backbone with torchvision's `resnet50`: `--torchvision` names a directory holding the torchvision package (its
-model code is imported from there, its compiled extension never loaded). Nothing of it is copied into this
-project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
+model code is imported from there, its compiled extension never loaded); so does ASNet, which also needs einops
+(`--einops`: a directory holding that package) and subclasses a PyTorch Lightning module (a stub `nn.Module`
+stands in: the forward never reaches Lightning). Nothing of it is copied into this project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
 with `fssmeta_model` and compares its forward with the recorded outputs; docs/parity.md says what is pinned.
 """
 
@@ -87,10 +91,21 @@ OFFICIAL = {
         "model/base/correlation.py": "62e1857de916034c91c38629be3351a02f37a98a3819bdd5957da761b1311db0",
         "model/base/feature.py": "558f70e8f247de8cd363539777239ba81d4ba257215969bb0c088b4b704e6681",
     }),
+    "asnet": Official("dahyun-kang/ifsl", "d0b0c0d1b01c036eaae1470585764d1321ec5336", {
+        "fs-cs/model/asnet.py": "2407fa505c32b465e5ce63f72e0823b879c22b0091698cc8ff65a86a44b7500a",
+        "fs-cs/model/ifsl.py": "c881ba8b0d69e1f02be3305ebae12dfd0485ab1ef9001f7a898b6c94881292b8",
+        "fs-cs/model/module/asnet.py": "6e9c77bb3b18d7450c772dfe0e273c936d252a22719bfb9230f4eb1ceea9c6d9",
+        "fs-cs/model/base/aslayer.py": "8f445b7b1e8371bf236d8a2a5aa11b2049da0a03237b586df525948a9c5ce849",
+        "fs-cs/model/base/correlation.py": "e67fa6ed7448266719a12db9f2da5a6df983b1fcea6449f7acc0e342248572ce",
+        "fs-cs/model/base/feature.py": "42c70b4a971be999c0f6fa298a0d8c3cdca6c23306e375c8679bf06bc61f72b9",
+    }),
 }
 # HSNet's backbone is torchvision's ResNet-50 (`resnet.resnet50(pretrained=True)`): the release whose model code
 # the oracle ran, and the sha256 of its `models/resnet.py` (checked; recorded in the fixture).
 TORCHVISION = ("0.28.0", "9faf2f321fdaf7edbd791aedc6e3610c7edf9c892112cbd75861beae1e9518d1")
+EINOPS = "0.8.1"  # ASNet's `rearrange` (pure Python; the version that ran is recorded in the fixture)
+# The methods whose official model is an HSNet-family one (torchvision's ResNet, the HSNet loader's masks).
+HSNET_FAMILY = ("hsnet", "asnet")
 
 # The smallest text substitutions that make an official release import and run its eval forward, applied to a
 # copy in the scratch directory: (file, old, new, reason). None changes what the forward computes.
@@ -132,6 +147,7 @@ MODEL_CONFIG = {
     "bam": {"method": "bam", "backbone": "resnet50"},
     "ntrenet": {"method": "ntrenet", "backbone": "resnet50", "backbone_source": "stage1"},
     "hsnet": {"method": "hsnet", "backbone": "resnet50"},  # its own frozen backbone: nothing from stage 1
+    "asnet": {"method": "asnet", "backbone": "resnet50"},  # likewise; ASNet's own attention-masked learner
 }
 
 
@@ -272,6 +288,21 @@ def hsnet_outputs(model: nn.Module, batch: Episode) -> dict[str, torch.Tensor]:
         return {"shot_logits": model.shot_logits(batch), "vote": model(batch).logits.argmax(1).float()}
 
 
+def asnet_outputs(model: nn.Module, batch: Episode) -> dict[str, torch.Tensor]:
+    """fssmeta's ASNet outputs under the fixture's names. 1 shot: the learner's log-probs (B, 1 way, 2, h, w),
+    the forward's logits at the query size and the presence (B, 1); k shots: each shot's log-probs
+    (B, S, 1, 2, h, w), the presence over the shots and the forward's argmax (the official `pred_seg`)."""
+    from fssmeta.models.asnet import class_presence
+
+    with torch.no_grad():
+        shot_log_probs = model.shot_log_probs(batch)[:, :, None]  # (B, S, 1 way, 2, h, w)
+        logits = model(batch).logits
+    presence = class_presence(shot_log_probs).float()
+    if batch.support_imgs.shape[1] == 1:
+        return {"log_probs": shot_log_probs[:, 0], "logits": logits, "presence": presence}
+    return {"shot_log_probs": shot_log_probs, "presence": presence, "pred_seg": logits.argmax(1).float()}
+
+
 # ---------------------------------------------------------------------------------------------- official side
 
 @contextlib.contextmanager
@@ -345,6 +376,15 @@ def import_official(method: str, path: Path) -> types.ModuleType:
     if method == "hsnet":
         import model.hsnet as official  # torchvision is importable: `torchvision_models` has run
         return official
+    if method == "asnet":
+        # iFSLModule subclasses pl.LightningModule for its training loop only; the forward, the merge and the
+        # k-shot prediction are plain torch. A stub package stands in for Lightning (not installed here).
+        stub = types.ModuleType("pytorch_lightning")
+        stub.LightningModule = nn.Module
+        sys.modules["pytorch_lightning"] = stub
+        sys.path.insert(0, str(path / "fs-cs"))
+        import model.asnet as official
+        return official
     if method == "bam":
         # BAM's model imports util.util for a data helper only; that module pulls in seaborn, pandas, scipy,
         # matplotlib, which the model never uses. A stub stands in for it.
@@ -381,6 +421,18 @@ def torchvision_models(path: Path | None) -> dict[str, str]:
     return {"version": version, "models/resnet.py": digest}
 
 
+def einops_package(path: Path | None) -> dict[str, str]:
+    """Make einops importable for ASNet from `path` (a directory holding the package), else the installed
+    one; returns its version, which must be `EINOPS`."""
+    if path is not None:
+        sys.path.insert(0, str(path))
+    import einops
+
+    if einops.__version__ != EINOPS:
+        sys.exit(f"{einops.__file__}: einops {einops.__version__}, the oracle pins {EINOPS}")
+    return {"version": einops.__version__}
+
+
 def bam_args(path: Path, shot: int):
     """BAM's args, as its train.py builds them from config/pascal/pascal_split0_resnet50.yaml."""
     from util import config
@@ -394,6 +446,8 @@ def official_key(method: str, key: str) -> str:
     """The fssmeta state-dict key that fills official `key` (PFENet, BAM, or BAM's stage-1 PSPNet file)."""
     if method == "hsnet":
         return hsnet_key(key)
+    if method == "asnet":
+        return asnet_key(key)
     stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # layer0.<i>
     backbone = "backbone." if method in ("pfenet", "ntrenet") else "base_learner.backbone."
     head, _, rest = key.partition(".")
@@ -443,9 +497,29 @@ def hsnet_key(key: str) -> str:
     return f"{block}.{rest}"
 
 
+def asnet_key(key: str) -> str:
+    """ASNet: the torchvision backbone keys are fssmeta's; `learner.<block>.<i>.attn.*` / `.ff.*` (an attentive
+    squeeze layer's attention and FFN) are `<block>.<i>.*` with fssmeta's names; the decoders keep theirs."""
+    if not key.startswith("learner."):
+        return key
+    block, _, rest = key.removeprefix("learner.").partition(".")
+    block = {"encoder_layer4": "squeeze4", "encoder_layer3": "squeeze3", "encoder_layer2": "squeeze2",
+             "encoder_layer4to3": "mix43", "encoder_layer3to2": "mix32"}.get(block, block)
+    if block.startswith("decoder"):
+        return f"{block}.{rest}"
+    index, _, rest = rest.partition(".")
+    for official, ours in (("attn.short_cut.", "shortcut."), ("attn.qhead.", "query_embed."),
+                           ("attn.khead.", "key_embed."), ("attn.vhead.", "value_embed."),
+                           ("attn.agg.", "aggregate."), ("attn.out_norm.", "attn_norm."), ("ff.ff.", "ffn."),
+                           ("ff.out_norm.", "ffn_norm.")):
+        if rest.startswith(official):
+            return f"{block}.{index}.{ours}{rest.removeprefix(official)}"
+    return key
+
+
 # Official entries no fssmeta entry fills, kept at the official model's own values: torchvision's ImageNet
-# classifier, which HSNet builds with its backbone and never runs.
-OFFICIAL_ONLY = {"hsnet": ("backbone.fc.",)}
+# classifier, which HSNet and ASNet build with their backbone and never run.
+OFFICIAL_ONLY = {"hsnet": ("backbone.fc.",), "asnet": ("backbone.fc.",)}
 # fssmeta entries with no official counterpart: PSPNet's layer3 auxiliary head (semseg's; BAM's PSPNet has
 # none; it is not used in BAM's forward) and BAM's sorted base-class ids.
 UNMAPPED = ("base_learner.aux.", "base_classes")
@@ -484,6 +558,11 @@ def official_model(method: str, module: types.ModuleType, path: Path, case: Case
     its constructors read, then fssmeta's whole state mapped onto its keys (strict)."""
     if method == "hsnet":  # as train.py / test.py: resnet50, logits upsampled to the 400 canvas
         model = module.HypercorrSqueezeNetwork("resnet50", False)
+        model.load_state_dict(to_official(method, model, state), strict=True)
+        return model.eval()
+    if method == "asnet":  # as main.py: resnet50, 1 way, masks given (not --weak)
+        args = argparse.Namespace(backbone="resnet50", way=1, shot=case.shot, weak=False, lr=1e-3)
+        model = module.AttentiveSqueezeNetwork(args)
         model.load_state_dict(to_official(method, model, state), strict=True)
         return model.eval()
     initmodel = scratch / "initmodel"
@@ -525,6 +604,8 @@ def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor])
     s_y = inputs["support_masks"].float()
     if method == "hsnet":
         return run_hsnet(model, x, s_x, (inputs["support_masks"] == 1).float())
+    if method == "asnet":
+        return run_asnet(model, x, *asnet_supports(s_x, inputs["support_masks"]))
     with torch.no_grad():
         if method == "pfenet":
             return {"logits": model(x, s_x, s_y)}
@@ -560,6 +641,39 @@ def run_hsnet(model: nn.Module, x: torch.Tensor, s_x: torch.Tensor, s_y: torch.T
         return {"shot_logits": shot_logits, "vote": model.predict_mask_nshot(batch, nshot=s_x.shape[1]).float()}
 
 
+def asnet_supports(s_x: torch.Tensor, s_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASNet's supports as its 400x400 loader would give them: fssmeta's own resizing (`ASNet.resized_support`,
+    bilinear / nearest to `support_size`) of the case's normalised images and 0/1/255 masks, the masks then
+    `mask == 1` as float. The fixture stores the small supports; fssmeta resizes them itself."""
+    from fssmeta.models.asnet import ASNet
+
+    resizer = ASNet.__new__(ASNet)  # the resizing needs no weights: only `support_size`
+    resizer.support_size = get_method("asnet").options_of(ModelConfig(**MODEL_CONFIG["asnet"])).support_size
+    shots = [resizer.resized_support(s_x[:, s], s_y[:, s].long()) for s in range(s_x.shape[1])]
+    return torch.stack([img for img, _ in shots], 1), torch.stack([(m == 1).float() for _, m in shots], 1)
+
+
+def run_asnet(model: nn.Module, x: torch.Tensor, s_x: torch.Tensor, s_y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ASNet, one way. 1 shot: the forward's log-probs (B, 1, 2, h, w) and `predict_cls_and_mask`'s presence
+    and merged logits upsampled to the query (eval: to `org_query_imsize`, here the query's size); k shots:
+    each shot's forward (B, S, 1, 2, h, w) and `predict_mask_nshot`'s presence and mask, as test_step runs it."""
+    batch = {"query_img": x, "org_query_imsize": [torch.tensor([x.shape[-1]]), torch.tensor([x.shape[-2]])]}
+    with torch.no_grad():
+        if s_x.shape[1] == 1:
+            batch.update(support_imgs=s_x[:, None], support_masks=s_y[:, None])  # (B, way, shot, ...)
+            log_probs = model(batch)
+            presence, _, logits = model.predict_cls_and_mask(log_probs, batch)
+            return {"log_probs": log_probs, "logits": logits, "presence": presence}
+        shot_log_probs = []
+        for s in range(s_x.shape[1]):
+            batch.update(support_imgs=s_x[:, None, s], support_masks=s_y[:, None, s])  # (B, way, ...)
+            shot_log_probs.append(model(batch))
+        batch.update(support_imgs=s_x[:, None], support_masks=s_y[:, None])
+        presence, pred_seg = model.predict_mask_nshot(batch, nshot=s_x.shape[1])
+    return {"shot_log_probs": torch.stack(shot_log_probs, 1), "presence": presence.float(),
+            "pred_seg": pred_seg.float()}
+
+
 def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
     """The official training-mode losses, named as fssmeta's loss dict: `ce` = main_loss, `aux` = PFENet's
     aux_loss (mean over its 4 heads) / BAM's aux_loss1 (meta head). BAM's aux_loss2 (the frozen base
@@ -574,6 +688,15 @@ def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tenso
             loss = model.compute_objective(model(x, s_x[:, 0], (inputs["support_masks"][:, 0] == 1).float()), y)
             model.eval()
         return {"ce": float(loss)}
+    if method == "asnet":  # training_step: train_mode() (backbone BN fixed), 1-shot, compute_seg_objective = NLL
+        s_x, s_y = asnet_supports(s_x, inputs["support_masks"])
+        batch = {"query_img": x, "support_imgs": s_x[:, None], "support_masks": s_y[:, None]}
+        with torch.no_grad():
+            model.train_mode()
+            _, _, logits = model.predict_cls_and_mask(model(batch), batch)
+            loss = model.compute_seg_objective(logits, y)
+            model.eval()
+        return {"nll": float(loss)}
     with torch.no_grad():
         train_mode_(model, fix_bn=method == "bam")  # PFENet's train.py never fixes BN; BAM's does
         if method == "pfenet":
@@ -596,7 +719,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
     model = fssmeta_model(config, case.shot)
     names, values = fingerprint(model)
     inputs = make_inputs(SEED + case.size + case.shot, case.size, case.shot)
-    if method == "hsnet":
+    if method in HSNET_FAMILY:
         inputs = hsnet_inputs(inputs)
     official = official_model(method, module, path, case, model.state_dict(), scratch)
     outputs = run_official(method, official, inputs)
@@ -605,8 +728,8 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
              "fingerprint_names": names, "fingerprint": values, **inputs,
              "class_id": 1, "train_class_id": TRAIN_CLASS,  # eval: a novel class; losses: a base class
              "outputs": outputs}
-    if method == "hsnet":  # every output: the 5-shot case has per-shot logits and the vote, no "logits"
-        ours = hsnet_outputs(model, episode(inputs, 1))
+    if method in HSNET_FAMILY:  # every output: hsnet's 5-shot case has per-shot logits and the vote, no "logits"
+        ours = (hsnet_outputs if method == "hsnet" else asnet_outputs)(model, episode(inputs, 1))
         entry["max_abs_diff_at_recording"] = {k: float((ours[k] - v).abs().max()) for k, v in outputs.items()}
         print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']}"
               f" (|official| <= {[round(float(v.abs().max()), 3) for v in outputs.values()]})")
@@ -620,7 +743,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
         entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
     else:
         del entry["query_mask"]  # only the loss run reads it
-    if method == "hsnet":
+    if method in HSNET_FAMILY:
         print(f"{method} {case.name}: losses {entry.get('losses')} diff {entry.get('loss_diff_at_recording')}")
     else:
         print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
@@ -635,9 +758,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--official", required=True, type=Path, help="checkout of the pinned official commit")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--scratch", type=Path, help="working directory for the official run (default: a temp dir)")
-    parser.add_argument("--torchvision", type=Path, help="hsnet: a directory holding the torchvision package "
+    parser.add_argument("--torchvision", type=Path, help="hsnet, asnet: a directory holding the torchvision package "
                         f"{TORCHVISION[0]} (pip install --no-deps --target DIR torchvision=={TORCHVISION[0]}); "
                         "default: the installed torchvision")
+    parser.add_argument("--einops", type=Path, help="asnet: a directory holding the einops package "
+                        f"{EINOPS} (pip install --no-deps --target DIR einops=={EINOPS}); default: the installed one")
     args = parser.parse_args(argv)
     official_path = args.official.resolve()
     out = args.out.resolve()
@@ -651,7 +776,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.method in PATCHES:
             run_path, patched = patched_copy(args.method, official_path, scratch)
         with cpu_only():
-            torchvision = torchvision_models(args.torchvision) if args.method == "hsnet" else None
+            torchvision = torchvision_models(args.torchvision) if args.method in HSNET_FAMILY else None
+            einops = einops_package(args.einops) if args.method == "asnet" else None
             module = import_official(args.method, run_path)
             cases = [record_case(args.method, case, module, run_path, scratch) for case in CASES]
     finally:
@@ -666,7 +792,8 @@ def main(argv: list[str] | None = None) -> None:
         "official": {"repo": pinned.repo, "commit": pinned.commit, "files": hashes,
                      "patches": [{"file": rel, "old": old, "new": new, "reason": why}
                                  for rel, old, new, why in PATCHES.get(args.method, ())],
-                     "patched_files": patched, **({"torchvision": torchvision} if torchvision else {})},
+                     "patched_files": patched, **({"torchvision": torchvision} if torchvision else {}),
+                     **({"einops": einops} if einops else {})},
         "torch": str(torch.__version__), "normalise": {"mean": list(MEAN), "std": list(STD)},
         "generated_by": "tools/oracle.py", "cases": cases,
     }

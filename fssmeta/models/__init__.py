@@ -18,6 +18,7 @@ METHOD_FILES = (
     "ntrenet",
     "crnet",
     "hsnet",
+    "asnet",
     "baseline",
 )
 METHODS: dict[str, Method] = {

@@ -118,6 +118,31 @@ def vote(shot_logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.full_like(fg, 0.5 - 0.25 / S), fg], 1)
 
 
+def decoder() -> tuple[nn.Sequential, nn.Sequential]:
+    """HSNet's 2D decoder (ASNet's too): two 3x3 convs 128 -> 128 -> 64 before the x2 upsampling (`decode`),
+    then 64 -> 64 -> 2 after it."""
+    _, w2, w3 = WIDTHS
+    return (nn.Sequential(nn.Conv2d(w3, w3, 3, padding=1), nn.ReLU(), nn.Conv2d(w3, w2, 3, padding=1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(), nn.Conv2d(w2, 2, 3, padding=1)))
+
+
+def decode(decoder1: nn.Module, decoder2: nn.Module, encoded: torch.Tensor) -> torch.Tensor:
+    """(B, 128, h, w) squeezed correlation -> (B, 2, 2h, 2w) logits: `decoder1`, x2 bilinear (align_corners),
+    `decoder2` (the official decoders upsample to (2w, 2w), the same on their square maps)."""
+    decoded = decoder1(encoded)
+    decoded = F.interpolate(decoded, size=(2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
+                            align_corners=True)
+    return decoder2(decoded)
+
+
+def bottleneck_features(backbone: ResNet, img: torch.Tensor, cache: FeatureCache | None) -> list[torch.Tensor]:
+    """`backbone.bottleneck_features(img)`, through the evaluation cache when one is active (keyed by the
+    image's bytes: a support image masked at the input is its own entry)."""
+    if cache is None:
+        return backbone.bottleneck_features(img)
+    return list(cache.get_or_compute(("bottleneck", digest(img)), lambda: tuple(backbone.bottleneck_features(img))))
+
+
 class HSNet(FrozenBackboneModel):
     """Frozen torchvision-layout ResNet -> hypercorrelation -> squeeze (per stage) -> mix l4 -> l3 -> l2 ->
     mean over the support dims -> 2D decoder. `support_masking`: feature (HSNet), input or hybrid."""
@@ -127,35 +152,22 @@ class HSNet(FrozenBackboneModel):
         self.backbone = freeze_(backbone)
         self.support_masking = support_masking
         counts = {stage: backbone.bottleneck_ids.count(stage) for stage in (2, 3, 4)}  # R50: 4, 6, 3
-        _, w2, w3 = WIDTHS
+        w3 = WIDTHS[2]
         # Kernels and support strides per stage (official): coarser layers need less support squeezing.
         self.squeeze4 = squeeze_block(counts[4], WIDTHS, (3, 3, 3), (2, 2, 2))
         self.squeeze3 = squeeze_block(counts[3], WIDTHS, (5, 3, 3), (4, 2, 2))
         self.squeeze2 = squeeze_block(counts[2], WIDTHS, (5, 5, 3), (4, 4, 2))
         self.mix43 = squeeze_block(w3, (w3, w3, w3), (3, 3, 3), (1, 1, 1))
         self.mix32 = squeeze_block(w3, (w3, w3, w3), (3, 3, 3), (1, 1, 1))
-        self.decoder1 = nn.Sequential(nn.Conv2d(w3, w3, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(w3, w2, 3, padding=1), nn.ReLU())
-        self.decoder2 = nn.Sequential(nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(), nn.Conv2d(w2, 2, 3, padding=1))
+        self.decoder1, self.decoder2 = decoder()
 
     def learner(self, corrs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """[layer4, layer3, layer2] correlations -> (B, 2, size) logits (official `HPNLearner` + upsampling)."""
         sqz4, sqz3, sqz2 = self.squeeze4(corrs[0]), self.squeeze3(corrs[1]), self.squeeze2(corrs[2])
         mix = self.mix43(resize_query_dims(sqz4, sqz3.shape[2:4]) + sqz3)
         mix = self.mix32(resize_query_dims(mix, sqz2.shape[2:4]) + sqz2)  # (B, 128, Hq2, Wq2, hs, ws)
-        decoded = self.decoder1(mix.flatten(4).mean(-1))  # support dims averaged: (B, 64, Hq2, Wq2)
-        decoded = F.interpolate(decoded, size=(2 * decoded.shape[-2], 2 * decoded.shape[-1]), mode="bilinear",
-                                align_corners=True)
-        logits = self.decoder2(decoded)
+        logits = decode(self.decoder1, self.decoder2, mix.flatten(4).mean(-1))  # support dims averaged
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
-
-    def _bottleneck(self, img: torch.Tensor, cache: FeatureCache | None) -> list[torch.Tensor]:
-        """`backbone.bottleneck_features(img)`, through the evaluation cache when one is active (keyed by the
-        image's bytes: a support image masked at the input is its own entry)."""
-        if cache is None:
-            return self.backbone.bottleneck_features(img)
-        return list(cache.get_or_compute(("bottleneck", digest(img)),
-                                         lambda: tuple(self.backbone.bottleneck_features(img))))
 
     def shot_logits(self, episode: Episode) -> torch.Tensor:
         """(B, S, 2, H, W): each shot's own 1-shot prediction. The query is encoded once for all S shots (the
@@ -166,7 +178,7 @@ class HSNet(FrozenBackboneModel):
         cache = active_cache(self, episode)  # evaluation at batch 1 only (models/feature_cache.py)
 
         def extract(img: torch.Tensor) -> list[torch.Tensor]:
-            return self._bottleneck(img, cache)
+            return bottleneck_features(self.backbone, img, cache)
 
         with torch.no_grad():
             query = unit_features(extract(episode.query_img))

@@ -20,6 +20,7 @@ from fssmeta.episode import Episode
 from fssmeta.losses import cross_entropy
 from fssmeta.models import build_model, count_learnable, get_method
 from fssmeta.models.hsnet import CenterPivotConv4d, multilayer_correlation, unit_features, vote
+from tests.cli_data import tiny_cli_data
 from tests.unit.test_models import make_episode, make_model
 
 
@@ -194,20 +195,7 @@ def test_a_frozen_backbone_with_its_bn_fixed_in_training():
 def data(tmp_path_factory) -> tuple[Path, list[str]]:
     """A tiny synthetic dataset with fold-0 lists and 1- and 5-shot episodes; no stage 1 anywhere."""
     root = tmp_path_factory.mktemp("hsnet")
-    sets = {"synthesize.out": root / "syn", "synthesize.image_size": 96, "synthesize.train_images": 60,
-            "synthesize.test_images": 100, "synthesize.val_images": 60, "synthesize.target_images_per_class": 1,
-            "data.root": root / "syn", "data.prepared": root / "prepared", "data.cache_dir": root / "cache",
-            "data.targets": "{}", "data.min_object_pixels": 200, "episodes.out": root / "episodes",
-            "episodes.folds": "[0]", "episodes.shots": "[1, 5]", "episodes.orders": "[image]",
-            "episodes.test_episodes": 6, "episodes.test_seeds": "[0]", "episodes.val_episodes": 4,
-            "transform.crop_size": 65, "eval.test_size": 65, "eval.episodes": 6, "eval.folds": "[0]",
-            "eval.shots": "[1, 5]", "eval.out": root / "results", "train.out": root / "runs",
-            "train_base.out": root / "runs", "train.epochs": 1, "train.episodes_per_epoch": 8,
-            "train.batch_size": 4, "train.val_episodes": 4, "model.method": "hsnet"}
-    args = ["--params", "none", "--quiet", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
-    for stage in ("synthesize", "prepare", "episodes"):
-        assert main([stage, *args]) == 0, stage
-    return root, args
+    return root, tiny_cli_data(root, "hsnet", (1, 5))
 
 
 def test_hsnet_trains_1shot_and_evaluates_at_1_and_5_shots(data):

@@ -268,7 +268,7 @@ def test_build_model_unknown_method():
     known = ", ".join(sorted(METHODS))  # every registered method, sorted
     with pytest.raises(ValueError, match=rf"model\.method.*'nope'.*known: {known}$"):
         build_model(ModelConfig(method="nope"), shot=1, base_classes=PASCAL_FOLD0_BASE)
-    assert known.startswith("bam, baseline") and "ntrenet, pfenet" in known
+    assert known.startswith("asnet, bam, baseline") and "ntrenet, pfenet" in known
 
 
 @pytest.mark.parametrize("method", WITH_STAGE1)

@@ -1,4 +1,4 @@
-"""fssmeta's PFENet, BAM, NTRENet and HSNet against the official forward passes recorded by tools/oracle.py.
+"""fssmeta's PFENet, BAM, NTRENet, HSNet and ASNet against the official forward passes recorded by tools/oracle.py.
 
 Each fixture (tests/fixtures/oracle/<method>.pt) holds the inputs, the seed, a fingerprint of fssmeta's weights
 and the official outputs on those weights, with the official repository and commit. The official code is
@@ -85,6 +85,24 @@ def assert_vote(label: str, ours: torch.Tensor, official: torch.Tensor, official
     assert ours.shape == official.shape and wrong == 0, f"{label}: {wrong} voted pixels differ"
 
 
+def assert_asnet_seg(label: str, ours: torch.Tensor, official: torch.Tensor, shot_log_probs: torch.Tensor) -> None:
+    """ASNet's k-shot mask. fssmeta's rule (`merge_ways`, upsampled to the query, mean over the shots, argmax)
+    applied to the official per-shot log-probs gives the official `predict_mask_nshot` mask exactly; fssmeta's
+    forward gives it wherever the two channels of that mean are more than ATOL apart."""
+    from fssmeta.losses import resize_logits
+    from fssmeta.models.asnet import merge_ways
+
+    B, S = shot_log_probs.shape[:2]
+    upsampled = resize_logits(merge_ways(shot_log_probs.flatten(0, 1)), official.shape[-2:])
+    mean = upsampled.view(B, S, *upsampled.shape[1:]).mean(1)  # (B, 2, H, W)
+    assert torch.equal(mean.argmax(1).float(), official), f"{label}: the k-shot rule"
+    settled = (mean[:, 1] - mean[:, 0]).abs() > ATOL
+    wrong = int((ours != official)[settled].sum())
+    print(f"{label}: {wrong} of {int(settled.sum())} settled pixels differ ({int((~settled).sum())} near a tie); "
+          f"foreground {float(official.mean()):.3f}")
+    assert ours.shape == official.shape and wrong == 0, f"{label}: {wrong} pixels differ"
+
+
 @pytest.mark.parametrize("name", [case.name for case in oracle.CASES])
 @pytest.mark.parametrize("method", sorted(oracle.OFFICIAL))
 def test_forward_matches_official(method: str, name: str) -> None:
@@ -105,6 +123,8 @@ def test_forward_matches_official(method: str, name: str) -> None:
                   for idx, head in enumerate(model.initial_cls)]
     if method == "hsnet":  # 1 shot the logits; k shots each shot's logits and the vote (oracle.hsnet_outputs)
         captured = oracle.hsnet_outputs(model, oracle.episode(inputs, case["class_id"]))
+    elif method == "asnet":  # per-way log-probs, the forward's logits or k-shot mask, the presence
+        captured = oracle.asnet_outputs(model, oracle.episode(inputs, case["class_id"]))
     else:
         with torch.no_grad():
             captured["logits"] = model(oracle.episode(inputs, case["class_id"])).logits
@@ -113,6 +133,15 @@ def test_forward_matches_official(method: str, name: str) -> None:
     for key, official in case["outputs"].items():
         if key == "vote":
             assert_vote(f"{method} {name} {key}", captured[key], official, case["outputs"]["shot_logits"])
+        elif key == "pred_seg":
+            assert_asnet_seg(f"{method} {name} {key}", captured[key], official, case["outputs"]["shot_log_probs"])
+        elif key == "presence":  # a 0/1 decision: equal, and fssmeta's rule on the official maps gives it
+            from fssmeta.models.asnet import class_presence
+
+            outputs = case["outputs"]
+            maps = outputs["shot_log_probs"] if "shot_log_probs" in outputs else outputs["log_probs"][:, None]
+            assert torch.equal(class_presence(maps).float(), official), f"{method} {name}: the presence rule"
+            assert torch.equal(captured[key], official), f"{method} {name} presence"
         else:
             assert_close(f"{method} {name} {key}", captured[key], official)
 
@@ -149,3 +178,12 @@ def test_hsnet_fixture_records_its_torchvision() -> None:
     assert official["files"] == oracle.OFFICIAL["hsnet"].files
     assert official["torchvision"]["version"].startswith(oracle.TORCHVISION[0])
     assert official["torchvision"]["models/resnet.py"] == oracle.TORCHVISION[1]
+
+
+def test_asnet_fixture_records_its_torchvision_and_einops() -> None:
+    """The official ASNet builds torchvision's ResNet-50 and rearranges with einops: the fixture names both, as
+    tools/oracle.py pins them, beside the pinned ifsl files."""
+    official = fixture_of("asnet")["official"]
+    assert official["files"] == oracle.OFFICIAL["asnet"].files
+    assert official["torchvision"]["models/resnet.py"] == oracle.TORCHVISION[1]
+    assert official["einops"]["version"] == oracle.EINOPS
