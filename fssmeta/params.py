@@ -1,6 +1,6 @@
 """Reading params: params.yaml (or the embedded defaults) and `key.path=value` overrides into a validated
 `Config`, with each method's options section (`model.<method>`) typed and filled by its record; a sweep's
-tuned overrides. The schema itself is fssmeta/config.py.
+tuned overrides. The schema itself is the fssmeta.config package.
 """
 
 from __future__ import annotations
