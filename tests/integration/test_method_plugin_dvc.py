@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from tests.integration.test_dvc_pipeline import TINY, merge, repo_copy, run
@@ -55,3 +56,32 @@ def _add_stub(repo: Path) -> None:
     params["episodes"]["target_val_fraction"] = 0.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+
+
+def test_hsnet_runs_the_whole_pipeline(tmp_path):
+    """A built method of the HSNet family through the real `dvc repro`: Adam from its own record (train.optim
+    left empty), the sweep on its learning rate, both source models (fold 0 and the all-classes one)
+    registered and each challenging on its domains; none of the PFENet-family parts switched on."""
+    repo, env = repo_copy(tmp_path / "repo", edit=_hsnet_params)
+    result = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert "Running stage 'train_meta_all@1'" in result.stdout and "Running stage 'register'" in result.stdout
+    trained = torch.load(repo / "runs/fold0/hsnet-1shot/best.pt", weights_only=True)
+    assert trained["config"]["model"]["method"] == "hsnet"
+    assert all("betas" in group for group in trained["optimizer"]["param_groups"])  # Adam, its record's recipe
+    best = yaml.safe_load((repo / "runs/tune/best.yaml").read_text())
+    assert 3.0e-4 <= best["overrides"]["train.optim.lr"] <= 3.0e-3
+    assert set(json.loads((repo / "report/metrics.json").read_text())["hsnet"]) == {"1shot"}
+    registered = json.loads((repo / "report/registered.json").read_text())
+    assert [v["fold"] for v in registered["versions"]] == [0, "all"]
+    assert [p["domain"] for p in registered["promotions"]] == ["source", "hazy"]
+
+
+def _hsnet_params(repo: Path) -> None:
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    params["data"]["targets"] = TINY["data"]["targets"]
+    params["model"]["method"] = "hsnet"
+    params["model"]["memory"]["enabled"] = False  # PFENet-family parts hsnet does not take
+    params["model"]["mining"]["enabled"] = False
+    params["train"]["optim"] = {}  # the method's own recipe: Adam 1e-3
+    params["tune"]["search_space"] = {"train.optim.lr": ["loguniform", 3.0e-4, 3.0e-3]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -9,9 +9,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from fssmeta.checkpoint import read_checkpoint
 from fssmeta.cli import main
@@ -216,6 +218,17 @@ def test_hsnet_trains_1shot_and_evaluates_at_1_and_5_shots(data):
     assert result["protocol"]["trained_shots"] == "1 (evaluated at every shot)"
     for shot in ("1shot", "5shot"):
         assert 0.0 <= result["results"]["fold0"][shot]["miou_mean"] <= 1.0
+
+    # `fssmeta predict` rebuilds it from the checkpoint alone (its stored config names the method and options)
+    voc = root / "syn" / "VOC2012"
+    mask = voc / "SegmentationClassAug" / "syn_000001.png"
+    value = next(int(v) for v in np.unique(np.asarray(Image.open(mask))) if 0 < v < 255)
+    support = f"--support={voc / 'JPEGImages' / 'syn_000001.jpg'}:{mask}"
+    assert main(["predict", "--params", "none", "--quiet", "--model", str(run / "best.pt"), support,
+                 "--mask-class", str(value), "--query", str(voc / "JPEGImages" / "syn_000002.jpg"),
+                 "--out", str(root / "predicted")]) == 0
+    predicted = json.loads((root / "predicted" / "predictions.json").read_text())
+    assert predicted["method"] == "hsnet" and (root / "predicted" / "syn_000002_mask.png").is_file()
 
 
 def test_episode_contract_shapes():
