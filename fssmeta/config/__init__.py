@@ -13,7 +13,7 @@ from pydantic import BaseModel, model_validator
 
 from fssmeta.config.base import Amp, ConfigError, NonNegative, Positive, Section, SourceSplit
 from fssmeta.config.data import DataConfig, EpisodesConfig, SynthesizeConfig, TargetConfig, TransformConfig
-from fssmeta.config.evaluation import EvalConfig, Regime, TTAConfig
+from fssmeta.config.evaluation import EvalConfig, FinetuneConfig, Regime, TTAConfig
 from fssmeta.config.model import MemoryConfig, MiningConfig, ModelConfig, PSPNetConfig
 from fssmeta.config.training import (
     SEARCH_KINDS,
@@ -31,7 +31,7 @@ from fssmeta.config.training import (
 
 __all__ = [
     "SEARCH_KINDS", "SGD_RECIPE", "TUNABLE_SECTIONS", "Amp", "BaseTrainConfig", "Config", "ConfigError", "DataConfig",
-    "EpisodesConfig", "EvalConfig", "MemoryConfig", "MiningConfig", "MlflowConfig", "ModelConfig", "NonNegative",
+    "EpisodesConfig", "EvalConfig", "FinetuneConfig", "MemoryConfig", "MiningConfig", "MlflowConfig", "ModelConfig", "NonNegative",
     "OptimConfig", "PSPNetConfig", "Positive", "RayConfig", "Regime", "RegistryConfig", "ReportConfig", "Section",
     "SourceSplit", "SynthesizeConfig", "TTAConfig", "TargetConfig", "TrainConfig", "TransformConfig", "TuneConfig",
     "config_to_dict",

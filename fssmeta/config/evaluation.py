@@ -22,6 +22,13 @@ class TTAConfig(Section):
     episodes: NonNegative = 0  # episodes scored per list under the regime (the first ones); 0 = eval.episodes
 
 
+class FinetuneConfig(TTAConfig):
+    """`eval.finetune`: as `eval.tta`, with its own default of 10 steps (a section given in params keeps it
+    for every key it leaves unset)."""
+
+    steps: Positive = 10
+
+
 class EvalConfig(Section):
     """Test-time conventions (docs/protocol.md section 4)."""
 
@@ -55,7 +62,7 @@ class EvalConfig(Section):
     regime: Regime = "none"
     target_regimes: Annotated[tuple[Regime, ...], Field(min_length=1)] = ("none",)
     tta: TTAConfig = TTAConfig()
-    finetune: TTAConfig = TTAConfig(steps=10)
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _one_episode_at_a_time(self) -> EvalConfig:

@@ -5,28 +5,29 @@ module per image (query and support are both predicted, both supervised) and an 
 APPROXIMATE: there is no official code; built from the paper's description (docs/methods.md, CRNet). Open in
 the paper and chosen here: the gate's hidden width (= `reduce_dim`), the refinement's first input (a zero
 probability map), one refinement module shared by both branches, CE on the final iteration only, frozen BN,
-and the k-shot forward without fine-tuning (the query is re-weighted by the mean of the shots' gates and
-conditioned on the mean prototype). The paper's k-shot inference, fine-tuning on the k labelled supports, is
-the `finetune` regime (fssmeta/adaptation.py), open to every learned method.
+He init of the head and half the run's learning rate (both against the all-background plateau; measured in
+docs/results.md, CRNet), and the k-shot forward without fine-tuning (the query is re-weighted by the mean of
+the shots' gates and conditioned on the mean prototype). The paper's k-shot inference, fine-tuning on the k
+labelled supports, is the `finetune` regime (fssmeta/adaptation.py), open to every learned method.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from fssmeta.config import ModelConfig, Positive, Section
+from fssmeta.config import ModelConfig, OptimConfig, Positive, Section
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.losses import cross_entropy
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
 from fssmeta.models.family import PFENET_RECIPE, FrozenBackboneModel, mid_channels
 from fssmeta.models.feature_cache import FeatureCache, active_cache, digest
-from fssmeta.models.method import Method, Reference, Stage1
+from fssmeta.models.method import Method, OptimizerSpec, Reference, Stage1, trainable
 
 
 class CRNetOptions(Section):
@@ -38,6 +39,8 @@ class CRNetOptions(Section):
     dropout: float = 0.1  # classifier head
     feature_dropout: float = 0.5  # the Siamese reduction (PFENet's constant)
     support_weight: float = Field(default=1.0, ge=0)  # CE of the support prediction, beside the query's
+    init: Literal["he", "pytorch"] = "he"  # the head's convs: He (fan-in, ReLU) | PyTorch's default
+    lr_scale: float = Field(default=0.5, gt=0)  # trains at train.optim.lr x this (at the params' 0.05: plateau)
 
 
 class CrossReference(nn.Module):
@@ -102,17 +105,21 @@ class CRNet(FrozenBackboneModel):
 
     def __init__(self, *, backbone: ResNet, reduce_dim: int = 256, refine_iterations: int = 4,
                  aspp_dilations: tuple[int, ...] = (6, 12, 18), dropout: float = 0.1, feature_dropout: float = 0.5,
-                 support_weight: float = 1.0, shot: int = 1) -> None:
+                 support_weight: float = 1.0, init: Literal["he", "pytorch"] = "he", lr_scale: float = 0.5,
+                 shot: int = 1) -> None:
         super().__init__()
         self.backbone = freeze_(backbone)
         self.shot = shot  # shots it is trained for (1: k-shot comes from the `finetune` regime)
         self.refine_iterations = refine_iterations
         self.support_weight = support_weight
+        self.lr_scale = lr_scale  # read by `optimizers` (the record's), not saved: it comes from the options
         self.reduce = ops.reduce_block(mid_channels(backbone), reduce_dim, feature_dropout)  # Siamese: shared
         self.cross_reference = CrossReference(reduce_dim)
         self.query_condition = condition_block(reduce_dim)
         self.support_condition = condition_block(reduce_dim)
         self.refine = MaskRefinement(reduce_dim, tuple(aspp_dilations), dropout)  # shared by both branches
+        if init == "he":
+            he_init_(self)
 
     def _mid(self, img: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         """(N, 3, H, W) -> frozen concat(layer3, layer2) (N, C3 + C2, h, w), through the cache when active."""
@@ -164,16 +171,37 @@ class CRNet(FrozenBackboneModel):
         return SegOutput(logits, [], extra)
 
 
+def he_init_(model: CRNet) -> None:
+    """He (fan-in, ReLU) weights and zero biases for the learnable convs between the frozen backbone and the
+    logits, except the last classifier conv and the gates. PyTorch's default init shrinks the second moment
+    about 6x per conv + ReLU: through CRNet's 11 head convs the logits came out spatially constant (the fg - bg
+    logit's spatial std 0.003 against its mean 0.058), the classifier bias took almost all the gradient, and
+    training stayed on the all-background plateau (docs/results.md, CRNet)."""
+    last = model.refine.cls[-1]
+    for module in (model.reduce, model.query_condition, model.support_condition, model.refine):
+        for conv in module.modules():
+            if isinstance(conv, nn.Conv2d) and conv is not last:
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+
+
 def build(cfg: ModelConfig, options: CRNetOptions, *, shot: int, base_classes: list[int]) -> CRNet:
     """CRNet on a frozen deep-stem backbone; `base_classes` is unused (no base learner)."""
     return CRNet(backbone=build_backbone(cfg.backbone, "deep_stem", cfg.weights), reduce_dim=options.reduce_dim,
                  refine_iterations=options.refine_iterations, aspp_dilations=options.aspp_dilations,
                  dropout=options.dropout, feature_dropout=options.feature_dropout,
-                 support_weight=options.support_weight, shot=shot)
+                 support_weight=options.support_weight, init=options.init, lr_scale=options.lr_scale, shot=shot)
+
+
+def optimizers(model: CRNet, recipe: OptimConfig) -> list[OptimizerSpec]:
+    """One optimiser, every learnable parameter at the recipe's lr x `lr_scale`."""
+    return [OptimizerSpec("main", [{"params": trainable(model), "lr_scale": model.lr_scale}], recipe)]
 
 
 METHOD = Method(
     key="crnet", build=build, options=CRNetOptions, stage1=Stage1("backbone"), recipe=PFENET_RECIPE,
+    optimizers=optimizers,
     trains_each_shot=False,  # trained 1-shot; k shots by the `finetune` regime (or the shot-mean forward)
     summary="cross-reference + support prediction + iterated mask refinement (CVPR 2020; approximate)",
     tiny={"backbone": "small", "pspnet": {"ppm_dim": 32},
