@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from fssmeta.config import Config
+from fssmeta.cross_domain import evaluate_targets
 from fssmeta.data.io import read_json, write_json_atomic
-from fssmeta.evaluation import evaluate_method, evaluate_targets
+from fssmeta.evaluation import evaluate_method
 from fssmeta.params import load_config
 from fssmeta.report import ABLATION_VARIANTS, ablation_markdown
 from fssmeta.runs import base_dir

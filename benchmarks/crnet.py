@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from fssmeta.config import Config
+from fssmeta.cross_domain import evaluate_targets
 from fssmeta.data.io import write_json_atomic
-from fssmeta.evaluation import evaluate_method, evaluate_targets
+from fssmeta.evaluation import evaluate_method
 from fssmeta.params import load_config
 from fssmeta.runs import base_dir, meta_dir
 from fssmeta.stages import train_base, train_meta

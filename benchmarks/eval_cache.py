@@ -6,7 +6,7 @@ Run: `.venv/bin/python benchmarks/eval_cache.py [--size small|resnet50] [--metho
 [--classes 5] [--episodes 1000] [--seeds 5] [--shot 1] [--cache-mib 1024]` (at resnet50 / 473 pass smaller
 --episodes and --seeds). A randomly initialised model scores `--seeds` fixed lists drawn like the real ones
 (a class, then a query and `--shot` other supports showing it) over a pool of random images, through the real
-loader, test transform (`original`, the method's canvas) and the real scoring path (`evaluation._score_lists`,
+loader, test transform (`original`, the method's canvas) and the real scoring path (`evaluation.score_lists`,
 which with the cache scores class by class across the lists). CUDA when available.
 """
 
@@ -70,11 +70,11 @@ class Pool:
 
 def score(model: torch.nn.Module, paths: dict[int, Path], pool: Pool, transform: TestTransform, classes: int,
           cache_mib: int) -> tuple[list[dict[str, Any]], float]:
-    """The lists through the real scoring path (`evaluation._score_lists`: with a cache, one per model,
+    """The lists through the real scoring path (`evaluation.score_lists`: with a cache, one per model,
     class by class across the lists); per-seed scores and seconds."""
     cfg = Config(eval=EvalConfig(test_size=transform.size, feature_cache_mib=cache_mib))
     start = time.perf_counter()
-    scores = evaluation._score_lists(cfg, model, paths, pool, transform, classes, False, "bench")
+    scores = evaluation.score_lists(cfg, model, paths, pool, transform, classes, False, "bench")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return scores, time.perf_counter() - start

@@ -233,16 +233,14 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fssmeta.evaluation import (
-        evaluate_method,
+    from fssmeta.cross_domain import (
         evaluate_target_splits,
         evaluate_targets,
-        format_report,
         format_splits_report,
         format_target_report,
-        result_path,
         target_sources,
     )
+    from fssmeta.evaluation import evaluate_method, format_report, result_path
 
     cfg = _config(args)
     if args.targets and (args.splits or (args.fold is None and cfg.eval.target_source == "splits")):

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from fssmeta.config import Config, ModelConfig
+from fssmeta.cross_domain import source_label, target_report
 from fssmeta.data.dataset import EpisodeDataset, IndexSource
 from fssmeta.data.episode_lists import list_path, load_episode_list
 from fssmeta.data.folds import class_names
@@ -21,7 +22,6 @@ from fssmeta.data.io import DataError, atomic_path, read_json, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.transforms import TestTransform, denormalize
 from fssmeta.episode import IGNORE_INDEX
-from fssmeta.evaluation import source_label, target_report
 from fssmeta.losses import resize_logits
 from fssmeta.models import METHODS
 

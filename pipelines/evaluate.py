@@ -5,7 +5,8 @@ source (`eval.target_source: splits`, or `fold` with `eval.target_fold` = this f
 
 from __future__ import annotations
 
-from fssmeta.evaluation import evaluate_method, format_report, scores_targets
+from fssmeta.cross_domain import scores_targets
+from fssmeta.evaluation import evaluate_method, format_report
 from pipelines.common import config, parser, run
 from pipelines.evaluate_targets import score_targets
 

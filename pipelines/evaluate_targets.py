@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fssmeta.config import Config
+from fssmeta.cross_domain import evaluate_targets, format_target_report, scores_targets
 from fssmeta.data.folds import ALL, Split
 from fssmeta.data.io import write_json_atomic
-from fssmeta.evaluation import evaluate_targets, format_target_report, scores_targets
 from pipelines.common import config, parser, run
 
 

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fssmeta.config import Config
+from fssmeta.cross_domain import domains as all_domains
+from fssmeta.cross_domain import scores_targets, target_result_path
 from fssmeta.data.folds import ALL, Split, split_name
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.data.prepare import load_fold
-from fssmeta.evaluation import domains as all_domains
-from fssmeta.evaluation import scores_targets, target_result_path
 from fssmeta.integrations.promotion import (
     PromotionRefused,
     decision_dict,

@@ -193,7 +193,7 @@ def score_version(cfg: Config, *, version: str, domain: str, name: str | None = 
     """mIoU of a registered version on `domain`'s fixed selection episodes (mean over validation seeds):
     `source` = the version's fold VALIDATION list, a target name = its 1-way selection lists at
     `eval.resized_size` (`evaluation.score_domain`)."""
-    from fssmeta.evaluation import score_domain
+    from fssmeta.cross_domain import score_domain
 
     name = name or cfg.mlflow.registered_model
     model, model_cfg, info = load_logged_model(cfg.mlflow, f"models:/{name}/{version}")
@@ -205,7 +205,7 @@ def score_baseline(cfg: Config, *, version: str, domain: str, name: str | None =
     """mIoU of the non-learned baseline (`model.method: baseline`, built from the params as `fssmeta evaluate
     --method baseline` builds it) on the episodes `score_version` scores `version` on: `domain`'s selection
     episodes at the version's fold and shot (its `fold` / `shot` tags)."""
-    from fssmeta.evaluation import score_domain
+    from fssmeta.cross_domain import score_domain
     from fssmeta.runs import default_device, evaluation_model
 
     name = name or cfg.mlflow.registered_model

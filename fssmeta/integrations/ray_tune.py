@@ -284,7 +284,7 @@ def target_selection_miou(cfg: Config, checkpoint: Path) -> float:
     """A trial checkpoint's mIoU on `tune.domain`'s selection episodes, with source validation's budget: the
     first `train.val_episodes` episodes of the first `episodes.val_seeds` list (`evaluation.score_domain`, as
     promotion scores that target). The model is rebuilt from the checkpoint's stored config (the trial's)."""
-    from fssmeta.evaluation import score_domain
+    from fssmeta.cross_domain import score_domain
 
     fold, shot = cfg.train.fold, cfg.train.shot
     model, _ = model_from_checkpoint(read_checkpoint(checkpoint), shot=shot, source=checkpoint,

@@ -6,7 +6,7 @@ are computed once per model. Keys are content digests (`digest`), so a hit retur
 computation would have: logits are torch.equal to the uncached path. The contract holds at batch 1 in eval
 mode (`active_cache`): a batched convolution may round differently from a batch of one, and in training
 PFENet's BN convention updates the backbone's statistics. One cache serves one model under one precision
-(`eval.amp`); `evaluation._score_lists` makes a fresh one per model. docs/protocol.md section 4.
+(`eval.amp`); `evaluation.score_lists` makes a fresh one per model. docs/protocol.md section 4.
 """
 
 from __future__ import annotations

@@ -395,7 +395,7 @@ def test_promotion_scores_the_baseline_on_the_targets_selection_episodes(cfg: Co
     import torch
 
     from fssmeta.checkpoint import save_checkpoint
-    from fssmeta.evaluation import score_domain
+    from fssmeta.cross_domain import score_domain
     from fssmeta.integrations.promotion import promote, score_baseline, score_version
     from fssmeta.models.pspnet import build_pspnet
     from fssmeta.params import load_config

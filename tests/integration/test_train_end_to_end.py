@@ -111,8 +111,8 @@ def test_score_domain_uses_fixed_validation_episodes(workspace):
     """What promotion compares: a trained model on a domain's fixed episodes, the same number twice."""
     import torch
 
+    from fssmeta.cross_domain import score_domain
     from fssmeta.data.io import DataError
-    from fssmeta.evaluation import score_domain
     from fssmeta.params import load_config
     from fssmeta.runs import evaluation_model
 

@@ -18,9 +18,10 @@ from fssmeta.adaptation import (
     with_regime,
 )
 from fssmeta.config import Config, EvalConfig, TTAConfig
+from fssmeta.cross_domain import target_result_path
 from fssmeta.data.io import DataError
 from fssmeta.episode import Episode
-from fssmeta.evaluation import regime_config, regime_record, regime_settings, result_path, target_result_path
+from fssmeta.evaluation import regime_config, regime_record, regime_settings, result_path
 from fssmeta.losses import cross_entropy
 from fssmeta.models import build_model, get_method
 from fssmeta.models.crnet import CRNet, CrossReference

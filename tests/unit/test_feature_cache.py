@@ -128,7 +128,7 @@ def test_scoring_with_the_cache_gives_the_same_meter(tmp_path: Path, monkeypatch
     scores = {}
     for mib in (0, 64):
         cfg = Config(eval=EvalConfig(test_size=SIZE, feature_cache_mib=mib))
-        scores[mib] = evaluation._score_lists(cfg, model, lists, MemorySource(), transform, 2, False, "test")
+        scores[mib] = evaluation.score_lists(cfg, model, lists, MemorySource(), transform, 2, False, "test")
     # uncached: one call per seed list; cached: one per non-empty (class, seed), class-major, one cache per model
     episodes = {seed: json.loads(path.read_text())["episodes"] for seed, path in lists.items()}
     chunks = [(c, seed) for c in (1, 2) for seed in (0, 1) if any(ep["class_id"] == c for ep in episodes[seed])]

@@ -26,7 +26,7 @@ RANKS = {
     "fssmeta.checkpoint": 7, "fssmeta.tracking": 7,
     "fssmeta.train": 8, "fssmeta.adaptation": 8,
     "fssmeta.runs": 9,
-    "fssmeta.stages": 10, "fssmeta.evaluation": 10, "fssmeta.predict": 10,
+    "fssmeta.stages": 10, "fssmeta.evaluation": 10, "fssmeta.cross_domain": 10, "fssmeta.predict": 10,
     "fssmeta.report": 11,
     "fssmeta.integrations": 12,
     "fssmeta.cli": 13,
@@ -112,7 +112,7 @@ def test_the_walk_sees_the_layers():
 def test_core_imports_no_services():
     code = (
         "import sys, fssmeta.cli, fssmeta.config, fssmeta.params, fssmeta.metrics, fssmeta.stages, "
-        "fssmeta.evaluation, fssmeta.runs, fssmeta.predict, fssmeta.report, fssmeta.data.dataset, "
+        "fssmeta.evaluation, fssmeta.cross_domain, fssmeta.runs, fssmeta.predict, fssmeta.report, fssmeta.data.dataset, "
         "fssmeta.data.prepare, fssmeta.data.episode_lists, fssmeta.data.synthetic, fssmeta.data.coco, "
         "fssmeta.data.targets, fssmeta.models;"
         "bad = [m for m in ('ray', 'mlflow', 'dvc', 'torchvision') if m in sys.modules];"

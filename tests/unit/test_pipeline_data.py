@@ -106,7 +106,7 @@ def test_target_selection_episodes_never_touch_a_test_query(synthetic):
 def test_scoring_a_target_for_model_choice_reads_its_selection_lists_only(synthetic):
     import torch
 
-    from fssmeta.evaluation import score_domain
+    from fssmeta.cross_domain import score_domain
     from fssmeta.models import build_model
 
     args = stage_args(synthetic, "voc")

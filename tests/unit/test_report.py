@@ -217,7 +217,7 @@ def test_stages_record_their_time_and_the_report_lists_them(tmp_path, monkeypatc
 
 
 def test_splits_summary_means_over_the_source_splits():
-    from fssmeta.evaluation import format_splits_report, splits_summary
+    from fssmeta.cross_domain import format_splits_report, splits_summary
 
     def report(gray: float, tiles: float) -> dict:
         entry = lambda m: {"miou_mean": m, "miou_std": 0.0}  # noqa: E731

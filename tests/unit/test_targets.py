@@ -318,8 +318,8 @@ def test_pascal_layout_reads_every_class_of_an_image_and_keeps_the_ignore_ring(t
 
 def test_seen_classes_are_left_out_per_source_split() -> None:
     # RMT's COCO-20i -> PASCAL: each COCO split's model is scored on the PASCAL classes it never trained on
+    from fssmeta.cross_domain import unseen_classes
     from fssmeta.data.folds import PASCAL_CLASSES
-    from fssmeta.evaluation import unseen_classes
     from fssmeta.params import load_config
 
     def kept(dataset: str, fold: int | str) -> list[str]:
