@@ -77,13 +77,15 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     root, args = workspace
     targets = (f"data.targets={{gray: {{layout: deepglobe, root: {root}/syn/targets/gray}}, "
                f"hazy: {{layout: fss1000, root: {root}/syn/targets/hazy}}}}")
-    extra = ["--set", targets, "--set", "episodes.target_episodes=8", "--set", "eval.resized_size=97"]
+    # the source: fold 0's model (`eval.target_source: fold`; the all-classes model is the dvc test's)
+    extra = ["--set", targets, "--set", "episodes.target_episodes=8", "--set", "eval.resized_size=97",
+             "--set", "eval.target_source=fold"]
     assert main(["episodes", *args, *extra]) == 0
     for method in ("bam", "baseline"):
         assert main(["evaluate", "--targets", "--method", method, *args, *extra]) == 0
     printed = capsys.readouterr().out
-    assert "bam (source fold 0, regime none) on the targets, resized 97" in printed and "\ngray " in printed
-    report = json.loads((root / "results/targets/bam-fold0.json").read_text())
+    assert "bam (source: fold 0, regime none) on the targets, resized 97" in printed and "\ngray " in printed
+    report = json.loads((root / "results/fold0/targets/bam.json").read_text())  # beside fold 0's own results
     assert set(report["results"]) == {"gray", "hazy"}
     assert report["protocol"]["checkpoint_selection"] == "source validation list"
     gray = report["results"]["gray"]["1shot"]
@@ -93,10 +95,10 @@ def test_cross_domain_evaluation_on_the_synthetic_targets(workspace, capsys):
     # the tta regime: its own file beside the none one, its settings recorded, its own episode count
     tta = ["--regime", "tta", "--set", "eval.tta.steps=2", "--set", "eval.tta.episodes=3"]
     assert main(["evaluate", "--targets", "--method", "bam", *args, *extra, *tta]) == 0
-    adapted = json.loads((root / "results/targets/bam-fold0-tta.json").read_text())
+    adapted = json.loads((root / "results/fold0/targets/bam-tta.json").read_text())
     assert adapted["regime"] == "tta" and adapted["protocol"]["regime"]["tta"]["steps"] == 2
     assert adapted["results"]["gray"]["1shot"]["seeds"][0]["episodes"] == 3
-    assert json.loads((root / "results/targets/bam-fold0.json").read_text()) == report  # untouched
+    assert json.loads((root / "results/fold0/targets/bam.json").read_text()) == report  # untouched
     assert main(["evaluate", "--targets", "--method", "baseline", *args, *extra, *tta]) == 2
     assert "baseline learns nothing" in capsys.readouterr().err
     # RMT's protocol: every eval.folds model (here the one fold trained) scores the targets, and the mean
