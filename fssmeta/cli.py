@@ -14,20 +14,14 @@ from pathlib import Path
 import yaml
 
 from fssmeta.checkpoint import CheckpointError
+from fssmeta.cli_registry import cmd_promote, cmd_register
 from fssmeta.config import Config, ConfigError, config_to_dict
 from fssmeta.data.io import DataError
-from fssmeta.params import load_config
-
-
-def _config(args: argparse.Namespace) -> Config:
-    # `--params none` (or no params.yaml in the working folder) runs on the embedded defaults
-    default_missing = args.params == "params.yaml" and not Path(args.params).is_file()
-    params = None if args.params.lower() in ("", "none") or default_missing else args.params
-    return load_config(params, args.set)
+from fssmeta.params import config_from_args
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
-    print(yaml.safe_dump(config_to_dict(_config(args)), sort_keys=False), end="")
+    print(yaml.safe_dump(config_to_dict(config_from_args(args)), sort_keys=False), end="")
     return 0
 
 
@@ -61,7 +55,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from fssmeta.data.synthetic import synthesize
 
-    cfg = _config(args).synthesize
+    cfg = config_from_args(args).synthesize
     if args.seed is not None:
         cfg = cfg.model_copy(update={"seed": args.seed})
     out = args.out or cfg.out
@@ -75,7 +69,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from fssmeta.data.prepare import prepare
 
-    cfg = _config(args).data
+    cfg = config_from_args(args).data
     start = time.perf_counter()
     summary = prepare(cfg, out=args.out, progress=not args.quiet)
     print(f"indexed {cfg.dataset} ({cfg.root}) into {args.out or cfg.prepared} in {time.perf_counter() - start:.1f} s")
@@ -88,7 +82,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_episodes(args: argparse.Namespace) -> int:
     from fssmeta.data.episode_lists import write_episode_lists
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     manifest = write_episode_lists(cfg.data, cfg.episodes, out=args.out, progress=not args.quiet)
     files = manifest["files"]
     total = sum(f["episodes"] for f in files)
@@ -120,7 +114,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     from fssmeta.stages import train_base
 
     _fold_override(args, "train_base")
-    cfg = _config(args)
+    cfg = config_from_args(args)
     fold = cfg.train_base.fold
     start = time.perf_counter()
     result = train_base(cfg, fold, progress=not args.quiet, resume_run=not args.restart)
@@ -135,7 +129,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fssmeta.integrations.ray_tune import SweepError, main_summary, run_sweep
 
     try:
-        result = run_sweep(_config(args), progress=not args.quiet)
+        result = run_sweep(config_from_args(args), progress=not args.quiet)
     except SweepError as exc:
         print(f"fssmeta tune: {exc}", file=sys.stderr)
         return 1
@@ -149,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fssmeta.stages import train_meta
 
     _fold_override(args, "train")
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.tuned:
         cfg, _ = apply_tuned(cfg, args.tuned)
     if args.ray:
@@ -187,51 +181,6 @@ def _train_ray(cfg: Config, *, progress: bool) -> int:
     return 0
 
 
-def cmd_register(args: argparse.Namespace) -> int:
-    from fssmeta.data.io import read_json
-
-    if args.name:
-        args.set = [*args.set, f"mlflow.registered_model={args.name}"]
-    cfg = _config(args)
-    metrics = read_json(args.metrics, "metrics file") if args.metrics else {}
-    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                for v in metrics.values()):
-        raise ValueError(f"--metrics {args.metrics}: expected a JSON object of metric names to numbers")
-    from fssmeta.integrations.registry import register_checkpoint
-
-    info = register_checkpoint(cfg, args.checkpoint, metrics=metrics)
-    state = "registered" if info["created"] else "already registered"
-    print(f"{args.checkpoint}: {info['model_uri']} {state} (run {info['run_id']})")
-    return 0
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    from fssmeta.integrations.promotion import PromotionRefused, promote, rollback, score_version
-
-    cfg = _config(args)
-    name = args.model or cfg.mlflow.registered_model
-    try:
-        if args.rollback:
-            print(f"{name}@champion-{args.domain} -> version {rollback(cfg, domain=args.domain, name=name)} (rolled back)")
-            return 0
-        version = args.version
-        if version is None:
-            from fssmeta.integrations.mlflow import _mlflow, resolve_tracking_uri
-
-            client = _mlflow().MlflowClient(tracking_uri=resolve_tracking_uri(cfg.mlflow))
-            version = str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
-        decision = promote(cfg, domain=args.domain, version=version, name=name,
-                           score=lambda v: score_version(cfg, version=v, domain=args.domain, name=name))
-    except PromotionRefused as exc:
-        print(f"fssmeta promote: refused: {exc}", file=sys.stderr)
-        return 3
-    verdict = "promoted" if decision.promoted else "not promoted"
-    champion = "-" if decision.champion_score is None else f"{decision.champion_score:.4f}"
-    print(f"{name} version {decision.challenger} on {args.domain}: {verdict} ({decision.reason}); challenger "
-          f"{decision.challenger_score:.4f}, champion version {decision.champion or '-'} {champion}")
-    return 0
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fssmeta.cross_domain import (
         evaluate_target_splits,
@@ -242,7 +191,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from fssmeta.evaluation import evaluate_method, format_report, result_path
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.targets and (args.splits or (args.fold is None and cfg.eval.target_source == "splits")):
         print(format_splits_report(evaluate_target_splits(cfg, args.method, progress=not args.quiet,
                                                           regime=args.regime or cfg.eval.regime)))
@@ -288,7 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError("--shot / --fold apply to a checkpoint file; a logged model records its own")
         from fssmeta.integrations.mlflow_model import load_logged_model
 
-        model, model_cfg, info = load_logged_model(_config(args).mlflow, args.model)
+        model, model_cfg, info = load_logged_model(config_from_args(args).mlflow, args.model)
     else:
         model, model_cfg, info = load_training_checkpoint(args.model, shot=args.shot, fold=args.fold)
     shot = int(info["shot"])

@@ -67,10 +67,9 @@ def target_report(cfg: Config, method: str, regime: str = "none") -> dict[str, A
     if cfg.eval.target_source != "splits":
         return {"source": cfg.eval.target_source, **reports[0]}
     summary = splits_summary(dict(zip(target_sources(cfg), reports, strict=True)))
-    per = {t: {s: [row["targets"][t][s] for row in summary["per_split"].values()] for s in per_shot}
-           for t, per_shot in summary["mean"].items()}
-    results = {t: {s: {"miou_mean": statistics.fmean(v), "miou_std": statistics.pstdev(v)} for s, v in by.items()}
-               for t, by in per.items()}
+    rows = summary["per_split"].values()
+    results = {t: {s: {"miou_mean": mean, "miou_std": statistics.pstdev(row["targets"][t][s] for row in rows)}
+                   for s, mean in per_shot.items()} for t, per_shot in summary["mean"].items()}
     return {"method": method, "source": "splits", "source_fold": "splits", "regime": regime,
             "protocol": summary["protocol"], "results": results,
             "mean_over_targets": summary["mean_over_targets"], "per_split": summary["per_split"]}

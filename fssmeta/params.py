@@ -162,3 +162,11 @@ def fill_method_options(data: dict[str, Any]) -> None:
             model[key] = config_to_dict(method.options.model_validate(model.get(key) or {}))
         except ValidationError as exc:
             raise ConfigError(format_errors(exc, f"model.{key} ({key} options)", prefix=f"model.{key}")) from None
+
+
+def config_from_args(args: Any) -> Config:
+    """The Config of a command line's `--params FILE` and `--set key=value` (`fssmeta ...`)."""
+    # `--params none` (or no params.yaml in the working folder) runs on the embedded defaults
+    default_missing = args.params == "params.yaml" and not Path(args.params).is_file()
+    params = None if args.params.lower() in ("", "none") or default_missing else args.params
+    return load_config(params, args.set)

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fssmeta.cli import split_arg  # noqa: F401  (the stages' --fold)
 from fssmeta.config import Config
 from fssmeta.data.folds import ALL, Split
 from fssmeta.data.io import write_json_atomic

@@ -15,11 +15,11 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--fold", type=int, required=True)
     args = p.parse_args()
-    cfg = config(args)
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"folds": (args.fold,)})})
+    params = config(args)
+    cfg = params.model_copy(update={"eval": params.eval.model_copy(update={"folds": (args.fold,)})})
     for method in (cfg.model.method, "baseline"):
         print(format_report(evaluate_method(cfg, method)))
-    if scores_targets(config(args), args.fold):  # the params' eval.folds decide what `splits` means
+    if scores_targets(params, args.fold):  # the params' eval.folds decide what `splits` means
         score_targets(cfg, args.fold)
 
 

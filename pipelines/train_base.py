@@ -4,9 +4,10 @@ source split's at `<train_base.out>/all/base`."""
 
 from __future__ import annotations
 
+from fssmeta.cli import split_arg
 from fssmeta.runs import base_dir
 from fssmeta.stages import train_base
-from pipelines.common import config, parser, run, skip_unused_all, split_arg
+from pipelines.common import config, parser, run, skip_unused_all
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fssmeta.cli import split_arg  # noqa: E402
 from fssmeta.integrations.ray_train import RayTrainingError, train_with_ray  # noqa: E402
 from fssmeta.models import get_method  # noqa: E402
 from fssmeta.params import apply_tuned  # noqa: E402
 from fssmeta.runs import meta_dir, run_dir, write_pointer  # noqa: E402
-from pipelines.common import config, parser, run, skip_unused_all, split_arg  # noqa: E402
+from pipelines.common import config, parser, run, skip_unused_all  # noqa: E402
 
 
 def main() -> None:

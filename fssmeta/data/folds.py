@@ -94,7 +94,7 @@ def held_out_classes(split: dict[str, object]) -> list[int]:
     """The classes a split's test and validation lists hold (`split` = a `fold_classes` / prepared fold
     dict): its novel classes, or for the ALL split, which holds none out, every class (its validation is
     on held-out source IMAGES)."""
-    return list(split["base"] if split.get("fold") == ALL or not split["novel"] else split["novel"])  # type: ignore[arg-type]
+    return list(split["novel"] or split["base"])  # type: ignore[call-overload]
 
 
 def class_names(dataset: str) -> tuple[str, ...]:

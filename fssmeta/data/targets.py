@@ -274,9 +274,10 @@ def _read_pascal(root: Path, problems: Problems) -> tuple[list[str], list[Target
     """PASCAL VOC val as a cross-domain target (RMT's COCO-20i -> PASCAL setting): an image is a sample of
     every class id its mask contains."""
     listed, image_dir, mask_dir = root / PASCAL_TARGET_LIST, root / "JPEGImages", root / PASCAL_TARGET_MASKS
-    if not (listed.is_file() and _folder(image_dir, problems) and _folder(mask_dir, problems)):
-        if not listed.is_file():
-            problems.add(listed, "image list not found")
+    folders = [_folder(image_dir, problems), _folder(mask_dir, problems)]
+    if not listed.is_file():
+        problems.add(listed, "image list not found")
+    if not (listed.is_file() and all(folders)):
         return list(PASCAL_CLASSES), [], []
     samples = []
     for pair in _pair([image_dir / f"{stem}.jpg" for stem in _parse_names(listed.read_text(), listed)],

@@ -20,6 +20,7 @@ from fssmeta.episode import Episode
 from fssmeta.models import build_model, count_learnable, get_method
 from fssmeta.models.asnet import HEADS, AttentiveSqueeze, attend, class_presence, merge_ways
 from tests.cli_data import tiny_cli_data
+from tests.unit.test_hsnet import assert_hsnet_family_recipe
 from tests.unit.test_models import make_episode, make_model
 
 
@@ -264,9 +265,7 @@ def test_learnable_count_and_record():
     assert not any(p.requires_grad for p in r50.backbone.parameters())
     assert [r50.squeeze4[0].query_embed.in_channels, r50.squeeze3[0].query_embed.in_channels,
             r50.squeeze2[0].query_embed.in_channels] == [3, 6, 4]
-    recipe = record.training_recipe(record.recipe)
-    assert (recipe.optimizer, recipe.lr, recipe.power, recipe.weight_decay) == ("adam", 1e-3, 0.0, 0.0)
-    assert record.transform == "resize" and not record.trains_each_shot and record.stage1 is None
+    assert_hsnet_family_recipe(record)
     assert record.options_of(ModelConfig(method="asnet")).model_dump() == {
         "support_masking": "none", "mask_attention": True, "support_size": 400}
 

@@ -181,10 +181,15 @@ def test_learnable_count_and_record():
     # the learner reads as many correlation channels per stage as the backbone has bottlenecks there
     assert [r50.squeeze4[0].query_conv.in_channels, r50.squeeze3[0].query_conv.in_channels,
             r50.squeeze2[0].query_conv.in_channels] == [3, 6, 4]
+    assert_hsnet_family_recipe(record)
+    assert record.training_shot(5) == 1
+
+
+def assert_hsnet_family_recipe(record) -> None:
+    """HSNet's official recipe, shared by ASNet: Adam 1e-3 constant, resized images, trained 1-shot, no stage 1."""
     recipe = record.training_recipe(record.recipe)
     assert (recipe.optimizer, recipe.lr, recipe.power, recipe.weight_decay) == ("adam", 1e-3, 0.0, 0.0)
     assert record.transform == "resize" and not record.trains_each_shot and record.stage1 is None
-    assert record.training_shot(5) == 1
 
 
 def test_a_frozen_backbone_with_its_bn_fixed_in_training():

@@ -29,7 +29,7 @@ RANKS = {
     "fssmeta.stages": 10, "fssmeta.evaluation": 10, "fssmeta.cross_domain": 10, "fssmeta.predict": 10,
     "fssmeta.report": 11,
     "fssmeta.integrations": 12,
-    "fssmeta.cli": 13,
+    "fssmeta.cli": 13, "fssmeta.cli_registry": 13,
 }
 SERVICES = ("ray", "mlflow", "dvc")
 FORBIDDEN = {"fssmeta.models": ("fssmeta.data",)}  # models never read files: data -> models, not back
