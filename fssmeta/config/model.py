@@ -26,6 +26,13 @@ class MemoryConfig(Section):
     nlist: int = 16  # IVF lists
     contrast_weight: float = 0.1  # L_cont (category contrast over memory-restyled views)
     contrast_temperature: float = 0.1
+    # RMT's L_pro: CE of the query segmented by cosine to the support's restyled fg / bg prototypes (x `prototype_scale`)
+    prototype_weight: float = 0.0
+    prototype_scale: float = 20.0
+    # What the memory restyles: `mid` = the input of the mid-level reduction only; `backbone` = the frozen
+    # layer2 / layer3 features themselves, so the layer4 prior, the base learner and BAM's Gram psi see the
+    # restyled features too (layer4 is recomputed from the restyled layer3). docs/methods.md, RMT.
+    restyle: Literal["mid", "backbone"] = "mid"
 
 
 class MiningConfig(Section):

@@ -6,6 +6,7 @@ PFENet, BAM and NTRENet start every forward with `meta_inputs`; the memory (mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from fssmeta.episode import DIAGNOSTIC_PREFIX, Episode
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet
 from fssmeta.models.feature_cache import FeatureCache, digest
-from fssmeta.models.memory import MemoryTransfer
+from fssmeta.models.memory import MemoryTransfer, instance_stats
 
 # PFENet's PASCAL recipe: base_lr 0.0025 with every parameter group at 10x (its poly schedule, index_split -1),
 # an effective 0.025 at its batch of 4; SGD momentum 0.9, weight decay 1e-4, poly 0.9. NTRENet trains the same.
@@ -33,9 +34,13 @@ class SupportFeatures(NamedTuple):
     fg_mask: torch.Tensor  # (B*S, H, W) float, 1 = the episode's class
 
 
+# (layer2, layer3) -> the same two restyled: the memory's `backbone` scope (`meta_inputs`), applied before layer4.
+Style = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
 def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks: torch.Tensor,
-                     cache: FeatureCache | None = None) -> SupportFeatures:
+                     cache: FeatureCache | None = None, style: Style | None = None) -> SupportFeatures:
     """Run the frozen backbone on (B, S, 3, H, W) supports with (B, S, H, W) 0/1/255 masks.
 
     Layer4 sees only the object: PFENet multiplies layer3 by the mask (bilinear, align_corners) before layer4,
@@ -43,6 +48,7 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
     One backbone pass per shot over the B episodes, as the official code does: with BN in train mode
     (`Method.backbone_bn`) the batch statistics are then those of one shot's B supports, not of all B*S.
     With a `cache` (eval, B = 1: feature_cache.active_cache) each shot comes through it (`_cached_shot`).
+    With a `style`, layer2 and layer3 are restyled first and layer4 is computed from the restyled layer3.
     """
     B, S = support_imgs.shape[:2]
     fg_mask = ops.foreground(support_masks.flatten(0, 1))  # (B*S, H, W)
@@ -50,9 +56,11 @@ def support_features(backbone: ResNet, support_imgs: torch.Tensor, support_masks
     stacked: list[torch.Tensor] = []  # layer2, layer3, layer4 as (B, S, ...), filled shot by shot
     for s in range(S):
         if cache is not None:
-            shot = _cached_shot(backbone, support_imgs[:, s], shot_masks[:, s], cache)
+            shot = _cached_shot(backbone, support_imgs[:, s], shot_masks[:, s], cache, style)
         else:
             layer2, layer3 = _mid_features(backbone, support_imgs[:, s])  # (B, C2 / C3, h, w)
+            if style is not None:
+                layer2, layer3 = style(layer2, layer3)
             shot = (layer2, layer3, _masked_layer4(backbone, layer3, shot_masks[:, s]))
         if S == 1:  # already the layout below: no copy
             return SupportFeatures(*shot, fg_mask)
@@ -88,14 +96,24 @@ def query_features(backbone: ResNet, img: torch.Tensor, image: str,
     return {"layer2": layer2, "layer3": layer3, "layer4": layer4}
 
 
+def _styled_mid(backbone: ResNet, img: torch.Tensor, image: str, cache: FeatureCache,
+                style: Style | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """layer2, layer3 of a cached image, restyled by `style` when given (eval: the bank and test_alpha are
+    fixed, so the restyled features depend on the image alone and are cached under their own key)."""
+    mid = cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
+    if style is None:
+        return mid
+    return cache.get_or_compute(("styled_mid", image), lambda: style(*mid))
+
+
 def _cached_shot(backbone: ResNet, img: torch.Tensor, fg: torch.Tensor, cache: FeatureCache,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 style: Style | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One shot of `support_features` through the cache: (1, 3, H, W) image, (1, H, W) float 0/1 foreground
     -> layer2, layer3 keyed by the image; layer4 (of layer3 * mask, the same ops) by image and mask."""
     image = digest(img)
-    layer2, layer3 = cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
-    layer4 = cache.get_or_compute(("masked_layer4", image, digest(fg.bool())),
-                                  lambda: _masked_layer4(backbone, layer3, fg))
+    layer2, layer3 = _styled_mid(backbone, img, image, cache, style)
+    layer4 = cache.get_or_compute(("masked_layer4" if style is None else "styled_masked_layer4", image,
+                                   digest(fg.bool())), lambda: _masked_layer4(backbone, layer3, fg))
     return layer2, layer3, layer4
 
 
@@ -136,25 +154,51 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
                 memory: MemoryTransfer | None = None, cache: FeatureCache | None = None) -> MetaInputs:
     """Frozen features, reduced mid-level features, per-shot prototypes and priors (PFENet, BAM, ...).
 
-    With a `memory` (RMT), the mid-level concat(layer3, layer2) features of query and supports are restyled by
-    the memory before the reduction; in training the raw statistics are written to the bank (the memory
-    contract: the write happens here, inside `forward`, once per training step, see models/memory.py) and
-    the category contrastive loss compares the raw and restyled query views. With a `cache`
-    (feature_cache.active_cache: eval, one episode) the frozen features come through it, layer2..layer4 only.
+    With a `memory` (RMT) the concat(layer3, layer2) features of query and supports are restyled by the memory:
+    scope `mid` restyles the input of the reduction only; scope `backbone` restyles the frozen layer2 / layer3
+    themselves, so layer4 (recomputed from the restyled layer3: the prior, BAM's base learner) and layer2 (BAM's
+    Gram psi) are restyled too. In training the RAW statistics are written to the bank after the reads (the
+    memory contract: the write happens here, inside `forward`, once per training step, see models/memory.py),
+    the category contrastive loss compares the raw and restyled query views and the prototype loss segments
+    the query by its restyled prototypes. With a `cache` (feature_cache.active_cache: eval, one episode) the
+    frozen features come through it, layer2..layer4 only.
     """
     B, S = episode.support_imgs.shape[:2]
     query_key = None
+    scope_backbone = memory is not None and memory.scope == "backbone"
+    raw_stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # training, scope backbone: written after the reads
+
+    def style(layer2: torch.Tensor, layer3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mid = torch.cat([layer3, layer2], 1)
+        if memory.training:
+            raw_stats.append(instance_stats(mid.float()))
+        styled = memory.restyle(mid)
+        return styled[:, layer3.shape[1]:], styled[:, :layer3.shape[1]]
+
+    raw_query_mid = None  # the unstyled query mid-level feature where the memory's training losses need it
     with torch.no_grad():
-        if cache is None:  # the layers the models read; layer0 and layer1 (43 MB at 473) are let go
-            query = {k: v for k, v in backbone(episode.query_img).items() if k in ("layer2", "layer3", "layer4")}
-        else:
+        if cache is not None:
             query_key = digest(episode.query_img)
+        if not scope_backbone and cache is None:  # the layers the models read; layer0 and layer1 are let go
+            query = {k: v for k, v in backbone(episode.query_img).items() if k in ("layer2", "layer3", "layer4")}
+        elif not scope_backbone:
             query = query_features(backbone, episode.query_img, query_key, cache)
-    support = support_features(backbone, episode.support_imgs, episode.support_masks, cache)
+        elif cache is None:
+            layer2, layer3 = _mid_features(backbone, episode.query_img)
+            if memory.training:
+                raw_query_mid = torch.cat([layer3, layer2], 1)
+            layer2, layer3 = style(layer2, layer3)
+            query = {"layer2": layer2, "layer3": layer3, "layer4": backbone.layer4(layer3)}
+        else:
+            layer2, layer3 = _styled_mid(backbone, episode.query_img, query_key, cache, style)
+            layer4 = cache.get_or_compute(("styled_layer4", query_key), lambda: backbone.layer4(layer3))
+            query = {"layer2": layer2, "layer3": layer3, "layer4": layer4}
+    support = support_features(backbone, episode.support_imgs, episode.support_masks, cache,
+                               style if scope_backbone else None)
     query_mid = torch.cat([query["layer3"], query["layer2"]], 1)  # (B, C3 + C2, h, w)
 
     def reduce(down: nn.Module, mid: torch.Tensor) -> torch.Tensor:
-        return down(mid if memory is None else memory.restyle(mid))
+        return down(mid if memory is None or scope_backbone else memory.restyle(mid))
 
     losses: dict[str, torch.Tensor] = {}
     query_feat = reduce(down_query, query_mid)  # (B, D, h, w)
@@ -168,9 +212,18 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
         supp_feat = reduce(down_supp, supp_mid)  # (B*S, D, h, w)
     if memory is not None and memory.training:
         if memory.contrast_weight > 0:
-            losses["memory_contrast"] = memory.contrast_loss(down_query(query_mid), query_feat,
+            raw = query_mid if raw_query_mid is None else raw_query_mid
+            losses["memory_contrast"] = memory.contrast_loss(down_query(raw), query_feat,
                                                              episode.query_mask, episode.class_id)
-        memory.observe(query_mid, supp_mid)  # after the reads: this step's restyling used the old bank
+        if memory.prototype_weight > 0:
+            supp_bg = (episode.support_masks.flatten(0, 1) == 0).to(supp_feat.dtype)
+            losses["memory_prototype"] = memory.prototype_loss(query_feat, supp_feat, support.fg_mask, supp_bg,
+                                                               episode.query_mask)
+        # After the reads: this step's restyling used the old bank.
+        if scope_backbone:
+            memory.observe_stats(raw_stats)
+        else:
+            memory.observe(query_mid, supp_mid)
     support = support._replace(layer3=None)  # read only by the reduction above: let it go (74 MB at 5 shots)
     prototypes = ops.masked_average_pool(supp_feat, support.fg_mask).view(B, S, -1)  # (B, S, D)
     priors = shot_priors(query["layer4"], support, (query_feat.shape[-2], query_feat.shape[-1]))

@@ -21,6 +21,7 @@ from torch import nn
 
 from fssmeta import distributed
 from fssmeta.config import MemoryConfig
+from fssmeta.losses import cross_entropy
 from fssmeta.models.ops import masked_average_pool
 
 IndexKind = Literal["flat", "ivf", "torch"]
@@ -299,6 +300,9 @@ class MemoryTransfer(nn.Module):
                                top_k=cfg.top_k, temperature=cfg.temperature, index=cfg.index, nlist=cfg.nlist)
         self.contrast_weight = cfg.contrast_weight
         self.contrast_temperature = cfg.contrast_temperature
+        self.prototype_weight = cfg.prototype_weight
+        self.prototype_scale = cfg.prototype_scale
+        self.scope = cfg.restyle  # "mid" | "backbone": what `family.meta_inputs` restyles
 
     def restyle(self, feat: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, C, h, w) memory-restyled (alpha mixing of own and memory styles)."""
@@ -307,9 +311,13 @@ class MemoryTransfer(nn.Module):
     @torch.no_grad()
     def observe(self, *feats: torch.Tensor) -> None:
         """Write the per-instance statistics of (N_i, C, h, w) source features; a no-op in eval mode."""
-        if not self.training:
+        self.observe_stats([instance_stats(f.detach().float()) for f in feats])
+
+    @torch.no_grad()
+    def observe_stats(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write (mu, sigma) pairs of (N_i, C) instance statistics, gathered over ranks; a no-op in eval mode."""
+        if not self.training or not stats:
             return
-        stats = [instance_stats(f.detach().float()) for f in feats]
         mu = torch.cat([m for m, _ in stats])
         sigma = torch.cat([s for _, s in stats])
         self.bank.write(mu, sigma, gather=distributed.all_gather_cat)
@@ -322,6 +330,23 @@ class MemoryTransfer(nn.Module):
                                       masked_average_pool(raw, bg), masked_average_pool(styled, bg),
                                       class_ids, self.contrast_temperature)
         return self.contrast_weight * loss
+
+    def prototype_loss(self, query_feat: torch.Tensor, supp_feat: torch.Tensor, supp_fg: torch.Tensor,
+                       supp_bg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Weighted RMT L_pro = -1/(HW) sum Y_q log R(f_q, p): the query segmented without any learned head.
+
+        `query_feat` (B, D, h, w) and `supp_feat` (B*S, D, h, w) are the restyled reduced features, `supp_fg` and
+        `supp_bg` (B*S, H, W) the float support foreground and background (255 in neither), `labels` the (B, H, W) 0/1/255 query mask. p = the support's
+        background and foreground prototypes (masked averages, mean over the shots); R = softmax over {bg, fg}
+        of `prototype_scale` x cosine(f_q, p), upsampled to the mask; CE with 255 ignored. Approximate: the paper
+        gives the form, not the prototypes' source or the scale (20, PANet's).
+        """
+        B = query_feat.shape[0]
+        fg = masked_average_pool(supp_feat, supp_fg).view(B, -1, supp_feat.shape[1]).mean(1)  # (B, D)
+        bg = masked_average_pool(supp_feat, supp_bg).view(B, -1, supp_feat.shape[1]).mean(1)
+        protos = F.normalize(torch.stack([bg, fg], 1), dim=2)  # (B, 2, D)
+        cos = torch.einsum("bkd,bdhw->bkhw", protos, F.normalize(query_feat, dim=1))  # (B, 2, h, w)
+        return self.prototype_weight * cross_entropy(self.prototype_scale * cos, labels)
 
     def orthogonality(self) -> torch.Tensor:
         return self.bank.orthogonality_loss()

@@ -151,3 +151,89 @@ def test_memory_transfer_reads_in_eval_and_writes_in_training():
     loss = transfer.contrast_loss(F.relu(torch.randn(2, 4, 5, 5)), F.relu(torch.randn(2, 4, 5, 5)),
                                   torch.randint(0, 2, (2, 20, 20)), torch.tensor([1, 2]))
     assert torch.isfinite(loss) and loss > 0
+
+
+def scoped_flagship(restyle: str, *, init: str = "source", prototype_weight: float = 0.0, test_alpha=None,
+                    seed: int = 0, shot: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    memory = MemoryConfig(enabled=True, items=16, top_k=4, restyle=restyle, init=init,
+                          prototype_weight=prototype_weight, test_alpha=test_alpha)
+    cfg = ModelConfig(method="bam", **get_method("bam").tiny, memory=memory)
+    return build_model(cfg, shot=shot, base_classes=PASCAL_FOLD0_BASE)
+
+
+def test_backbone_scope_restyles_what_the_prior_psi_and_base_learner_see():
+    """Scope `backbone`: the frozen layer2 / layer3 are restyled and layer4 is recomputed from the restyled
+    layer3; scope `mid` leaves them raw. Both restyle the reduction's input identically."""
+    from fssmeta.models.family import meta_inputs
+
+    episode = make_episode(2, batch=2, seed=3)
+    mid, backbone = (scoped_flagship(r, init="random", test_alpha=0.0).eval() for r in ("mid", "backbone"))
+    backbone.load_state_dict(mid.state_dict())
+    with torch.no_grad():
+        a = meta_inputs(mid.backbone, mid.down_query, mid.down_supp, episode, mid.memory)
+        b = meta_inputs(backbone.backbone, backbone.down_query, backbone.down_supp, episode, backbone.memory)
+        raw = mid.backbone(episode.query_img)
+        styled = backbone.memory.restyle(torch.cat([raw["layer3"], raw["layer2"]], 1))
+    c3 = raw["layer3"].shape[1]
+    assert torch.equal(a.query["layer4"], raw["layer4"]) and torch.equal(a.query["layer2"], raw["layer2"])
+    assert torch.allclose(b.query["layer2"], styled[:, c3:]) and torch.allclose(b.query["layer3"], styled[:, :c3])
+    assert torch.allclose(b.query["layer4"], backbone.backbone.layer4(styled[:, :c3]), atol=1e-6)
+    assert (b.query["layer4"] - raw["layer4"]).abs().max() > 1e-3, "test_alpha 0 must move layer4"
+    assert (b.support.layer2 - a.support.layer2).abs().max() > 1e-3
+    assert not torch.allclose(b.priors, a.priors)
+    assert torch.allclose(a.query_feat, b.query_feat, atol=1e-5), "the reduction sees the same restyled input"
+    assert torch.allclose(a.supp_feat, b.supp_feat, atol=1e-5)
+
+
+def test_backbone_scope_writes_raw_source_statistics():
+    """The write is of the RAW statistics in both scopes: from one bank, one training step leaves the same
+    bank (random init: the EMA write is a sum over instances, so the order the scopes gather them in is moot)."""
+    episode = make_episode(2, batch=2, seed=4)
+    models = [scoped_flagship(r, init="random").train() for r in ("mid", "backbone")]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        episode_losses(model, episode)
+    assert not torch.equal(models[0].memory.bank.means, scoped_flagship("mid", init="random").memory.bank.means)
+    assert torch.allclose(models[0].memory.bank.means, models[1].memory.bank.means, atol=1e-5)
+    assert torch.allclose(models[0].memory.bank.stds, models[1].memory.bank.stds, atol=1e-5)
+
+
+def test_backbone_scope_cached_evaluation_equals_uncached():
+    from fssmeta.models.feature_cache import FeatureCache, caching
+
+    model = scoped_flagship("backbone", test_alpha=0.0, shot=2).eval()
+    episode = make_episode(2, batch=1, seed=5)
+    with torch.no_grad():
+        plain = model(episode).logits
+        with caching(model, cache := FeatureCache(1 << 28)):
+            first, again = model(episode).logits, model(episode).logits
+    assert torch.allclose(plain, first, atol=1e-6) and torch.equal(first, again)
+    kinds = {key[0] for key in cache.entries}
+    assert {"styled_mid", "styled_layer4", "styled_masked_layer4"} <= kinds and "layer4" not in kinds
+
+
+def test_prototype_loss_is_low_when_the_query_matches_its_prototypes():
+    transfer = MemoryTransfer(MemoryConfig(enabled=True, items=8, prototype_weight=2.0, prototype_scale=10.0),
+                              channels=4)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[:, :, 4:] = 1
+    labels[:, 0, 0] = 255
+    fg_dir, bg_dir = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    query = torch.where(labels[:, None] == 1, fg_dir[None, :, None, None], bg_dir[None, :, None, None])
+    support, fg, bg = query.clone(), (labels == 1).float(), (labels == 0).float()
+    good = transfer.prototype_loss(query, support, fg, bg, labels)
+    # cos = 1 with its own prototype, 0 with the other: CE = log(1 + e^-10) per pixel, x the weight 2.
+    assert torch.allclose(good, 2 * torch.log1p(torch.exp(torch.tensor(-10.0))), atol=1e-6)
+    swapped = transfer.prototype_loss(query, support, bg, fg, labels)
+    assert swapped > 10 * good
+    feat = query.clone().requires_grad_(True)
+    transfer.prototype_loss(feat, support, fg, bg, 1 - labels.clamp(max=1)).backward()
+    assert feat.grad.abs().sum() > 0
+
+
+def test_prototype_loss_joins_the_training_losses_only_when_weighted():
+    episode = make_episode(1, batch=2, seed=6)
+    assert "memory_prototype" not in episode_losses(scoped_flagship("mid").train(), episode)
+    losses = episode_losses(scoped_flagship("backbone", prototype_weight=0.5).train(), episode)
+    assert torch.isfinite(losses["memory_prototype"]) and losses["memory_prototype"] > 0
