@@ -27,7 +27,9 @@ from fssmeta.train import autocast, build_optimizer, train_step
 CONFIGS = {  # size -> (model params, input side)
     "small": (dict(backbone="small", pspnet={"ppm_dim": 128}, bam={"reduce_dim": 64, "aspp_dilations": (2, 4, 6)},
                    pfenet={"reduce_dim": 64, "pyramid_bins": (21, 11, 6, 3)},
-                   ntrenet={"reduce_dim": 64, "pyramid_bins": (21, 11, 6, 3)}), 161),
+                   ntrenet={"reduce_dim": 64, "pyramid_bins": (21, 11, 6, 3)},
+                   sccan={"reduce_dim": 64, "feature_size": 24, "num_heads": 4, "window_size": 4,
+                          "aspp_dilations": (2, 4, 6), "dilation": "pspnet"}), 161),
     "resnet50": (dict(backbone="resnet50"), 473),
 }
 

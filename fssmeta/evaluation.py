@@ -22,6 +22,7 @@ from fssmeta.data.episode_lists import list_path, load_episode_list
 from fssmeta.data.io import DataError, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.transforms import TestTransform
+from fssmeta.fscs import score_way_lists, scores_ways, way_means
 from fssmeta.metrics import IoUMeter
 from fssmeta.models import get_method
 from fssmeta.models.feature_cache import FeatureCache, caching
@@ -131,11 +132,15 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
             scores = score_lists(cfg, model, paths, source, transform, n_classes, progress,
                                   f"{method} fold {fold} {shot}-shot")
             results.setdefault(f"fold{fold}", {})[f"{shot}shot"] = summarise(scores)
+            if scores_ways(cfg, record, regime):  # iFSL's FS-CS: ER and mIoU on the N-way lists (fscs.py)
+                results[f"fold{fold}"][f"{shot}shot"]["fscs"] = score_way_lists(
+                    cfg, model, fold, shot, source, transform, n_classes, progress, f"{method} fold {fold} {shot}-shot")
     mean = {}
     for shot in cfg.eval.shots:
         per_fold = [results[f"fold{f}"][f"{shot}shot"]["miou_mean"] for f in cfg.eval.folds]
         per_fold_fb = [results[f"fold{f}"][f"{shot}shot"]["fbiou_mean"] for f in cfg.eval.folds]
-        mean[f"{shot}shot"] = {"miou": statistics.fmean(per_fold), "fb_iou": statistics.fmean(per_fold_fb)}
+        mean[f"{shot}shot"] = {"miou": statistics.fmean(per_fold), "fb_iou": statistics.fmean(per_fold_fb),
+                               **way_means([results[f"fold{f}"][f"{shot}shot"] for f in cfg.eval.folds])}
     protocol = {**index["protocol"], "query_class": cfg.data.query_class,
                 "train_query_class": cfg.data.training_query_class,
                 "resolution": cfg.eval.resolution,
@@ -145,11 +150,12 @@ def evaluate_method(cfg: Config, method: str | None = None, *, progress: bool = 
                 "episodes_per_list": cfg.eval.episodes or "all",
                 "checkpoint_selection": "validation list" if record.learned else "none",
                 "backbone": backbone_record(cfg, record.key), "backbone_bn": record.bn_mode(cfg.model),
-                "trained_shots": "each shot" if record.trains_each_shot else "1 (evaluated at every shot)"}
+                "trained_shots": "each shot" if record.trains_each_shot else "1 (evaluated at every shot)",
+                **({"fscs_ways": cfg.episodes.ways} if scores_ways(cfg, record, regime) else {})}
     seconds = time.perf_counter() - start
     for fold in cfg.eval.folds:
         per_fold = {"method": method, "protocol": protocol, "results": {f"fold{fold}": results[f"fold{fold}"]},
-                    "mean": {k: {"miou": v["miou_mean"], "fb_iou": v["fbiou_mean"]}
+                    "mean": {k: {"miou": v["miou_mean"], "fb_iou": v["fbiou_mean"], **way_means([v])}
                              for k, v in results[f"fold{fold}"].items()}}
         write_json_atomic(result_path(cfg, fold, method, regime), per_fold)
     return {"method": method, "regime": regime, "protocol": protocol, "results": results, "mean": mean, "seconds": seconds}
@@ -201,6 +207,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{fold:<8}{cells}")
     lines.append("mean    " + "".join(f"{100 * m['miou']:>18.1f} ({100 * m['fb_iou']:4.1f})" for m in report["mean"].values()))
     lines.append("cells: mIoU mean +- std over seeds (FB-IoU), in %")
+    for shot, m in report["mean"].items():  # iFSL's FS-CS task, when scored
+        if "fscs" in m:
+            lines.append(f"FS-CS {m['fscs']['ways']}-way {shot}: ER {100 * m['fscs']['er']:.1f}, "
+                         f"mIoU {100 * m['fscs']['miou']:.1f} (fold mean, %)")
     return "\n".join(lines)
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from fssmeta.config import Config, ConfigError, ModelConfig, config_to_dict
+
+if TYPE_CHECKING:
+    from fssmeta.models.method import Method
 
 
 class _Loader(yaml.SafeLoader):
@@ -70,11 +73,46 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Validate a plain dict (a Ray worker's loop config, a checkpoint's stored config) against the schema."""
+    """Validate a plain dict (a Ray worker's loop config, a checkpoint's stored config) against the schema,
+    and against what `model.method` can run (`task_problem`: N-way lists, FS-CS training, weak labels)."""
+    from fssmeta.models import METHODS
+
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from None
+    if cfg.model.method in METHODS:  # an unknown method is refused where it is built, naming model.method
+        problem = task_problem(cfg, METHODS[cfg.model.method], METHODS)
+        if problem:
+            raise ConfigError(f"{source}: invalid configuration\n  {problem}")
+    return cfg
+
+
+def task_problem(cfg: Config, record: Method, methods: dict[str, Method]) -> str:
+    """What of the FS-CS task `record` cannot run, naming the key ("" = nothing): N-way lists or FS-CS
+    training without `Method.fscs`; presence supervision without `Method.weak`, on FS-S episodes (every label
+    would be "present") or with an option that lets the support mask reach the learner."""
+    takers = "methods that can: " + ", ".join(sorted(k for k, m in methods.items() if m.fscs))
+    if cfg.episodes.ways > 1 and not record.fscs:
+        return (f"episodes.ways: {cfg.episodes.ways}-way FS-CS lists need a method that segments N ways and judges "
+                f"presence; {record.key} does not ({takers}); set episodes.ways: 1")
+    if cfg.train.task == "fscs" and not record.fscs:
+        return (f"train.task: fscs (FS-CS training episodes) needs a method that takes them; {record.key} does not "
+                f"({takers}); set train.task: fss")
+    if cfg.train.supervision != "presence":
+        return ""
+    if record.weak is None:
+        return (f"train.supervision: presence (weak labels) needs a method with a weak-label objective; "
+                f"{record.key} has none; set train.supervision: mask")
+    if cfg.train.task != "fscs":
+        return ("train.supervision: presence learns whether the support class is in the query; FS-S episodes "
+                "(train.task: fss) always hold it, so every label would be 1: set train.task: fscs")
+    options = record.options_of(cfg.model)
+    for option, value in record.weak.options.items():
+        if getattr(options, option) != value:
+            return (f"model.{record.key}.{option}: {getattr(options, option)!r} lets the support mask reach the "
+                    f"learner, and train.supervision: presence trains without masks: set {value!r}")
+    return ""
 
 
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Config:

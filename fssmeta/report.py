@@ -22,6 +22,7 @@ from fssmeta.data.io import DataError, atomic_path, read_json, write_json_atomic
 from fssmeta.data.prepare import load_index
 from fssmeta.data.transforms import TestTransform, denormalize
 from fssmeta.episode import IGNORE_INDEX
+from fssmeta.fscs import add_way_metrics, fscs_markdown
 from fssmeta.losses import resize_logits
 from fssmeta.models import METHODS
 
@@ -52,12 +53,12 @@ def metrics(collected: dict[str, dict[str, Any]], shots: tuple[int, ...]) -> dic
         for shot in shots:
             key = f"{shot}shot"
             per_fold = {fold: r[key] for fold, r in entry["results"].items()}
-            table.setdefault(method, {})[key] = {
+            table.setdefault(method, {})[key] = add_way_metrics({  # + FS-CS er_<N>way, miou_<N>way when scored
                 "miou": statistics.fmean(r["miou_mean"] for r in per_fold.values()),
                 "fb_iou": statistics.fmean(r["fbiou_mean"] for r in per_fold.values()),
                 **{fold: {"miou": r["miou_mean"], "miou_std": r["miou_std"], "fb_iou": r["fbiou_mean"]}
                    for fold, r in per_fold.items()},
-            }
+            }, per_fold)
     return table
 
 
@@ -341,6 +342,9 @@ def write_report(cfg: Config, out: Path, methods: list[str], histories: dict[str
     write_json_atomic(out / "metrics.json", {"protocol": protocol, **table, **cross})
     sections = ["# Results\n\n## In-domain (novel classes of the source dataset)\n\n"
                 + markdown_table(collected, cfg.eval.shots)]
+    fscs = fscs_markdown(collected, cfg.eval.shots)
+    if fscs:
+        sections.append(f"## FS-CS (iFSL: {cfg.episodes.ways}-way classification and segmentation)\n\n" + fscs)
     if targets:
         sections.append("## Cross-domain (PATNet protocol)\n\n" + targets_markdown(targets))
     tuned = Path(cfg.tune.out)

@@ -27,6 +27,7 @@ from fssmeta.data.io import DataError
 from fssmeta.data.prepare import load_fold, load_index, present_classes
 from fssmeta.data.sampler import TrainEpisodeSampler
 from fssmeta.data.transforms import ResizeTransform, TrainTransform, training_transform
+from fssmeta.data.ways import FSCSTrainSampler, TrainWayEpisodeDataset
 from fssmeta.episode import IGNORE_INDEX
 from fssmeta.evaluation import scoring_transform
 from fssmeta.losses import base_losses
@@ -199,10 +200,12 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
     index, lists = load_index(cfg.data.prepared), load_fold(cfg.data.prepared, fold)
     sampler = TrainEpisodeSampler([(k, cs) for k, cs in lists["train"]], tc.shot, seed=tc.seed,
                                   present=present_classes(index, training_data(cfg.data), lists, "train"))
-    dataset = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)),
-                                  training_transform(method.transform, cfg.transform),
-                                  length=tc.episodes_per_epoch, rank=distributed.rank(),
-                                  world_size=distributed.world_size(), batch_size=tc.batch_size)
+    # train.task fscs: iFSL's 1-way FS-CS episodes (the support class the query's own with probability 1/2)
+    kind, draws = ((TrainWayEpisodeDataset, FSCSTrainSampler(sampler)) if tc.task == "fscs"
+                   else (TrainEpisodeDataset, sampler))
+    dataset = kind(draws, IndexSource(index, ("train",)), training_transform(method.transform, cfg.transform),
+                   length=tc.episodes_per_epoch, rank=distributed.rank(), world_size=distributed.world_size(),
+                   batch_size=tc.batch_size)
     loader = _loader(dataset, tc)
     specs = method.optimizers(model, method.training_recipe(tc.optim))
     optimizer, scheduler = build_optimization(specs, tc.epochs * len(loader))
@@ -222,7 +225,8 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
                          score_logits=val_loader.dataset.transform.score_logits)
         return {"val_miou": meter.miou(), "val_fbiou": meter.fb_iou()}
 
-    loss_fn: LossFn = observe(method.loss) if observe is not None else method.loss
+    loss: LossFn = method.training_loss(tc.supervision)  # train.supervision: masks, or presence labels only
+    loss_fn: LossFn = observe(loss) if observe is not None else loss
     forward_model = forward_wrapper(model) if forward_wrapper is not None else model
     return fit(model, train_loader=loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                epochs=tc.epochs, validate=validate, checkpoint_dir=run, config=config_to_dict(cfg),

@@ -115,6 +115,7 @@ def protocol_tags(cfg: Config, *, fold: int, shot: int, selection: str = "valida
         "test_seeds": list(e.test_seeds), "val_seeds": list(e.val_seeds), "checkpoint_selection": selection,
         "selection": selection_source(cfg), "target_val_fraction": e.target_val_fraction,
         "method": cfg.model.method, "backbone": cfg.model.backbone,
+        "ways": e.ways, "train_task": cfg.train.task, "supervision": cfg.train.supervision,  # iFSL's FS-CS
         "git_commit": git_commit(), "params_hash": params_hash(cfg),
     }
     return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in tags.items()}

@@ -23,7 +23,7 @@ from fssmeta import distributed
 from fssmeta.checkpoint import save_checkpoint
 from fssmeta.config import SGD_RECIPE, OptimConfig
 from fssmeta.data.io import write_json_atomic
-from fssmeta.episode import Episode
+from fssmeta.episode import Episode, FSCSEpisode
 from fssmeta.losses import resize_logits, total_loss
 from fssmeta.metrics import IoUMeter
 from fssmeta.models.method import LossFn, OptimizerSpec
@@ -116,8 +116,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Episode):
-        return Episode(*(t.to(device, non_blocking=True) for t in batch))
+    if isinstance(batch, (Episode, FSCSEpisode)):
+        return type(batch)(*(t.to(device, non_blocking=True) for t in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(t.to(device, non_blocking=True) for t in batch)
     return batch.to(device, non_blocking=True)

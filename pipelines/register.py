@@ -50,7 +50,8 @@ def main() -> None:
             metrics = {}
             if fold != ALL:
                 scores = table[method][f"{shot}shot"][f"fold{fold}"]
-                metrics = {"miou": scores["miou"], "miou_std": scores["miou_std"], "fb_iou": scores["fb_iou"]}
+                metrics = {"miou": scores["miou"], "miou_std": scores["miou_std"], "fb_iou": scores["fb_iou"],
+                           **{k: v for k, v in scores.items() if k.endswith("way")}}  # FS-CS: er_<N>way, miou_<N>way
             metrics |= target_metrics(cfg, method, fold, shot)  # the per-domain test scores, for the record
             tags = protocol_tags(cfg, fold=fold, shot=shot)
             info = register_model(cfg, checkpoint=meta_dir(cfg, fold, shot) / "best.pt", metrics=metrics,

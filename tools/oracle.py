@@ -1,5 +1,5 @@
-"""Oracle parity fixtures: the official PFENet / BAM / NTRENet / HSNet / ASNet forward on fssmeta's seeded weights,
-recorded.
+"""Oracle parity fixtures: the official PFENet / BAM / NTRENet / HSNet / ASNet / SCCAN forward on fssmeta's seeded
+weights, recorded.
 
     python tools/oracle.py --method pfenet --official /tmp/official/PFENet --out tests/fixtures/oracle/pfenet.pt
     python tools/oracle.py --method bam --official /tmp/official/BAM --out tests/fixtures/oracle/bam.pt
@@ -8,6 +8,10 @@ recorded.
         --out tests/fixtures/oracle/hsnet.pt
     python tools/oracle.py --method asnet --official /tmp/official/ifsl --torchvision /tmp/tvpkg \
         --einops /tmp/einopspkg --out tests/fixtures/oracle/asnet.pt
+    python tools/oracle.py --method sccan --official /tmp/official/SCCAN --torchvision /tmp/tvpkg \
+        --timm /tmp/timmpkg --out tests/fixtures/oracle/sccan.pt
+    python tools/oracle.py --method hdmnet --official /tmp/official/hdmnet --torchvision /tmp/tvpkg \
+        --einops /tmp/einopspkg --mmcv /tmp/mmpkg --out tests/fixtures/oracle/hdmnet.pt
 
 `--official` is a local checkout of the pinned commit (`OFFICIAL` below). Its code is imported from that path
 and run in a scratch directory (its constructors load `initmodel/...` weight files relative to the working
@@ -17,7 +21,15 @@ explicit text substitutions in `PATCHES` (recorded in the fixture) are applied t
 backbone with torchvision's `resnet50`: `--torchvision` names a directory holding the torchvision package (its
 model code is imported from there, its compiled extension never loaded); so does ASNet, which also needs einops
 (`--einops`: a directory holding that package) and subclasses a PyTorch Lightning module (a stub `nn.Module`
-stands in: the forward never reaches Lightning). Nothing of it is copied into this project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
+stands in: the forward never reaches Lightning). SCCAN imports timm 0.5.4 (`--timm`; its transformer blocks take
+only `to_2tuple` from it) and torchvision's `IntermediateLayerGetter` (`--torchvision`), and its backbone file
+imports `torchvision.models.utils`, gone from torchvision since: a stub re-exporting `torch.hub`'s
+`load_state_dict_from_url` (what that module was) stands in; nothing calls it. HDMNet builds its transformer
+from mmcv 1.6.1 and mmsegmentation 0.27.0 (`--mmcv`: a directory holding their pure-Python packages, mmcv from
+its source release without the compiled ops, with addict and yapf) and needs torchvision (mmcv's runner imports
+it) and einops; `mmseg.models` is entered without its `__init__`, which imports every mmseg model, some through
+mmcv's compiled ops: HDMNet imports only `mmseg.models.utils`. Nothing of it is copied into this
+project. tests/unit/test_oracle_parity.py rebuilds fssmeta's model
 with `fssmeta_model` and compares its forward with the recorded outputs; docs/parity.md says what is pinned.
 """
 
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -99,13 +112,42 @@ OFFICIAL = {
         "fs-cs/model/base/correlation.py": "e67fa6ed7448266719a12db9f2da5a6df983b1fcea6449f7acc0e342248572ce",
         "fs-cs/model/base/feature.py": "42c70b4a971be999c0f6fa298a0d8c3cdca6c23306e375c8679bf06bc61f72b9",
     }),
+    "sccan": Official("Sam1224/SCCAN", "c4e7b408f93f9944dd23872053190e6f0186af9f", {
+        "model/SCCAN.py": "be44c945ba17a9d115d1bfcc1b6bdf70315ddb601159d55a47194811fcf75916",
+        "model/swin_sccan.py": "95010d1ccdde3b75d534626ba2d339a368a7974d61698b30e967d28463ac926c",
+        "model/ASPP.py": "12bb1ffc5cd6f93f31ff4a520663f9cbae2714ba3a22e0ad1965608608c2f938",
+        "model/loss.py": "ddbda4ad25b90d76f1e8ebb1810d4edd1a4a9bfb6522b673ebe6504c1a95d9a2",
+        "model/backbone_utils.py": "02bf8da6fa04e4d147efddc789efa1e446b98eed66672e22ef5ea4831e6275aa",
+        "model/backbone_res.py": "bcd3e14488f95dc7d904fb19df37eb8a4ace80cc242c95c9a458fd3c6618ff67",
+        "util/config.py": "cbf78b74cb5fb715d075d19c3de3cfcd78495fbc80dccd3ec4c48756bd27244a",
+        "config/pascal/pascal_split0_resnet50.yaml":
+            "f9310a84ecdce2a42d9a04f32f52782add3eed257bbee96b382fc57c20edd932",
+    }),
+    "hdmnet": Official("Pbihao/HDMNet", "39ec8b23a254a646017e687b54fc5127525c5039", {
+        "model/HDMNet.py": "723b2d4a7c4f7e3d9f5cf663f797677926486dc882e132b4fad2683bf5b1ba42",
+        "model/Transformer.py": "d9e7b5f7010bd70c030a03a6a1da0022af55ea1317e2ef66fe0e2f283422640e",
+        "model/MaskMultiheadAttention.py": "6fb3d47ce6cb1ce076da59dc581e2bb8acc6139be3fc906e65ee7bb067b52ff2",
+        "model/PSPNet.py": "d45dd15313a0bdb625a2d6bd72651af1876db3049f21170608210045c37f2baf",
+        "model/PPM.py": "bb880faf64e9585076204738565fc5e82198dbc217f4d40f97656f20b089ba04",
+        "model/resnet.py": "3ac40d4a757390bb983ef1c97371c7edcdef5eeba0b3bcd2735dfb788f9957bb",
+        "util/config.py": "cbf78b74cb5fb715d075d19c3de3cfcd78495fbc80dccd3ec4c48756bd27244a",
+        "config/pascal/pascal_split0_resnet50_manet.yaml":
+            "0be8e1eb96f1a992a26bed85f956c077f6710ec325e19bee67c2bb1d3a5a88e7",
+    }),
 }
 # HSNet's backbone is torchvision's ResNet-50 (`resnet.resnet50(pretrained=True)`): the release whose model code
 # the oracle ran, and the sha256 of its `models/resnet.py` (checked; recorded in the fixture).
 TORCHVISION = ("0.28.0", "9faf2f321fdaf7edbd791aedc6e3610c7edf9c892112cbd75861beae1e9518d1")
 EINOPS = "0.8.1"  # ASNet's `rearrange` (pure Python; the version that ran is recorded in the fixture)
+TIMM = "0.5.4"  # SCCAN's environment (env_ubuntu.yaml); swin_sccan.py imports DropPath, to_2tuple, trunc_normal_
 # The methods whose official model is an HSNet-family one (torchvision's ResNet, the HSNet loader's masks).
 HSNET_FAMILY = ("hsnet", "asnet")
+# HDMNet's environment (its README): mmcv-full 1.6.1 and mmsegmentation 0.27.0; the oracle runs the pure-Python
+# parts its transformer imports (checked; recorded in the fixture).
+MMCV = {"mmcv": "1.6.1", "mmseg": "0.27.0"}
+# HDMNet's PASCAL config lacks `zoom_factor`, which its PSPNet constructor reads (and train.py asserts): as
+# published, train.py stops on it. The oracle sets BAM's value, which no HDMNet forward reads.
+HDMNET_ZOOM_FACTOR = 8
 
 # The smallest text substitutions that make an official release import and run its eval forward, applied to a
 # copy in the scratch directory: (file, old, new, reason). None changes what the forward computes.
@@ -148,6 +190,10 @@ MODEL_CONFIG = {
     "ntrenet": {"method": "ntrenet", "backbone": "resnet50", "backbone_source": "stage1"},
     "hsnet": {"method": "hsnet", "backbone": "resnet50"},  # its own frozen backbone: nothing from stage 1
     "asnet": {"method": "asnet", "backbone": "resnet50"},  # likewise; ASNet's own attention-masked learner
+    # SCCAN's ImageNet backbone is the stage-1 encoder (as PFENet's), in SCCAN's own dilation layout (the default
+    # `model.sccan.dilation: torchvision`).
+    "sccan": {"method": "sccan", "backbone": "resnet50", "backbone_source": "stage1"},
+    "hdmnet": {"method": "hdmnet", "backbone": "resnet50"},  # BAM's layout: the stage-1 PSPNet as base learner
 }
 
 
@@ -156,7 +202,8 @@ def perturb_(model: nn.Module, seed: int) -> None:
     """Redraw every BatchNorm's affine parameters and running statistics, and BAM's two pass-through merge
     convs, from a seeded generator. At their constant initial values (BN 1 / 0 / 0 / 1, merges [1, 0]) a BN
     mapped onto the wrong official layer would still agree, and `cls_merge` = [1, 0] would hide the whole
-    base learner from the output. GroupNorm affine parameters (HSNet's learner) are redrawn likewise."""
+    base learner from the output. GroupNorm (HSNet's learner) and LayerNorm (SCCAN's transformer) affine
+    parameters are redrawn likewise."""
     g = torch.Generator().manual_seed(seed)
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -165,7 +212,7 @@ def perturb_(model: nn.Module, seed: int) -> None:
             module.bias.copy_(0.1 * torch.randn(shape, generator=g))
             module.running_mean.copy_(0.1 * torch.randn(shape, generator=g))
             module.running_var.copy_(torch.rand(shape, generator=g) + 0.5)
-        elif isinstance(module, nn.GroupNorm):  # none in PFENet / BAM / NTRENet: their draws are unchanged
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):  # none in PFENet / BAM / NTRENet: draws unchanged
             shape = module.weight.shape
             module.weight.copy_(torch.rand(shape, generator=g) + 0.5)
             module.bias.copy_(0.1 * torch.randn(shape, generator=g))
@@ -253,11 +300,13 @@ def episode(inputs: dict[str, torch.Tensor], class_id: int) -> Episode:
 
 def train_mode_(model: nn.Module, fix_bn: bool = False) -> nn.Module:
     """Training mode for the loss comparison with every dropout off (deterministic); `fix_bn` puts every BN
-    in eval mode as BAM's trainer does (`model.apply(fix_bn)`). fssmeta's own `train()` decides its BN
-    (`model.backbone_bn: method`: PFENet's backbone BN in train mode, BAM's fixed, as the official trainers)."""
+    in eval mode as BAM's trainer does (`model.apply(fix_bn)`: every class named *BatchNorm*, so HDMNet's
+    SyncBatchNorm too). fssmeta's own `train()` decides its BN (`model.backbone_bn: method`: PFENet's backbone
+    BN in train mode, BAM's fixed, as the official trainers)."""
     model.train()
     for module in model.modules():
-        if isinstance(module, (nn.Dropout, nn.Dropout2d)) or (fix_bn and isinstance(module, nn.BatchNorm2d)):
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)) or (
+                fix_bn and isinstance(module, nn.modules.batchnorm._BatchNorm)):
             module.eval()
     return model
 
@@ -269,7 +318,10 @@ def fssmeta_losses(model: nn.Module, method: str, batch: Episode) -> dict[str, f
     with torch.no_grad():
         losses = get_method(method).loss(train_mode_(model), batch)
     model.eval()
-    return {k: float(v) for k, v in losses.items()}
+    values = {k: float(v) for k, v in losses.items()}
+    if "ce" in values and "aux" in values:  # HDMNet's forward returns only their sum (main_loss + aux_loss1)
+        values["ce+aux"] = values["ce"] + values["aux"]
+    return values
 
 
 def hsnet_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,6 +353,22 @@ def asnet_outputs(model: nn.Module, batch: Episode) -> dict[str, torch.Tensor]:
     if batch.support_imgs.shape[1] == 1:
         return {"log_probs": shot_log_probs[:, 0], "logits": logits, "presence": presence}
     return {"shot_log_probs": shot_log_probs, "presence": presence, "pred_seg": logits.argmax(1).float()}
+
+
+def hdmnet_outputs(model: nn.Module, batch: Episode) -> dict[str, torch.Tensor]:
+    """fssmeta's HDMNet outputs under the fixture's names: the final logits; the meta (transformer) and base
+    learners' logits at feature size; each stage's matching correlation (B, h_i, w_i) as `correlation_<stage>`,
+    stage 0 the finest."""
+    captured: dict[str, object] = {}
+    hooks = [model.transformer.register_forward_hook(lambda m, i, o: captured.update(meta=o[0], correlations=o[1])),
+             model.base_learner.cls[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("base", o))]
+    with torch.no_grad():
+        logits = model(batch).logits
+    for hook in hooks:
+        hook.remove()
+    stages = list(reversed(captured["correlations"]))  # the model lists them coarsest first
+    return {"logits": logits, "meta_logits": captured["meta"], "base_logits": captured["base"],
+            **{f"correlation_{i}": c for i, c in enumerate(stages)}}
 
 
 # ---------------------------------------------------------------------------------------------- official side
@@ -385,6 +453,14 @@ def import_official(method: str, path: Path) -> types.ModuleType:
         sys.path.insert(0, str(path / "fs-cs"))
         import model.asnet as official
         return official
+    if method == "sccan":
+        # backbone_res.py imports `load_state_dict_from_url` from torchvision.models.utils, a module later
+        # torchvision removed; in the release's torchvision (0.8) it re-exported torch.hub's. Never called.
+        stub = types.ModuleType("torchvision.models.utils")
+        stub.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+        sys.modules["torchvision.models.utils"] = stub
+        import model.SCCAN as official
+        return official
     if method == "bam":
         # BAM's model imports util.util for a data helper only; that module pulls in seaborn, pandas, scipy,
         # matplotlib, which the model never uses. A stub stands in for it.
@@ -392,9 +468,31 @@ def import_official(method: str, path: Path) -> types.ModuleType:
         stub.get_train_val_set = None
         sys.modules["util.util"] = stub
         import model.BAM as official
+    elif method == "hdmnet":
+        import model.HDMNet as official  # mmcv, mmseg, einops and torchvision: made importable by `main`
     else:
         import model.PFENet as official
     return official
+
+
+def mm_packages(path: Path | None) -> dict[str, str]:
+    """Make mmcv and mmseg importable for HDMNet from `path` (a directory holding mmcv's pure-Python package,
+    mmseg, addict and yapf), else the installed ones; `mmseg.models` as a bare package (its `__init__` imports
+    every mmseg model, some through mmcv's compiled ops, which a pure-Python mmcv lacks: HDMNet reads only
+    `mmseg.models.utils`). Torchvision must be importable first (mmcv's runner imports it). Returns the
+    versions, which must be `MMCV`'s."""
+    if path is not None:
+        sys.path.insert(0, str(path))
+    import mmcv
+    import mmseg
+
+    models = types.ModuleType("mmseg.models")
+    models.__path__ = [str(Path(mmseg.__file__).parent / "models")]
+    sys.modules["mmseg.models"] = models
+    found = {"mmcv": mmcv.__version__, "mmseg": mmseg.__version__}
+    if found != MMCV:
+        sys.exit(f"{mmcv.__file__}, {mmseg.__file__}: {found}, the oracle pins {MMCV}")
+    return found
 
 
 def torchvision_models(path: Path | None) -> dict[str, str]:
@@ -433,11 +531,24 @@ def einops_package(path: Path | None) -> dict[str, str]:
     return {"version": einops.__version__}
 
 
-def bam_args(path: Path, shot: int):
-    """BAM's args, as its train.py builds them from config/pascal/pascal_split0_resnet50.yaml."""
+def timm_package(path: Path | None) -> dict[str, str]:
+    """Make timm importable for SCCAN from `path` (a directory holding the package; it imports torchvision,
+    which `torchvision_models` has made importable), else the installed one; returns its version, which must
+    be `TIMM`."""
+    if path is not None:
+        sys.path.insert(0, str(path))
+    import timm
+
+    if timm.__version__ != TIMM:
+        sys.exit(f"{timm.__file__}: timm {timm.__version__}, the oracle pins {TIMM}")
+    return {"version": timm.__version__}
+
+
+def bam_args(path: Path, shot: int, config_file: str = "config/pascal/pascal_split0_resnet50.yaml"):
+    """BAM's args, as its train.py builds them from its PASCAL config (HDMNet: `config_file`, its own)."""
     from util import config
 
-    args = config.load_cfg_from_cfg_file(str(path / "config/pascal/pascal_split0_resnet50.yaml"))
+    args = config.load_cfg_from_cfg_file(str(path / config_file))
     args.shot = shot
     return args
 
@@ -448,6 +559,10 @@ def official_key(method: str, key: str) -> str:
         return hsnet_key(key)
     if method == "asnet":
         return asnet_key(key)
+    if method == "sccan":
+        return sccan_key(key)
+    if method == "hdmnet":
+        return hdmnet_key(key)
     stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # layer0.<i>
     backbone = "backbone." if method in ("pfenet", "ntrenet") else "base_learner.backbone."
     head, _, rest = key.partition(".")
@@ -517,12 +632,77 @@ def asnet_key(key: str) -> str:
     return key
 
 
+def sccan_key(key: str) -> str:
+    """SCCAN: `backbone.body.*` (torchvision's IntermediateLayerGetter over the deep-stem ResNet) is fssmeta's
+    `backbone.*`; `transformer.layers.0.blocks.<i>` is `transformer.blocks.<i>` with `attn_q / attn_s / mlp_q /
+    mlp_s` = `attn_query / attn_support / mlp_query / mlp_support` (each MLP's `fc1 / fc2` = `0 / 2`) and
+    `norm0` = `norm`; `ASPP_meta` as BAM's; `init_merge_query / supp.0` are plain convs here."""
+    if key.startswith("backbone.body."):
+        return "backbone." + key.removeprefix("backbone.body.")
+    if key.startswith("init_merge_"):
+        return key.replace(".0.", ".", 1)
+    if key.startswith("transformer.norm0."):
+        return "transformer.norm." + key.removeprefix("transformer.norm0.")
+    if key.startswith("transformer.layers.0.blocks."):
+        rest = key.removeprefix("transformer.layers.0.blocks.")
+        for official, ours in (("attn_q.", "attn_query."), ("attn_s.", "attn_support."), ("mlp_q.", "mlp_query."),
+                               ("mlp_s.", "mlp_support.")):
+            rest = rest.replace(f".{official}", f".{ours}", 1)
+        return "transformer.blocks." + rest.replace(".fc1.", ".0.").replace(".fc2.", ".2.")
+    return official_key("bam", key)  # ASPP_meta; the heads keep the release's names
+
+
+# HDMNet's transformer layer (mmcv / mmseg names) -> fssmeta's; `norm1`, `norm2` and `attn.sr` keep theirs.
+HDMNET_LAYER = (("attn.attn.linear_q.", "attn.q."), ("attn.attn.linear_k.", "attn.k."),
+                ("attn.attn.linear_v.", "attn.v."), ("attn.attn.linear_o.", "attn.out."),
+                ("attn.norm.", "attn.sr_norm."), ("ffn.layers.0.", "ffn.fc1."), ("ffn.layers.1.", "ffn.position."),
+                ("ffn.layers.4.", "ffn.fc2."))
+
+
+def hdmnet_key(key: str) -> str:
+    """HDMNet: `ppm`, `cls` (the PSPNet head's conv + BN) and `base_learnear` (its ReLU, dropout, classifier:
+    `cls.2..4`) are the base learner's, the backbone and the merges as BAM's. In `transformer.mix_transformer`:
+    `down_sample_layers.<i>.0` (mmseg PatchEmbed `projection`, `norm`) is `stages.<i>.embed`, `embed_norm`;
+    `.1`, `.2` are `stages.<i>.layers.0`, `.1`; `.3` is `stages.<i>.norm`; `match_layers.<i>.0` is
+    `matchers.<i>`, `.1` (mmcv ConvModule `conv`, `bn`) is `fuse.<i>.0`, `.1`; `parse_layers` is `parse`; in
+    each layer `HDMNET_LAYER`."""
+    head, _, rest = key.partition(".")
+    if head in ("ppm", "cls"):
+        return f"base_learner.{key}"
+    if head == "base_learnear":  # Sequential(PSPNet.cls[2], cls[3], cls[4])
+        index, _, rest = rest.partition(".")
+        return f"base_learner.cls.{int(index) + 2}.{rest}"
+    if not key.startswith("transformer.mix_transformer."):
+        return official_key("bam", key)
+    block, _, rest = key.removeprefix("transformer.mix_transformer.").partition(".")
+    if block in ("parse_layers", "cls"):
+        return f"transformer.{'parse' if block == 'parse_layers' else 'cls'}.{rest}"
+    stage, _, rest = rest.partition(".")
+    part, _, rest = rest.partition(".")
+    layer = next((new + rest.removeprefix(old) for old, new in HDMNET_LAYER if rest.startswith(old)), rest)
+    if block == "match_layers":
+        if part == "0":
+            return f"transformer.matchers.{stage}.{layer}"
+        module, _, param = rest.partition(".")
+        return f"transformer.fuse.{stage}.{ {'conv': 0, 'bn': 1}[module]}.{param}"
+    if part == "0":
+        module, _, param = rest.partition(".")
+        return f"transformer.stages.{stage}.{ {'projection': 'embed', 'norm': 'embed_norm'}[module]}.{param}"
+    if part == "3":
+        return f"transformer.stages.{stage}.norm.{rest}"
+    return f"transformer.stages.{stage}.layers.{int(part) - 1}.{layer}"
+
+
 # Official entries no fssmeta entry fills, kept at the official model's own values: torchvision's ImageNet
-# classifier, which HSNet and ASNet build with their backbone and never run.
-OFFICIAL_ONLY = {"hsnet": ("backbone.fc.",), "asnet": ("backbone.fc.",)}
+# classifier, which HSNet and ASNet build with their backbone and never run; SCCAN's last-block support update
+# (block 7 of 8), computed and discarded by the release, not built by fssmeta (docs/methods.md, SCCAN).
+OFFICIAL_ONLY = {"hsnet": ("backbone.fc.",), "asnet": ("backbone.fc.",),
+                 "sccan": ("transformer.layers.0.blocks.7.attn_s.", "transformer.layers.0.blocks.7.mlp_s.")}
 # fssmeta entries with no official counterpart: PSPNet's layer3 auxiliary head (semseg's; BAM's PSPNet has
 # none; it is not used in BAM's forward) and BAM's sorted base-class ids.
 UNMAPPED = ("base_learner.aux.", "base_classes")
+# ... and by their ending: BN's step counter, which SCCAN's FrozenBatchNorm2d does not have.
+UNMAPPED_ENDINGS = {"sccan": ("num_batches_tracked",)}
 # fssmeta entries stored in another layout than their official counterpart: NTRENet's background prototype
 # is (D,) here, (1, D, 1, 1) officially.
 RESHAPED = ("background.bg_prototype",)
@@ -546,7 +726,8 @@ def to_official(method: str, official: nn.Module, state: dict[str, torch.Tensor]
             raise ValueError(f"official {key} {tuple(target.shape)} vs fssmeta {source} {tuple(state[source].shape)}")
         mapped[key] = state[source].clone()
         used.add(source)
-    left = [k for k in state if k not in used and not k.startswith(UNMAPPED)]
+    left = [k for k in state if k not in used and not k.startswith(UNMAPPED)
+            and not k.endswith(UNMAPPED_ENDINGS.get(method, ()))]
     if method != "pspnet" and left:
         raise ValueError(f"fssmeta entries with no official counterpart: {left}")
     return mapped
@@ -567,6 +748,19 @@ def official_model(method: str, module: types.ModuleType, path: Path, case: Case
         return model.eval()
     initmodel = scratch / "initmodel"
     initmodel.mkdir(exist_ok=True)
+    if method == "sccan":
+        # Its backbone loads initmodel/resnet50_v2.pth strictly into torchvision's ResNet class (deep stem):
+        # fssmeta's backbone keys, and an ImageNet classifier it never runs (seeded; not in its state).
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            fc = nn.Linear(2048, 1000)
+        weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        torch.save({**weights, "fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()},
+                   initmodel / "resnet50_v2.pth")
+        args = bam_args(path, case.shot)  # train_sccan.py's args from config/pascal/pascal_split0_resnet50.yaml
+        model = module.OneModel(args)
+        model.load_state_dict(to_official(method, model, state), strict=True)
+        return model.eval()
     # The ImageNet ResNet-50 file both constructors load (strict=False): fssmeta's backbone keys ARE the
     # PSPNet resnet50_v2 keys.
     prefix = "backbone." if method in ("pfenet", "ntrenet") else "base_learner.backbone."
@@ -585,8 +779,13 @@ def official_model(method: str, module: types.ModuleType, path: Path, case: Case
                                BatchNorm=nn.BatchNorm2d, pretrained=True, shot=case.shot,
                                ppm_scales=list(case.bins), vgg=False, bgpro_num=1)
     else:
-        args = bam_args(path, case.shot)
-        # BAM's constructor loads its fold's stage-1 PSPNet from this path (key names of its PSPNet OneModel).
+        if method == "hdmnet":  # its train.py's args: the manet config, plus the zoom factor that config lacks
+            args = bam_args(path, case.shot, "config/pascal/pascal_split0_resnet50_manet.yaml")
+            args.zoom_factor = HDMNET_ZOOM_FACTOR
+        else:
+            args = bam_args(path, case.shot)
+        # BAM's (and HDMNet's, `pre_weight`) constructor loads its fold's stage-1 PSPNet from this path (key names
+        # of its PSPNet OneModel).
         pspnet = sys.modules["model.PSPNet"].OneModel(args)
         stage1 = initmodel / "PSPNet" / args.data_set / f"split{args.split}" / f"resnet{args.layers}"
         stage1.mkdir(parents=True, exist_ok=True)
@@ -610,6 +809,28 @@ def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor])
         if method == "pfenet":
             return {"logits": model(x, s_x, s_y)}
         captured = {}
+        if method == "sccan":  # eval: meta_out upsampled to the input, and at feature size (64) `sccan_hooks`
+            hooks = sccan_hooks(model, captured, official=True)
+            final = model(x, s_x, s_y, None)
+            for hook in hooks:
+                hook.remove()
+            return {"logits": final, **captured}
+        if method == "hdmnet":  # eval: final_out (upsampled to the input); the transformer's and `base_learnear`'s
+            # outputs at feature size; each stage's matching correlation from its attention module's (out, weight)
+            # output, weight (B, h*w) -> (B, h, w) on the square maps. Keywords: forward takes x, y_m, y_b, s_x, s_y.
+            hooks = [layer[0].attn.register_forward_hook(
+                lambda m, i, o, idx=idx: captured.__setitem__(f"correlation_{idx}", o[1]))
+                for idx, layer in enumerate(model.transformer.mix_transformer.match_layers)]
+            hooks += [model.transformer.register_forward_hook(lambda m, i, o: captured.__setitem__("meta_logits", o[0])),
+                      model.base_learnear.register_forward_hook(lambda m, i, o: captured.__setitem__("base_logits", o))]
+            final, _, _ = model(x, s_x=s_x, s_y=s_y)
+            for hook in hooks:
+                hook.remove()
+            for key, weight in captured.items():
+                if key.startswith("correlation_"):
+                    side = math.isqrt(weight.shape[1])
+                    captured[key] = weight.view(weight.shape[0], side, side)
+            return {"logits": final, **captured}
         if method == "ntrenet":
             # The background map (bg_cls, run once on the query in eval mode) and each scale's initial
             # prediction (inital_inner_cls), at feature / bin size. Keywords of forward's own signature:
@@ -628,6 +849,23 @@ def run_official(method: str, model: nn.Module, inputs: dict[str, torch.Tensor])
         for hook in hooks:
             hook.remove()
     return {"logits": final, **captured}
+
+
+# SCCAN's transformer output is recorded in its first channels only: all 256 at 64x64 are 4 MB per case.
+SCCAN_CHANNELS = 8
+
+
+def sccan_hooks(model: nn.Module, captured: dict[str, torch.Tensor], official: bool = False) -> list:
+    """Hooks recording SCCAN's intermediates at feature size, under the same names on both sides: the prior
+    (the last input channel of `init_merge_query`: the shots' mean soft-mask prior, (B, 1, 64, 64)), the
+    transformer's query output (its first `SCCAN_CHANNELS` channels, before the ReLU) and `cls_meta`'s logits."""
+    def transformer(m: nn.Module, i: tuple, o: torch.Tensor | tuple) -> None:
+        captured["transformer"] = (o[0] if official else o)[:, :SCCAN_CHANNELS].clone()  # not a view: saved alone
+
+    return [model.init_merge_query.register_forward_pre_hook(
+                lambda m, i: captured.__setitem__("prior", i[0][:, -1:].clone())),
+            model.transformer.register_forward_hook(transformer),
+            model.cls_meta.register_forward_hook(lambda m, i, o: captured.__setitem__("meta_logits", o))]
 
 
 def run_hsnet(model: nn.Module, x: torch.Tensor, s_x: torch.Tensor, s_y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -697,6 +935,19 @@ def official_losses(method: str, model: nn.Module, inputs: dict[str, torch.Tenso
             loss = model.compute_seg_objective(logits, y)
             model.eval()
         return {"nll": float(loss)}
+    if method == "sccan":  # training mode, dropout off; its BN is FrozenBatchNorm2d; main_loss = weighted Dice
+        with torch.no_grad():
+            _, main_loss, _, _ = train_mode_(model)(x, s_x, s_y, y)
+            model.eval()
+        return {"dice": float(main_loss)}
+    if method == "hdmnet":  # train.py: fix_bn (every BN, the transformer's SyncBatchNorm too); it returns
+        # main_loss + aux_loss1 as one number and the distillation already divided by 3
+        cat_idx = [torch.tensor([BASE_CLASSES.index(TRAIN_CLASS)])]
+        with torch.no_grad():
+            train_mode_(model, fix_bn=True)
+            _, main_and_meta, distill, _ = model(x, y_m=y, y_b=y, s_x=s_x, s_y=s_y, cat_idx=cat_idx)
+            model.eval()
+        return {"ce+aux": float(main_and_meta), "distill": float(distill)}
     with torch.no_grad():
         train_mode_(model, fix_bn=method == "bam")  # PFENet's train.py never fixes BN; BAM's does
         if method == "pfenet":
@@ -728,8 +979,9 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
              "fingerprint_names": names, "fingerprint": values, **inputs,
              "class_id": 1, "train_class_id": TRAIN_CLASS,  # eval: a novel class; losses: a base class
              "outputs": outputs}
-    if method in HSNET_FAMILY:  # every output: hsnet's 5-shot case has per-shot logits and the vote, no "logits"
-        ours = (hsnet_outputs if method == "hsnet" else asnet_outputs)(model, episode(inputs, 1))
+    if method in (*HSNET_FAMILY, "hdmnet"):  # every output: hsnet's 5-shot case has no "logits"
+        outputs_of = {"hsnet": hsnet_outputs, "asnet": asnet_outputs, "hdmnet": hdmnet_outputs}[method]
+        ours = outputs_of(model, episode(inputs, 1))
         entry["max_abs_diff_at_recording"] = {k: float((ours[k] - v).abs().max()) for k, v in outputs.items()}
         print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']}"
               f" (|official| <= {[round(float(v.abs().max()), 3) for v in outputs.values()]})")
@@ -743,7 +995,7 @@ def record_case(method: str, case: Case, module: types.ModuleType, path: Path, s
         entry["loss_diff_at_recording"] = {k: abs(mine[k] - v) for k, v in entry["losses"].items()}
     else:
         del entry["query_mask"]  # only the loss run reads it
-    if method in HSNET_FAMILY:
+    if method in (*HSNET_FAMILY, "hdmnet"):
         print(f"{method} {case.name}: losses {entry.get('losses')} diff {entry.get('loss_diff_at_recording')}")
     else:
         print(f"{method} {case.name}: max |fssmeta - official| = {entry['max_abs_diff_at_recording']:.3g}"
@@ -761,8 +1013,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torchvision", type=Path, help="hsnet, asnet: a directory holding the torchvision package "
                         f"{TORCHVISION[0]} (pip install --no-deps --target DIR torchvision=={TORCHVISION[0]}); "
                         "default: the installed torchvision")
+    parser.add_argument("--timm", type=Path, help=f"sccan: a directory holding the timm package {TIMM} "
+                        f"(pip install --no-deps --target DIR timm=={TIMM}); default: the installed one")
     parser.add_argument("--einops", type=Path, help="asnet: a directory holding the einops package "
                         f"{EINOPS} (pip install --no-deps --target DIR einops=={EINOPS}); default: the installed one")
+    parser.add_argument("--mmcv", type=Path, help=f"hdmnet: a directory holding mmcv {MMCV['mmcv']} (the pure-Python "
+                        "package of its source release: no compiled ops), mmseg "
+                        f"{MMCV['mmseg']}, addict and yapf; default: the installed ones")
     args = parser.parse_args(argv)
     official_path = args.official.resolve()
     out = args.out.resolve()
@@ -776,8 +1033,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.method in PATCHES:
             run_path, patched = patched_copy(args.method, official_path, scratch)
         with cpu_only():
-            torchvision = torchvision_models(args.torchvision) if args.method in HSNET_FAMILY else None
-            einops = einops_package(args.einops) if args.method == "asnet" else None
+            torchvision = (torchvision_models(args.torchvision) if args.method in (*HSNET_FAMILY, "sccan", "hdmnet")
+                           else None)
+            einops = einops_package(args.einops) if args.method in ("asnet", "hdmnet") else None
+            mm = mm_packages(args.mmcv) if args.method == "hdmnet" else None
+            timm = timm_package(args.timm) if args.method == "sccan" else None
+            if args.method == "sccan":  # the torchvision model code SCCAN runs: IntermediateLayerGetter
+                from torchvision.models import _utils
+                torchvision["models/_utils.py"] = hashlib.sha256(Path(_utils.__file__).read_bytes()).hexdigest()
             module = import_official(args.method, run_path)
             cases = [record_case(args.method, case, module, run_path, scratch) for case in CASES]
     finally:
@@ -793,7 +1056,8 @@ def main(argv: list[str] | None = None) -> None:
                      "patches": [{"file": rel, "old": old, "new": new, "reason": why}
                                  for rel, old, new, why in PATCHES.get(args.method, ())],
                      "patched_files": patched, **({"torchvision": torchvision} if torchvision else {}),
-                     **({"einops": einops} if einops else {})},
+                     **({"einops": einops} if einops else {}), **({"timm": timm} if timm else {}),
+                     **({"mmcv": mm} if mm else {})},
         "torch": str(torch.__version__), "normalise": {"mean": list(MEAN), "std": list(STD)},
         "generated_by": "tools/oracle.py", "cases": cases,
     }

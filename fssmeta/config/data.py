@@ -89,6 +89,10 @@ class EpisodesConfig(Section):
     # promotion and target-scored sweeps); the target's test lists never use them. 0 = PATNet's whole pool for
     # test, no selection lists, and no promotion on the targets (docs/protocol.md section 5).
     target_val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    # N of iFSL's FS-CS lists (docs/protocol.md section 3): > 1 also writes N-way test lists (each support class
+    # drawn as the official loader does, the query's own with probability 1/2), scored with ER beside mIoU by
+    # a method whose record says `fscs`. 1 = the 1-way lists only, as before.
+    ways: Positive = 1
 
 
 class TransformConfig(Section):

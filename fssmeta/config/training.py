@@ -53,6 +53,13 @@ class TrainConfig(Section):
     grad_clip: float = 0.0
     out: str = "runs"
     log_every: int = 20  # steps between progress-bar metric refreshes
+    # The training episodes: `fss` = the query holds the support class; `fscs` = iFSL's 1-way FS-CS episodes
+    # (the support class is the query's own with probability 1/2, else another base class, as the official
+    # fs-cs loader trains), for a method whose record says `fscs`.
+    task: Literal["fss", "fscs"] = "fss"
+    # What the loss reads: `mask` = the query's mask; `presence` = only whether the support class is in the
+    # query (iFSL's weak labels, official `--weak`): needs `task: fscs` and a record with `weak`.
+    supervision: Literal["mask", "presence"] = "mask"
 
 
 class BaseTrainConfig(TrainConfig):
@@ -68,6 +75,9 @@ class BaseTrainConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _selection(self) -> BaseTrainConfig:
+        if self.task != "fss" or self.supervision != "mask":
+            raise ValueError("task / supervision: stage 1 is supervised segmentation of whole images; leave "
+                             "them at fss / mask (train.task and train.supervision set the episodic training)")
         if self.select == "best" and self.val_episodes == 0:
             raise ValueError("select: `best` needs validation images (val_episodes > 0); set select: last to "
                              "keep the last epoch's base learner")

@@ -4,7 +4,8 @@ Every evaluation reads these files, so every model is scored on identical episod
 `fold<k>/<split>_<shot>shot_<order>_seed<seed>.json`, `all/val_<shot>shot_<order>_seed<seed>.json` (the
 all-classes source split's validation, on the held-out source images), `targets/<name>/test_<shot>shot_seed<seed>.json`,
 `targets/<name>/val_<shot>shot_seed<seed>.json` (a target's selection lists, drawn from images its test lists
-never use), and `manifest.json` (written last) naming every file with the protocol it was drawn under: the
+never use), under `episodes.ways` > 1 `fold<k>/test_<N>way_<shot>shot_<order>_seed<seed>.json` (iFSL's FS-CS
+lists, data/ways.py), and `manifest.json` (written last) naming every file with the protocol it was drawn under: the
 prepared index's record plus `query_class` (`data.query_class`, docs/protocol.md sections 3 and 5).
 """
 
@@ -27,6 +28,7 @@ from fssmeta.data.sampler import (
     sample_target_episodes,
     selection_images,
 )
+from fssmeta.data.ways import draw_way_lists
 
 if TYPE_CHECKING:
     from fssmeta.data.targets import TargetSet
@@ -92,8 +94,12 @@ def write_episode_lists(data: DataConfig, cfg: EpisodesConfig, out: str | Path |
                              "classes_without_episodes": dropped, "episodes": episodes}))
         files.append({"path": str(path.relative_to(out)), "fold": fold, "split": split, "pool": pool,
                       "shot": shot, "order": order, "seed": seed, "episodes": len(episodes)})
+    ways = draw_way_lists(index, data, cfg, out)  # FS-CS N-way test lists (episodes.ways > 1; data/ways.py)
+    files += [{"path": str(path.relative_to(out)), **{k: payload[k] for k in ("fold", "split", "pool", "ways", "shot",
+                                                                           "order", "seed")},
+               "episodes": len(payload["episodes"])} for path, payload in ways]
     targets = draw_target_lists(data, cfg, out, progress)
-    for path, payload in [*drawn, *targets]:
+    for path, payload in [*drawn, *ways, *targets]:
         write_json_atomic(path, payload, indent=None)
     files += [{"path": str(path.relative_to(out)), "target": payload["target"], "split": payload["split"],
                "shot": payload["shot"], "seed": payload["seed"], "episodes": len(payload["episodes"])}

@@ -12,7 +12,7 @@ Supports always come from the class's pool, which follows the small-object rule.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,18 +93,25 @@ def sample_episodes(entries: Sequence[Entry], shot: int, count: int, seed: int, 
     if shot < 1 or count < 1:
         raise ValueError(f"shot and count must be >= 1, got shot={shot}, count={count}")
     pools = class_pools(support_entries if support_entries is not None else entries)
-    usable = usable_classes(pools, shot)
     rng = np.random.default_rng(seed)
-    episodes: list[dict[str, Any]] = []
+    return [_episode(class_id, query, draw_supports(rng, pools[class_id], query, shot))
+            for class_id, query in query_draws(entries, pools, shot, count, rng, order, present)]
+
+
+def query_draws(entries: Sequence[Entry], pools: dict[int, list[str]], shot: int, count: int,
+                rng: np.random.Generator, order: str = "image",
+                present: Present | None = None) -> Iterator[tuple[int, str]]:
+    """The (class, query) of each of `count` episodes in `order` (module docstring), drawn lazily from `rng`,
+    so the caller draws each episode's supports from the same generator before the next query."""
     if order == "image":
         walk = image_walk(entries, pools, shot, present)
         if not walk:
             raise DataError(f"no image has a class with at least {shot + 1} images: cannot form {shot}-shot episodes")
         for i in range(count):
             query, classes = walk[i % len(walk)]
-            class_id = classes[int(rng.integers(len(classes)))]
-            episodes.append(_episode(class_id, query, draw_supports(rng, pools[class_id], query, shot)))
+            yield classes[int(rng.integers(len(classes)))], query
     elif order == "class":
+        usable = usable_classes(pools, shot)
         query_pools = {c: keys for c, keys in class_pools(entries).items() if c in usable}
         if not query_pools:
             raise DataError(f"no class has at least {shot + 1} images: cannot form {shot}-shot episodes")
@@ -112,11 +119,9 @@ def sample_episodes(entries: Sequence[Entry], shot: int, count: int, seed: int, 
         for _ in range(count):
             class_id = classes[int(rng.integers(len(classes)))]
             keys = query_pools[class_id]
-            query = keys[int(rng.integers(len(keys)))]
-            episodes.append(_episode(class_id, query, draw_supports(rng, pools[class_id], query, shot)))
+            yield class_id, keys[int(rng.integers(len(keys)))]
     else:
         raise ValueError(f"unknown episode order {order!r}; expected image or class")
-    return episodes
 
 
 def _episode(class_id: int, query: str, supports: list[str]) -> dict[str, Any]:
@@ -216,11 +221,14 @@ class TrainEpisodeSampler:
     def draw(self, epoch: int, rank: int, index: int) -> tuple[dict[str, Any], np.random.Generator]:
         """The episode and the generator to continue with (for the augmentation seeds)."""
         rng = self.rng(epoch, rank, index)
+        class_id, query = self.draw_query(rng)
+        return _episode(class_id, query, draw_supports(rng, self.pools[class_id], query, self.shot)), rng
+
+    def draw_query(self, rng: np.random.Generator) -> tuple[int, str]:
+        """An episode's class and query image, before its supports."""
         if self.order == "class":
             class_id = self.classes[int(rng.integers(len(self.classes)))]
             keys = self.pools[class_id]
-            query = keys[int(rng.integers(len(keys)))]
-        else:
-            query, classes = self.walk[int(rng.integers(len(self.walk)))]
-            class_id = classes[int(rng.integers(len(classes)))]
-        return _episode(class_id, query, draw_supports(rng, self.pools[class_id], query, self.shot)), rng
+            return class_id, keys[int(rng.integers(len(keys)))]
+        query, classes = self.walk[int(rng.integers(len(self.walk)))]
+        return classes[int(rng.integers(len(classes)))], query

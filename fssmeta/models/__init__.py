@@ -17,6 +17,8 @@ METHOD_FILES = (
     "bam",
     "ntrenet",
     "crnet",
+    "hdmnet",
+    "sccan",
     "hsnet",
     "asnet",
     "baseline",

@@ -5,6 +5,7 @@ l2 and decoded by HSNet's decoder into per-way log-probabilities; the FS-CS merg
 Faithful to the official release (dahyun-kang/ifsl: `fs-cs/model/asnet.py`, `module/asnet.py`, `base/aslayer.py`,
 `base/correlation.py`, `base/feature.py`, `ifsl.py`; tests/fixtures/oracle/asnet.pt pins its forward), except
 where a comment says otherwise: the query is encoded once per episode; supports are resized to `support_size`.
+The weak-label objective (`presence_loss`) is official `compute_cls_objective` (`ifsl.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from fssmeta.config import ModelConfig, Section
-from fssmeta.episode import IGNORE_INDEX, Episode, SegOutput
+from fssmeta.episode import IGNORE_INDEX, Episode, FSCSEpisode, SegOutput
 from fssmeta.losses import resize_logits
 from fssmeta.metrics import presence_from_probs
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_, masked_bottleneck_features
@@ -33,7 +34,7 @@ from fssmeta.models.hsnet import (
     resize_query_dims,
     unit_features,
 )
-from fssmeta.models.method import Method, Reference
+from fssmeta.models.method import Method, Reference, WeakLabels
 
 HEADS = 8  # attention heads of every attentive squeeze layer
 MASKED_LOGIT = -1e9  # the attention logit of a masked-out key (official): a key-less row softmaxes to uniform
@@ -49,8 +50,8 @@ class ASNetOptions(Section):
     # How the support features are masked before the correlation: `none` is ASNet's own (the mask enters as the
     # attention mask only); `feature` / `input` / `hybrid` as HSNet's option (`hybrid` = the HM paper's ASNet).
     support_masking: Literal["none", "feature", "input", "hybrid"] = "none"
-    # False: the learner never sees the support mask (no key masked): the official `--weak` model. Training it
-    # on presence labels alone (the weak-label variant) is not built.
+    # False: the learner never sees the support mask (no key masked): the official `--weak` model, which
+    # `train.supervision: presence` trains on presence labels alone (with `support_masking: none`).
     mask_attention: bool = True
     # Support images (and masks, nearest) are resized to this square before the backbone when they differ: the
     # official learner runs only on 393-512 px supports (`SUPPORT_SIZES`); the query keeps its size.
@@ -168,7 +169,8 @@ def class_presence(shot_log_probs: torch.Tensor) -> torch.Tensor:
 class ASNet(FrozenBackboneModel):
     """Frozen torchvision-layout ResNet -> hypercorrelation (supports pooled, unmasked by default) -> attentive
     squeeze (per stage; the support mask masks the attention keys) -> mix l4 -> l3 -> l2 -> HSNet decoder ->
-    log-softmax. One way per episode here (fssmeta's episodes); `merge_ways` / `class_presence` take N."""
+    log-softmax, per way: a 1-way `Episode`, or an N-way `FSCSEpisode` (iFSL's FS-CS task) whose ways run
+    batched; `merge_ways` / `class_presence` give the logits and the presence."""
 
     def __init__(self, *, backbone: ResNet, support_masking: str = "none", mask_attention: bool = True,
                  support_size: int = 400) -> None:
@@ -207,52 +209,91 @@ class ASNet(FrozenBackboneModel):
         mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].to(mask.dtype)
         return img, mask
 
-    def shot_log_probs(self, episode: Episode) -> torch.Tensor:
-        """(B, S, 2, h, w): each shot's 1-shot log-probabilities at the learner's size (the official forward's
-        output, one way). The query is encoded once for all shots (the official k-shot loop re-encodes it per
-        shot: same numbers); the shots run one at a time, so the peak memory is that of a 1-shot episode."""
+    def way_log_probs(self, episode: Episode | FSCSEpisode) -> torch.Tensor:
+        """(B, S, N, 2, h, w): each shot's per-way log-probabilities at the learner's size (the official
+        forward's output; N = 1 on an `Episode`). The query is encoded once for all shots and ways (the official
+        k-shot loop re-encodes it per shot: same numbers); each shot's ways run batched, the query's features
+        repeated per way, as the official correlation; the shots run one at a time, so the peak memory is that of
+        a 1-shot episode. Each way's supports are encoded on their own (a batch of B), as the feature cache needs."""
         cache = active_cache(self, episode)  # evaluation at batch 1 only (models/feature_cache.py)
+        support_imgs, support_masks = way_supports(episode)  # (B, N, S, 3, H, W), (B, N, S, H, W)
+        B, N, S = support_imgs.shape[:3]
 
         def extract(img: torch.Tensor) -> list[torch.Tensor]:
             return pool_wide(bottleneck_features(self.backbone, img, cache))
 
         with torch.no_grad():
             query = unit_features(bottleneck_features(self.backbone, episode.query_img, cache))
+            if N > 1:  # (B * N, ...) way-minor, as the official `repeat_interleave(way)` against `(b n)` supports
+                query = [f.repeat_interleave(N, 0) for f in query]
         log_probs = []
-        for s in range(episode.support_imgs.shape[1]):
-            img, mask = self.resized_support(episode.support_imgs[:, s], episode.support_masks[:, s])
-            with torch.no_grad():  # the backbone is frozen and the correlation has no parameter
-                if self.support_masking == "none":
-                    support = extract(img)
-                else:
-                    support = masked_bottleneck_features(self.backbone, img, mask, self.support_masking, extract)
-                corrs = multilayer_correlation(query, unit_features(support), self.backbone.bottleneck_ids)
-                del support
+        for s in range(S):
+            feats, masks = [], []
+            for n in range(N):
+                img, mask = self.resized_support(support_imgs[:, n, s], support_masks[:, n, s])
+                with torch.no_grad():  # the backbone is frozen and the correlation has no parameter
+                    if self.support_masking == "none":
+                        feats.append(unit_features(extract(img)))
+                    else:
+                        feats.append(unit_features(masked_bottleneck_features(self.backbone, img, mask,
+                                                                              self.support_masking, extract)))
+                masks.append(mask)
+            with torch.no_grad():
+                support = [torch.stack(way, 1).flatten(0, 1) for way in zip(*feats, strict=True)]  # (B * N, ...)
+                corrs = multilayer_correlation(query, support, self.backbone.bottleneck_ids)
+                del feats, support
+            mask = torch.stack(masks, 1).flatten(0, 1)  # (B * N, H, W)
             # 255 (ignore) is background, as the official support loader's `mask == class`
-            support_fg = (mask == 1).to(img.dtype) if self.mask_attention else None
-            log_probs.append(self.learner(corrs, support_fg).log_softmax(1))
+            support_fg = (mask == 1).to(support_imgs.dtype) if self.mask_attention else None
+            learned = self.learner(corrs, support_fg).log_softmax(1)  # (B * N, 2, h, w)
+            log_probs.append(learned.view(B, N, *learned.shape[1:]))
             del corrs
         return torch.stack(log_probs, 1)
 
-    def forward(self, episode: Episode) -> SegOutput:
-        """The merged log-probs (`merge_ways`) at the query's size, averaged over the shots (official
-        `predict_mask_nshot`: the mean of the shots' upsampled maps, argmax), in train and eval."""
-        size = (episode.query_img.shape[-2], episode.query_img.shape[-1])
-        merged = merge_ways(self.shot_log_probs(episode).flatten(0, 1)[:, None])  # (B * S, 2, h, w)
-        logits = resize_logits(merged, size)
-        return SegOutput(logits.view(episode.query_img.shape[0], -1, *logits.shape[1:]).mean(1), [], {})
+    def shot_log_probs(self, episode: Episode) -> torch.Tensor:
+        """(B, S, 2, h, w): each shot's 1-shot log-probabilities of a 1-way `Episode` (`way_log_probs`)."""
+        return self.way_log_probs(episode)[:, :, 0]
+
+    def forward(self, episode: Episode | FSCSEpisode) -> SegOutput:
+        """The merged log-probs (`merge_ways`: (B, 1 + N, H, W), N = 1 on an `Episode`) at the query's size,
+        averaged over the shots (official `predict_mask_nshot`: the mean of the shots' upsampled maps, argmax),
+        and the class presence (`class_presence`, (B, N)), in train and eval."""
+        log_probs = self.way_log_probs(episode)  # (B, S, N, 2, h, w)
+        B, S = log_probs.shape[:2]
+        logits = resize_logits(merge_ways(log_probs.flatten(0, 1)), episode.query_img.shape[-2:])  # (B * S, 1 + N, ...)
+        return SegOutput(logits.view(B, S, *logits.shape[1:]).mean(1), [], {}, class_presence(log_probs))
 
 
-def asnet_loss(model: nn.Module, episode: Episode) -> dict[str, torch.Tensor]:
+def way_supports(episode: Episode | FSCSEpisode) -> tuple[torch.Tensor, torch.Tensor]:
+    """An episode's supports by way: (B, N, S, 3, H, W) images, (B, N, S, H, W) masks; an `Episode` is 1 way."""
+    if isinstance(episode, FSCSEpisode):
+        return episode.support_imgs, episode.support_masks
+    return episode.support_imgs[:, None], episode.support_masks[:, None]
+
+
+def asnet_loss(model: nn.Module, episode: Episode | FSCSEpisode) -> dict[str, torch.Tensor]:
     """NLL of each shot's merged log-probs, upsampled to the query (official `compute_seg_objective`; ASNet
-    trains 1-shot only, where this is its loss; at k shots, k 1-shot episodes sharing the query). 255 is
+    trains 1-shot only, where this is its loss; at k shots, k 1-shot episodes sharing the query). The target
+    is the query mask, 0..N on an `FSCSEpisode` (all background when no way's class is in the query). 255 is
     ignored, the project's contract; the official loader relabels VOC boundary pixels background."""
-    shot_log_probs = model.shot_log_probs(episode)  # (B, S, 2, h, w)
-    S = shot_log_probs.shape[1]
-    merged = merge_ways(shot_log_probs.flatten(0, 1)[:, None])  # (B * S, 2, h, w)
+    log_probs = model.way_log_probs(episode)  # (B, S, N, 2, h, w)
+    S = log_probs.shape[1]
+    merged = merge_ways(log_probs.flatten(0, 1))  # (B * S, 1 + N, h, w)
     target = episode.query_mask.repeat_interleave(S, 0)
     log_probs = resize_logits(resize_logits(merged, episode.query_img.shape[-2:]), target.shape[-2:])
     return {"nll": F.nll_loss(log_probs.float(), target.long(), ignore_index=IGNORE_INDEX)}
+
+
+def presence_loss(model: nn.Module, episode: FSCSEpisode) -> dict[str, torch.Tensor]:
+    """The weak-label objective (official `compute_cls_objective`, `--weak`): each way's log-probs averaged
+    over the learner's map, (B, N, 2), read as the log-likelihood of "absent" / "present" and scored by NLL
+    against the query's presence. Official at 1 way and 1 shot; here every (shot, way) is one such term,
+    averaged. The learner never sees a support mask here (`WeakLabels.options`, checked at load)."""
+    log_probs = model.way_log_probs(episode)  # (B, S, N, 2, h, w)
+    S = log_probs.shape[1]
+    scores = log_probs.float().mean((-2, -1)).flatten(0, 2)  # (B * S * N, 2): not normalised, as official
+    target = episode.presence.long().repeat_interleave(S, 0).flatten()  # (B * S * N,)
+    return {"presence_nll": F.nll_loss(scores, target)}
 
 
 def build(cfg: ModelConfig, options: ASNetOptions, *, shot: int, base_classes: list[int]) -> ASNet:
@@ -264,7 +305,9 @@ def build(cfg: ModelConfig, options: ASNetOptions, *, shot: int, base_classes: l
 METHOD = Method(
     key="asnet", build=build, options=ASNetOptions, stage1=None, recipe=ADAM_RECIPE, transform="resize",
     summary="attentive squeeze: masked multi-head attention over the support dims of the hypercorrelation (CVPR 2022)",
-    trains_each_shot=False, loss=asnet_loss,
+    trains_each_shot=False, loss=asnet_loss, fscs=True,
+    # Weak labels: no support mask may reach the learner, neither as the attention mask nor through the features.
+    weak=WeakLabels(loss=presence_loss, options={"mask_attention": False, "support_masking": "none"}),
     # The tiny layout runs the learner on 400-px supports, where every attention has several keys; without the
     # attention mask, because the mixing blocks' keys (2x2) take the mask at its four corner pixels, background
     # in the test episodes: all masked, a uniform softmax, and no gradient to their query / key embeddings.

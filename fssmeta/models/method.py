@@ -81,6 +81,15 @@ class Reference:
 
 
 @dataclass(frozen=True)
+class WeakLabels:
+    """How a method trains on presence labels alone (`train.supervision: presence`, iFSL's weak labels): its
+    loss, and the values of its `model.<key>` options under which no support mask reaches the learner."""
+
+    loss: LossFn
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Method:
     """One method. `key` is `model.method`; see each field's comment."""
 
@@ -106,6 +115,10 @@ class Method:
     canvas: Literal["pfenet", "bam"] = "pfenet"
     tiny: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields of a fast 65-px test model
     reference: Reference | None = None
+    # iFSL's FS-CS task: its forward takes N-way `FSCSEpisode`s (logits 1 + N channels and `presence`), so it
+    # may be scored on `episodes.ways` > 1 lists and trained on FS-CS episodes (`train.task: fscs`).
+    fscs: bool = False
+    weak: WeakLabels | None = None  # training on presence labels (`train.supervision: presence`); None: it cannot
 
     def options_of(self, cfg: ModelConfig) -> BaseModel | None:
         """This method's typed options from `model.<key>` (defaults where absent; the loader, params.py,
@@ -139,3 +152,7 @@ class Method:
     def training_recipe(self, optim: OptimConfig) -> OptimConfig:
         """`optim` (a run's `train.optim`) over this method's recipe."""
         return optim.resolved(self.recipe)
+
+    def training_loss(self, supervision: str) -> LossFn:
+        """The loss of `train.supervision`: `loss` on masks, the weak-label loss on presence."""
+        return self.loss if supervision == "mask" or self.weak is None else self.weak.loss

@@ -25,7 +25,7 @@ RANKS = {
     "fssmeta.params": 6,
     "fssmeta.checkpoint": 7, "fssmeta.tracking": 7,
     "fssmeta.train": 8, "fssmeta.adaptation": 8,
-    "fssmeta.runs": 9,
+    "fssmeta.runs": 9, "fssmeta.fscs": 9,
     "fssmeta.stages": 10, "fssmeta.evaluation": 10, "fssmeta.cross_domain": 10, "fssmeta.predict": 10,
     "fssmeta.report": 11,
     "fssmeta.integrations": 12,

@@ -126,7 +126,7 @@ def test_a_part_switch_the_method_does_not_read_is_refused(stub):
     from fssmeta.models import build_model
 
     with pytest.raises(ValueError, match=r"model\.memory\.enabled: stub takes no memory part "
-                                         r"\(methods that do: bam, ntrenet, pfenet\)"):
+                                         r"\(methods that do: bam, hdmnet, ntrenet, pfenet, sccan\)"):
         build_model(ModelConfig(method="stub", memory=MemoryConfig(enabled=True)), shot=1, base_classes=[])
     with pytest.raises(ValueError, match=r"model\.mining\.enabled: pfenet takes no mining part"):
         build_model(ModelConfig(method="pfenet", mining=MiningConfig(enabled=True)), shot=1, base_classes=[])

@@ -1,4 +1,4 @@
-"""fssmeta's PFENet, BAM, NTRENet, HSNet and ASNet against the official forward passes recorded by tools/oracle.py.
+"""fssmeta's PFENet, BAM, NTRENet, HSNet, ASNet, SCCAN and HDMNet against the official forward passes recorded by tools/oracle.py.
 
 Each fixture (tests/fixtures/oracle/<method>.pt) holds the inputs, the seed, a fingerprint of fssmeta's weights
 and the official outputs on those weights, with the official repository and commit. The official code is
@@ -121,10 +121,14 @@ def test_forward_matches_official(method: str, name: str) -> None:
         hooks = [model.background.head.register_forward_hook(lambda m, i, o: captured.__setitem__("bg_logits", o))]
         hooks += [head.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(f"initial_logits_{idx}", o))
                   for idx, head in enumerate(model.initial_cls)]
+    if method == "sccan":  # the prior, the transformer's first channels and cls_meta's logits at feature size
+        hooks = oracle.sccan_hooks(model, captured)
     if method == "hsnet":  # 1 shot the logits; k shots each shot's logits and the vote (oracle.hsnet_outputs)
         captured = oracle.hsnet_outputs(model, oracle.episode(inputs, case["class_id"]))
     elif method == "asnet":  # per-way log-probs, the forward's logits or k-shot mask, the presence
         captured = oracle.asnet_outputs(model, oracle.episode(inputs, case["class_id"]))
+    elif method == "hdmnet":  # final logits, meta and base logits, each stage's matching correlation
+        captured = oracle.hdmnet_outputs(model, oracle.episode(inputs, case["class_id"]))
     else:
         with torch.no_grad():
             captured["logits"] = model(oracle.episode(inputs, case["class_id"])).logits
@@ -187,3 +191,21 @@ def test_asnet_fixture_records_its_torchvision_and_einops() -> None:
     assert official["files"] == oracle.OFFICIAL["asnet"].files
     assert official["torchvision"]["models/resnet.py"] == oracle.TORCHVISION[1]
     assert official["einops"]["version"] == oracle.EINOPS
+
+
+def test_sccan_fixture_records_its_torchvision_and_timm() -> None:
+    """The official SCCAN imports timm and runs torchvision's IntermediateLayerGetter: the fixture names both, as
+    tools/oracle.py pins them, beside the pinned SCCAN files."""
+    official = fixture_of("sccan")["official"]
+    assert official["files"] == oracle.OFFICIAL["sccan"].files
+    assert official["torchvision"]["version"].startswith(oracle.TORCHVISION[0])
+    assert official["timm"]["version"] == oracle.TIMM
+
+
+def test_hdmnet_fixture_records_its_mmcv_and_einops() -> None:
+    """The official HDMNet builds its transformer from mmcv / mmseg (their pure-Python parts) and einops, and
+    reads torchvision through mmcv's runner: the fixture names them as tools/oracle.py pins them."""
+    official = fixture_of("hdmnet")["official"]
+    assert official["files"] == oracle.OFFICIAL["hdmnet"].files
+    assert official["mmcv"] == oracle.MMCV and official["einops"]["version"] == oracle.EINOPS
+    assert official["torchvision"]["version"].startswith(oracle.TORCHVISION[0])
