@@ -81,6 +81,10 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from None
+    unknown = sorted(set(cfg.train.method_optim) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"{source}: invalid configuration\n  train.method_optim.{unknown[0]}: not a method "
+                          f"(model.method keys: {', '.join(sorted(k for k, m in METHODS.items() if m.learned))})")
     if cfg.model.method in METHODS:  # an unknown method is refused where it is built, naming model.method
         problem = task_problem(cfg, METHODS[cfg.model.method], METHODS)
         if problem:

@@ -173,7 +173,7 @@ def training_config(cfg: Config) -> Config:
     its recipe, so the checkpoint's stored config (and the run's MLflow params) say what was trained."""
     method = get_method(cfg.model.method)
     train = cfg.train.model_copy(update={"shot": method.training_shot(cfg.train.shot),
-                                         "optim": method.training_recipe(cfg.train.optim)})
+                                         "optim": method.training_recipe(cfg.train.optim, cfg.train.method_optim)})
     return cfg.model_copy(update={"train": train})
 
 
@@ -207,7 +207,7 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
                    length=tc.episodes_per_epoch, rank=distributed.rank(), world_size=distributed.world_size(),
                    batch_size=tc.batch_size)
     loader = _loader(dataset, tc)
-    specs = method.optimizers(model, method.training_recipe(tc.optim))
+    specs = method.optimizers(model, method.training_recipe(tc.optim, tc.method_optim))
     optimizer, scheduler = build_optimization(specs, tc.epochs * len(loader))
     run = checkpoint_dir or meta_dir(cfg, fold, tc.shot)
     if start is not None:

@@ -46,7 +46,11 @@ class TrainConfig(Section):
     episodes_per_epoch: Positive = 200  # per rank (meta); images per epoch for the base learner
     batch_size: Positive = 4
     num_workers: NonNegative = 0
-    optim: OptimConfig = OptimConfig()
+    optim: OptimConfig = OptimConfig()  # a run's overrides over every method's recipe (a sweep sets optim.lr)
+    # Per-method overrides, under `optim` and over that method's recipe: a data set's rates for the methods they
+    # suit (params.yaml: the SGD methods' CPU rate), so switching model.method never carries an SGD rate into an
+    # Adam recipe. Keys are `model.method` keys (checked at load).
+    method_optim: dict[str, OptimConfig] = {}
     amp: Amp = "cuda"  # bf16 autocast in training steps (see `Amp`; evaluation: eval.amp)
     channels_last: bool = True  # on CUDA only
     val_episodes: NonNegative = 200  # validation episodes used per epoch (from the fixed val list); 0 = none

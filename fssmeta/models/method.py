@@ -149,9 +149,14 @@ class Method:
         """The shots of the training episodes (and of the checkpoint) behind an evaluation at `shot`."""
         return shot if self.trains_each_shot else 1
 
-    def training_recipe(self, optim: OptimConfig) -> OptimConfig:
-        """`optim` (a run's `train.optim`) over this method's recipe."""
-        return optim.resolved(self.recipe)
+    def training_recipe(self, optim: OptimConfig, method_optim: dict[str, OptimConfig] | None = None,
+                        ) -> OptimConfig:
+        """`optim` (a run's `train.optim`) over `method_optim[key]` (`train.method_optim`, when it names this
+        method) over this method's recipe."""
+        recipe = self.recipe
+        if method_optim and self.key in method_optim:
+            recipe = method_optim[self.key].resolved(recipe)
+        return optim.resolved(recipe)
 
     def training_loss(self, supervision: str) -> LossFn:
         """The loss of `train.supervision`: `loss` on masks, the weak-label loss on presence."""

@@ -59,8 +59,8 @@ def _add_stub(repo: Path) -> None:
 
 
 def test_hsnet_runs_the_whole_pipeline(tmp_path):
-    """A built method of the HSNet family through the real `dvc repro`: Adam from its own record (train.optim
-    left empty), the sweep on its learning rate, both source models (fold 0 and the all-classes one)
+    """A built method of the HSNet family through the real `dvc repro`: Adam from its own record (params.yaml
+    as shipped: train.method_optim names only the SGD methods), the sweep on its learning rate, both source models (fold 0 and the all-classes one)
     registered and each challenging on its domains; none of the PFENet-family parts switched on."""
     repo, env = repo_copy(tmp_path / "repo", edit=_hsnet_params)
     result = run([sys.executable, "-m", "dvc", "repro"], repo, env)
@@ -82,6 +82,5 @@ def _hsnet_params(repo: Path) -> None:
     params["model"]["method"] = "hsnet"
     params["model"]["memory"]["enabled"] = False  # PFENet-family parts hsnet does not take
     params["model"]["mining"]["enabled"] = False
-    params["train"]["optim"] = {}  # the method's own recipe: Adam 1e-3
     params["tune"]["search_space"] = {"train.optim.lr": ["loguniform", 3.0e-4, 3.0e-3]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -106,6 +106,23 @@ def test_train_optim_unset_keys_take_the_method_recipe():
         OptimConfig(lr=1.0).resolved(OptimConfig(momentum=0.9, weight_decay=0.0, power=0.0, warmup_steps=0, lr=2.0))
 
 
+def test_the_shipped_params_give_each_method_its_rate():
+    """params.yaml's CPU rate reaches the SGD methods only (`train.method_optim`): switching model.method to an
+    Adam / AdamW method trains at that method's recipe, never at an SGD rate (the former lr 0.05 trap)."""
+
+    cfg = load_config(ROOT / "params.yaml")
+    rates = {key: (m.training_recipe(cfg.train.optim, cfg.train.method_optim).optimizer,
+                   m.training_recipe(cfg.train.optim, cfg.train.method_optim).lr) for key, m in METHODS.items() if m.learned}
+    assert rates == {"pfenet": ("sgd", 0.05), "bam": ("sgd", 0.05), "ntrenet": ("sgd", 0.05), "crnet": ("sgd", 0.05),
+                     "hdmnet": ("adamw", 1.0e-3), "sccan": ("sgd", 0.05), "hsnet": ("adam", 1.0e-3),
+                     "asnet": ("adam", 1.0e-3)}
+    # a run's train.optim still overrides every method; a per-method entry only its own
+    swept = load_config(ROOT / "params.yaml", ["train.optim.lr=0.01"])
+    assert get_method("hsnet").training_recipe(swept.train.optim, swept.train.method_optim).lr == 0.01
+    with pytest.raises(ConfigError, match=r"train\.method_optim\.bamm: not a method \(model\.method keys: asnet, bam"):
+        load_config(None, ['train.method_optim={"bamm": {"lr": 0.1}}'])
+
+
 def test_eval_size_is_the_one_test_size_rule():
     assert load_config(None, ["eval.test_size=473", "eval.resized_size=400"]).eval.size == 473
     assert load_config(None, ["eval.resolution=resized", "eval.test_size=473", "eval.resized_size=400"]).eval.size == 400
