@@ -132,6 +132,8 @@ ABLATION_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
     "bam+mining": _switches("bam", False, True),
     "flagship": _switches("bam", True, True),
     "ntrenet": _switches("ntrenet", False, False),
+    "hdmnet": _switches("hdmnet", False, False),
+    "sccan": _switches("sccan", False, False),
 }
 
 

@@ -147,7 +147,7 @@ def test_target_stage_without_targets_records_why(tmp_path, monkeypatch):
 def test_ablation_table_and_report_section(cfg, tmp_path):
     from fssmeta.report import ABLATION_VARIANTS, ablation_markdown
 
-    assert list(ABLATION_VARIANTS) == ["bam", "bam+memory", "bam+mining", "flagship", "ntrenet"]
+    assert list(ABLATION_VARIANTS) == ["bam", "bam+memory", "bam+mining", "flagship", "ntrenet", "hdmnet", "sccan"]
     flagship = cfg.model.model_copy(update=ABLATION_VARIANTS["flagship"](cfg.model))
     assert flagship.method == "bam" and flagship.memory.enabled and flagship.mining.enabled
     assert not cfg.model.model_copy(update=ABLATION_VARIANTS["ntrenet"](cfg.model)).memory.enabled
