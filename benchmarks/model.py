@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from fssmeta.config import ModelConfig
+from fssmeta.config import ModelConfig, OptimConfig
 from fssmeta.data.folds import base_classes
 from fssmeta.episode import Episode
 from fssmeta.models import METHODS, build_model, count_learnable
-from fssmeta.train import autocast, build_optimizer, train_step
+from fssmeta.train import autocast, build_optimization, train_step
 
 CONFIGS = {  # size -> (model params, input side)
     "small": (dict(backbone="small", pspnet={"ppm_dim": 128}, bam={"reduce_dim": 64, "aspp_dilations": (2, 4, 6)},
@@ -50,7 +50,8 @@ def run_one(method: str, size: str, shot: int, steps: int, batch: int) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.parameters(), record.recipe)
+    # The method's own optimisers (SCCAN: two; HDMNet: two LR groups), as `train_meta` builds them.
+    optimizer, _ = build_optimization(record.optimizers(model, record.training_recipe(OptimConfig())), steps + 1)
     ep = episode(batch, shot, side, device)
     train_step(model, ep, record.loss, optimizer, amp=cuda)  # warm-up
     if cuda:
