@@ -28,13 +28,19 @@ def pass_through_conv() -> nn.Conv2d:
 @torch.no_grad()
 def base_class_map(base_learner: PSPNet, query_layer4: torch.Tensor, base_classes: torch.Tensor,
                    class_id: torch.Tensor, exclude_own: bool) -> torch.Tensor:
-    """(B, C4, h, w) query layer4 -> (B, 1, h, w) base-learner probability of any base class.
-
-    Channel i + 1 of the base learner is the i-th of the sorted `base_classes` (nb,). In training
-    (`exclude_own`) the episode's own class is a base class the meta learner must find, so it is left out
-    (else the ensemble would suppress the target); at test time the class is novel and all count.
-    """
+    """(B, C4, h, w) query layer4 -> (B, 1, h, w) base-learner probability of any base class (`any_base_class`)."""
     prob = base_learner.classify(query_layer4).softmax(dim=1)[:, 1:]  # (B, nb, h, w)
+    return any_base_class(prob, base_classes, class_id, exclude_own)
+
+
+def any_base_class(prob: torch.Tensor, base_classes: torch.Tensor, class_id: torch.Tensor,
+                   exclude_own: bool) -> torch.Tensor:
+    """(B, nb, h, w) base-class probabilities -> (B, 1, h, w) probability of any base class.
+
+    Channel i of `prob` is the i-th of the sorted `base_classes` (nb,). In training (`exclude_own`) the
+    episode's own class is a base class the meta learner must find, so it is left out (else the ensemble
+    would suppress the target); at test time the class is novel and all count.
+    """
     if exclude_own:
         own = base_classes[None, :] == class_id[:, None]  # (B, nb); no match = nothing excluded
         prob = prob * (~own).to(prob.dtype)[:, :, None, None]

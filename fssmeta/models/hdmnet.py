@@ -22,7 +22,7 @@ from fssmeta.config import ModelConfig, OptimConfig, Positive, Section
 from fssmeta.episode import Episode, SegOutput
 from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, freeze_
-from fssmeta.models.ensemble import BaseMetaEnsemble
+from fssmeta.models.ensemble import BaseMetaEnsemble, any_base_class
 from fssmeta.models.family import memory_losses, mid_channels
 from fssmeta.models.feature_cache import FeatureCache, active_cache, digest
 from fssmeta.models.hdm_transformer import HierarchicalTransformer
@@ -189,13 +189,10 @@ class HDMNet(nn.Module):
 
     def base_map(self, head: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
         """(B, ppm_dim, h, w) query head feature -> (B, 1, h, w) base-learner probability of any base class,
-        the episode's own class left out in training (BAM's rule, as ensemble.base_class_map, from the head
+        the episode's own class left out in training (BAM's rule, `ensemble.any_base_class`, from the head
         feature: the PPM is not run twice)."""
-        pspnet = self.base_learner
-        prob = pspnet.cls[3:](F.relu(head)).softmax(1)[:, 1:]  # cls[2] is the in-place ReLU: not on `head`
-        if self.training:
-            prob = prob * (self.base_classes[None] != class_id[:, None]).to(prob.dtype)[:, :, None, None]
-        return prob.sum(1, keepdim=True)
+        prob = self.base_learner.cls[3:](F.relu(head)).softmax(1)[:, 1:]  # cls[2] is the in-place ReLU: not on `head`
+        return any_base_class(prob, self.base_classes, class_id, self.training)
 
     def forward(self, episode: Episode) -> SegOutput:
         B, S = episode.support_imgs.shape[:2]
