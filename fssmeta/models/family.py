@@ -99,11 +99,11 @@ def query_features(backbone: ResNet, img: torch.Tensor, image: str,
 def _styled_mid(backbone: ResNet, img: torch.Tensor, image: str, cache: FeatureCache,
                 style: Style | None) -> tuple[torch.Tensor, torch.Tensor]:
     """layer2, layer3 of a cached image, restyled by `style` when given (eval: the bank and test_alpha are
-    fixed, so the restyled features depend on the image alone and are cached under their own key)."""
-    mid = cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
+    fixed, so the restyled features depend on the image alone and are cached under their own key; the raw ones
+    are not kept, since nothing reads them at that scope)."""
     if style is None:
-        return mid
-    return cache.get_or_compute(("styled_mid", image), lambda: style(*mid))
+        return cache.get_or_compute(("mid", image), lambda: _mid_features(backbone, img))
+    return cache.get_or_compute(("styled_mid", image), lambda: style(*_mid_features(backbone, img)))
 
 
 def _cached_shot(backbone: ResNet, img: torch.Tensor, fg: torch.Tensor, cache: FeatureCache,
@@ -200,7 +200,7 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
     def reduce(down: nn.Module, mid: torch.Tensor) -> torch.Tensor:
         return down(mid if memory is None or scope_backbone else memory.restyle(mid))
 
-    losses: dict[str, torch.Tensor] = {}
+    losses: dict[str, torch.Tensor] = {}  # the memory's, in training
     query_feat = reduce(down_query, query_mid)  # (B, D, h, w)
     if S > 1 and not down_supp.training and (memory is None or not memory.training):
         # Evaluation at k shots: B rows (a shot's worth) at a time, so that the concat of every shot's
@@ -211,14 +211,8 @@ def meta_inputs(backbone: nn.Module, down_query: nn.Module, down_supp: nn.Module
         supp_mid = torch.cat([support.layer3, support.layer2], 1)  # (B*S, C3 + C2, h, w)
         supp_feat = reduce(down_supp, supp_mid)  # (B*S, D, h, w)
     if memory is not None and memory.training:
-        if memory.contrast_weight > 0:
-            raw = query_mid if raw_query_mid is None else raw_query_mid
-            losses["memory_contrast"] = memory.contrast_loss(down_query(raw), query_feat,
-                                                             episode.query_mask, episode.class_id)
-        if memory.prototype_weight > 0:
-            supp_bg = (episode.support_masks.flatten(0, 1) == 0).to(supp_feat.dtype)
-            losses["memory_prototype"] = memory.prototype_loss(query_feat, supp_feat, support.fg_mask, supp_bg,
-                                                               episode.query_mask)
+        losses = memory.step_losses(episode, down_query, query_mid if raw_query_mid is None else raw_query_mid,
+                                    query_feat, supp_feat, support.fg_mask)
         # After the reads: this step's restyling used the old bank.
         if scope_backbone:
             memory.observe_stats(raw_stats)

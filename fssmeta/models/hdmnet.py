@@ -248,16 +248,9 @@ class HDMNet(nn.Module):
         """In training with a memory: its weighted losses, then the write of the RAW mid-level statistics
         (after this step's reads: the contract of models/memory.py, as family.meta_inputs)."""
         memory = self.memory
-        losses: dict[str, torch.Tensor] = {}
         if memory is None or not memory.training:
-            return losses
-        if memory.contrast_weight > 0:
-            losses["memory_contrast"] = memory.contrast_loss(self.down_query(query_mid), query_feat,
-                                                             episode.query_mask, episode.class_id)
-        if memory.prototype_weight > 0:
-            supp_bg = (episode.support_masks.flatten(0, 1) == 0).to(supp_feat.dtype)
-            losses["memory_prototype"] = memory.prototype_loss(query_feat, supp_feat, support_fg, supp_bg,
-                                                               episode.query_mask)
+            return {}
+        losses = memory.step_losses(episode, self.down_query, query_mid, query_feat, supp_feat, support_fg)
         memory.observe(query_mid, supp_mid)
         return losses
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from fssmeta import distributed
 from fssmeta.config import MemoryConfig
+from fssmeta.episode import Episode
 from fssmeta.losses import cross_entropy
 from fssmeta.models.ops import masked_average_pool
 
@@ -330,6 +331,26 @@ class MemoryTransfer(nn.Module):
                                       masked_average_pool(raw, bg), masked_average_pool(styled, bg),
                                       class_ids, self.contrast_temperature)
         return self.contrast_weight * loss
+
+    def step_losses(self, episode: Episode, down_query: nn.Module, raw_query_mid: torch.Tensor,
+                    query_feat: torch.Tensor, supp_feat: torch.Tensor, supp_fg: torch.Tensor,
+                    ) -> dict[str, torch.Tensor]:
+        """The weighted training terms of one step, as every host computes them (empty in eval mode):
+        L_cont between the query's reduction of its RAW mid-level feature (`down_query(raw_query_mid)`) and its
+        restyled reduction `query_feat`; L_pro of `query_feat` against the restyled (B*S, D, h, w) `supp_feat`
+        (episode-major) under the float (B*S, H, W) support foreground `supp_fg`. The host then writes the
+        step's raw statistics (`observe` / `observe_stats`), after every read."""
+        losses: dict[str, torch.Tensor] = {}
+        if not self.training:
+            return losses
+        if self.contrast_weight > 0:
+            losses["memory_contrast"] = self.contrast_loss(down_query(raw_query_mid), query_feat,
+                                                           episode.query_mask, episode.class_id)
+        if self.prototype_weight > 0:
+            supp_bg = (episode.support_masks.flatten(0, 1) == 0).to(supp_feat.dtype)
+            losses["memory_prototype"] = self.prototype_loss(query_feat, supp_feat, supp_fg, supp_bg,
+                                                             episode.query_mask)
+        return losses
 
     def prototype_loss(self, query_feat: torch.Tensor, supp_feat: torch.Tensor, supp_fg: torch.Tensor,
                        supp_bg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from fssmeta.models import ops
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_
 from fssmeta.models.family import FrozenBackboneModel, memory_losses, mid_channels, query_features
 from fssmeta.models.feature_cache import FeatureCache, active_cache, digest
-from fssmeta.models.memory import MemoryTransfer, build_memory, instance_stats
+from fssmeta.models.memory import MemoryTransfer, build_memory
 from fssmeta.models.method import Method, OptimizerSpec, Reference, Stage1, trainable
 
 # The attention blocks' optimiser (train_sccan.py `get_optim`): AdamW at a constant 6e-5 with PyTorch's default
@@ -309,16 +309,10 @@ class SCCAN(FrozenBackboneModel):
         memory = self.memory
         if memory is None or not memory.training:
             return {}
-        losses: dict[str, torch.Tensor] = {}
-        if memory.contrast_weight > 0:
-            losses["memory_contrast"] = memory.contrast_loss(self.down_query(query_mid), query_reduced,
-                                                             episode.query_mask, episode.class_id)
-        if memory.prototype_weight > 0:
-            supp_feat = torch.stack(supp_reduced, 1).flatten(0, 1)  # (B*S, D, h, w)
-            masks = episode.support_masks.flatten(0, 1)
-            losses["memory_prototype"] = memory.prototype_loss(query_reduced, supp_feat, ops.foreground(masks),
-                                                               (masks == 0).to(supp_feat.dtype), episode.query_mask)
-        memory.observe_stats([instance_stats(m.detach().float()) for m in (query_mid, *supp_mids)])
+        supp_feat = torch.stack(supp_reduced, 1).flatten(0, 1)  # (B*S, D, h, w)
+        losses = memory.step_losses(episode, self.down_query, query_mid, query_reduced, supp_feat,
+                                    ops.foreground(episode.support_masks.flatten(0, 1)))
+        memory.observe(query_mid, *supp_mids)
         return losses
 
 
