@@ -25,7 +25,7 @@ from fssmeta.data.transforms import TestTransform
 from fssmeta.fscs import score_way_lists, scores_ways, way_means
 from fssmeta.metrics import IoUMeter
 from fssmeta.models import get_method
-from fssmeta.models.feature_cache import FeatureCache, caching
+from fssmeta.models.feature_cache import caching, evaluation_cache
 from fssmeta.runs import default_device, evaluation_model
 from fssmeta.train import evaluate
 
@@ -66,7 +66,7 @@ def score_lists(cfg: Config, model: torch.nn.Module, paths: dict[int, Path], sou
     class before the first `eval.episodes` are taken. With `eval.feature_cache_mib` > 0 one frozen-feature
     cache serves all of this model's lists (models/feature_cache.py; the logits are exactly the uncached ones).
     """
-    cache = FeatureCache(cfg.eval.feature_cache_mib * 2**20) if cfg.eval.feature_cache_mib else None
+    cache = evaluation_cache(cfg.eval.feature_cache_mib)
     lists = {}
     for seed, path in paths.items():
         episodes = load_episode_list(path)["episodes"]

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fssmeta import distributed
 from fssmeta.config import Config
@@ -20,11 +19,11 @@ from fssmeta.data.dataset import IndexSource, episode_loader
 from fssmeta.data.episode_lists import load_episode_list
 from fssmeta.data.transforms import TestTransform
 from fssmeta.data.ways import WayEpisodeDataset, way_list_path
-from fssmeta.episode import IGNORE_INDEX, FSCSEpisode
+from fssmeta.episode import IGNORE_INDEX, FSCSEpisode, SegOutput
 from fssmeta.metrics import ExactRatioMeter, IoUMeter
-from fssmeta.models.feature_cache import FeatureCache, caching
+from fssmeta.models.feature_cache import caching, evaluation_cache
 from fssmeta.models.method import Method
-from fssmeta.train import autocast, to_device
+from fssmeta.train import run_episodes
 
 
 def scores_ways(cfg: Config, record: Method, regime: str) -> bool:
@@ -52,23 +51,18 @@ def evaluate_ways(model: nn.Module, loader: Iterable[FSCSEpisode], num_classes: 
     """Score fixed N-way episodes: the (1 + N)-channel logits mapped to the query mask's size by
     `score_logits`, argmax, class-wise IoU (`update_way_iou`); the forward's presence against the query's, ER.
     Both meters are reduced across ranks."""
-    was_training = model.training
-    model.eval()
-    device = next(p for p in model.parameters()).device
     iou, exact = IoUMeter(num_classes), ExactRatioMeter()
-    show = progress and distributed.is_main_process()
-    for episode in tqdm(loader, desc=desc, disable=not show, unit="ep", leave=False):
-        episode = to_device(episode, device)
-        with autocast(device, amp):
-            out = model(episode)
+
+    def score(out: SegOutput, episode: FSCSEpisode) -> None:
         if out.presence is None:
             raise ValueError(f"{type(model).__name__} returned no class presence for an N-way episode")
         pred = score_logits(out.logits.float(), tuple(episode.query_mask.shape[-2:])).argmax(1)
         update_way_iou(iou, pred, episode.query_mask, episode.class_ids)
         exact.update(out.presence.cpu(), episode.presence.cpu())
+
+    run_episodes(model, loader, score, amp=amp, progress=progress, desc=desc)
     iou.reduce_(distributed.all_reduce_sum)
     exact.reduce_(distributed.all_reduce_sum)
-    model.train(was_training)
     return iou, exact
 
 
@@ -77,7 +71,7 @@ def score_way_lists(cfg: Config, model: nn.Module, fold: int, shot: int, source:
     """`model` on each test seed's `episodes.ways`-way list of (fold, shot) (the first `eval.episodes`),
     through one frozen-feature cache when `eval.feature_cache_mib` > 0: ER and mIoU per seed, their mean and
     population std over seeds."""
-    cache = FeatureCache(cfg.eval.feature_cache_mib * 2**20) if cfg.eval.feature_cache_mib else None
+    cache = evaluation_cache(cfg.eval.feature_cache_mib)
     ways = cfg.episodes.ways
     seeds = []
     with caching(model, cache):
@@ -111,14 +105,12 @@ def way_means(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
 def add_way_metrics(row: dict[str, Any], per_fold: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """A `metrics.json` row (report.metrics: one method and shot) with the FS-CS scores added when the folds
     hold them: `er_<N>way` and `miou_<N>way`, the fold mean and each fold's mean over seeds."""
-    scored = {fold: r["fscs"] for fold, r in per_fold.items() if "fscs" in r}
-    if not scored:
+    means = way_means(list(per_fold.values())).get("fscs")
+    if means is None:
         return row
-    ways = next(iter(scored.values()))["ways"]
-    er, miou = f"er_{ways}way", f"miou_{ways}way"
-    row = {**row, er: statistics.fmean(s["er_mean"] for s in scored.values()),
-           miou: statistics.fmean(s["miou_mean"] for s in scored.values())}
-    for fold, s in scored.items():
+    er, miou = f"er_{means['ways']}way", f"miou_{means['ways']}way"
+    row = {**row, er: means["er"], miou: means["miou"]}
+    for fold, s in ((f, r["fscs"]) for f, r in per_fold.items() if "fscs" in r):
         row[fold] = {**row.get(fold, {}), er: s["er_mean"], miou: s["miou_mean"]}
     return row
 

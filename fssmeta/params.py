@@ -81,10 +81,11 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from None
-    unknown = sorted(set(cfg.train.method_optim) - set(METHODS))
+    learned = sorted(k for k, m in METHODS.items() if m.learned)
+    unknown = sorted(set(cfg.train.method_optim) - set(learned))
     if unknown:
         raise ConfigError(f"{source}: invalid configuration\n  train.method_optim.{unknown[0]}: not a method "
-                          f"(model.method keys: {', '.join(sorted(k for k, m in METHODS.items() if m.learned))})")
+                          f"(model.method keys: {', '.join(learned)}; the baseline trains nothing)")
     if cfg.model.method in METHODS:  # an unknown method is refused where it is built, naming model.method
         problem = task_problem(cfg, METHODS[cfg.model.method], METHODS)
         if problem:

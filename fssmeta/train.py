@@ -23,7 +23,7 @@ from fssmeta import distributed
 from fssmeta.checkpoint import save_checkpoint
 from fssmeta.config import SGD_RECIPE, OptimConfig
 from fssmeta.data.io import write_json_atomic
-from fssmeta.episode import Episode, FSCSEpisode
+from fssmeta.episode import Episode, FSCSEpisode, SegOutput
 from fssmeta.losses import resize_logits, total_loss
 from fssmeta.metrics import IoUMeter
 from fssmeta.models.method import LossFn, OptimizerSpec
@@ -172,24 +172,37 @@ def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, a
 
     The sums are reduced across ranks, so every rank returns the same meter.
     """
+    meter = IoUMeter(num_classes)
+
+    def score(output: SegOutput, episode: Episode) -> None:
+        pred = score_logits(output.logits.float(), tuple(episode.query_mask.shape[-2:])).argmax(dim=1)
+        meter.update(pred, episode.query_mask, episode.class_id)
+
+    run_episodes(model, loader, score, amp=amp, progress=progress, desc=desc, limit=limit)
+    meter.reduce_(distributed.all_reduce_sum)
+    return meter
+
+
+@torch.no_grad()
+def run_episodes(model: nn.Module, loader: Iterable[Any], score: Callable[[SegOutput, Any], None], *,
+                 amp: bool | str = False, progress: bool = False, desc: str = "eval", limit: int = 0) -> None:
+    """The model in eval mode over `loader` (the first `limit` batches when > 0): `score(output, batch)` per
+    batch, the batch on the model's device; the model's mode is restored after. The loop `evaluate` and the
+    FS-CS scoring (fssmeta/fscs.py) share."""
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
-    meter = IoUMeter(num_classes)
     total = len(loader) if hasattr(loader, "__len__") else None
     total = min(limit, total) if limit and total is not None else total
     show = progress and distributed.is_main_process()
-    for i, episode in enumerate(tqdm(loader, total=total, desc=desc, disable=not show, unit="ep", leave=False)):
+    for i, batch in enumerate(tqdm(loader, total=total, desc=desc, disable=not show, unit="ep", leave=False)):
         if limit and i >= limit:
             break
-        episode = to_device(episode, device)
+        batch = to_device(batch, device)
         with autocast(device, amp):
-            logits = model(episode).logits
-        pred = score_logits(logits.float(), tuple(episode.query_mask.shape[-2:])).argmax(dim=1)
-        meter.update(pred, episode.query_mask, episode.class_id)
-    meter.reduce_(distributed.all_reduce_sum)
+            output = model(batch)
+        score(output, batch)
     model.train(was_training)
-    return meter
 
 
 @dataclass

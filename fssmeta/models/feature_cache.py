@@ -85,6 +85,11 @@ class FeatureCache:
                 f"{self.evictions} evictions, {len(self.entries)} entries, {self.bytes / 2**20:.1f} MiB held")
 
 
+def evaluation_cache(mib: int) -> FeatureCache | None:
+    """The cache of one model's scoring run: `mib` MiB (`eval.feature_cache_mib`), or None when 0 (off)."""
+    return FeatureCache(mib * 2**20) if mib else None
+
+
 def active_cache(model: nn.Module, episode: Episode) -> FeatureCache | None:
     """The model's cache (set by `caching`) when it may be used: the model and its frozen backbone in eval
     mode and a batch of one episode; else None, and the model computes everything as without a cache."""
