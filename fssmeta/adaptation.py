@@ -6,7 +6,8 @@ regimes that differ only in the views it trains on (`REGIME_VIEWS`): `tta` (`sup
 names) on the episode's SUPPORT images only: each step takes one support shot (shot `step % S`), flipped
 left-right, as the query, with the episode's own supports (all S of them, unflipped) as the support set, and
 minimises the cross-entropy of the model's output against that shot's flipped mask. The query image is
-then predicted with the adapted weights, and every adapted parameter is put back before the next episode
+then predicted with the adapted weights (or, with `blend` < 1, the trained weights moved that share of the
+way to them), and every adapted parameter is put back before the next episode
 (also when a step fails). The query's mask is never read: adaptation sees only what a user gives (the k
 labelled supports). This is the support-as-its-own-query scheme of the strongest cross-domain methods
 (ABCDFSS, IFA), with one fixed augmentation so that the frozen features of both views are computed once per
@@ -69,8 +70,23 @@ def labelled_views(episode: Episode, shot: int) -> Episode:
                    episode.support_imgs[:, shot], episode.support_masks[:, shot], episode.class_id)
 
 
+def other_views(episode: Episode, shot: int) -> Episode:
+    """The `eval.tta.views: others` view of `shot`: that shot's image and mask flipped left-right as the query,
+    predicted from the episode's supports with that shot replaced by the next one (`shot + 1` mod S), so the
+    support set keeps its size (BAM's k-shot weights are built for S) and never holds the query's own image.
+    With one support there is no other: `support_views`. Reads nothing of the episode's query."""
+    shots = episode.support_imgs.shape[1]
+    if shots == 1:
+        return support_views(episode, 0)
+    order = [s if s != shot else (shot + 1) % shots for s in range(shots)]
+    return Episode(episode.support_imgs[:, order], episode.support_masks[:, order],
+                   episode.support_imgs[:, shot].flip(-1), episode.support_masks[:, shot].flip(-1), episode.class_id)
+
+
 Views = Callable[[Episode, int], Episode]
-# The regimes that adapt, each with the views it trains on; `none` is the model as trained.
+# `eval.tta.views`: what the support-as-query views train on.
+TTA_VIEWS: dict[str, Views] = {"flip": support_views, "others": other_views}
+# The regimes that adapt, each with the views it trains on (tta: its `views` setting); `none` is the model as trained.
 REGIME_VIEWS: dict[str, Views] = {"tta": support_views, "finetune": labelled_views}
 
 
@@ -125,6 +141,9 @@ class EpisodeAdaptation(nn.Module):
                     optimizer.step()
                     self.last_losses.append(loss.item())
             with torch.no_grad():
+                if self.cfg.blend < 1:
+                    for name, p in self.params.items():
+                        p.lerp_(saved[name], 1 - self.cfg.blend)
                 return self.model(episode)
         finally:
             with torch.no_grad():
@@ -138,6 +157,8 @@ def with_regime(model: nn.Module, regime: str, cfg: TTAConfig) -> nn.Module:
     regime's views (`tta`, `finetune`); `cfg` is that regime's settings (`eval.tta` or `eval.finetune`)."""
     if regime == "none":
         return model
+    if regime == "tta":
+        return EpisodeAdaptation(model, cfg, TTA_VIEWS[cfg.views], regime)
     if regime in REGIME_VIEWS:
         return EpisodeAdaptation(model, cfg, REGIME_VIEWS[regime], regime)
     raise ValueError(f"eval.regime: {regime!r} is not none, {' or '.join(REGIME_VIEWS)}")

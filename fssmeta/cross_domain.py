@@ -181,7 +181,7 @@ def unseen_classes(cfg: Config, name: str, classes: tuple[str, ...], fold: folds
     return keep
 
 
-def _target_selection_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
+def target_selection_scores(cfg: Config, model: torch.nn.Module, name: str, shot: int, progress: bool,
                              desc: str, fold: folds.Split = 0) -> list[dict[str, Any]]:
     """One score dict per validation seed of `model` on target `name`'s SELECTION lists
     (`targets/<name>/val_<shot>shot_seed<seed>.json`, drawn from images its test lists never use; docs/protocol.md
@@ -206,7 +206,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: fold
                  progress: bool = False, method: str | None = None) -> float:
     """Mean mIoU over validation seeds of `model` on one domain's fixed SELECTION episodes, for choosing among
     models on the SAME episodes (promotion, target-scored sweeps), never on test lists: `source` = the fold's
-    validation list(s); a `data.targets` name = its 1-way selection lists (`_target_selection_scores`, PATNet
+    validation list(s); a `data.targets` name = its 1-way selection lists (`target_selection_scores`, PATNet
     protocol, `eval.resized_size`). `method` (default `model.method`) is the model's method, whose canvas
     `eval.canvas: method` picks."""
     if domain == "source":
@@ -216,7 +216,7 @@ def score_domain(cfg: Config, model: torch.nn.Module, domain: str, *, fold: fold
         scores = score_lists(cfg, model, paths, source, transform, folds.num_classes(cfg.data.dataset), progress,
                               f"source fold {fold}")
     elif domain in cfg.data.targets:
-        scores = _target_selection_scores(cfg, model, domain, shot, progress, f"{domain} selection", fold=fold)
+        scores = target_selection_scores(cfg, model, domain, shot, progress, f"{domain} selection", fold=fold)
     else:
         known = ", ".join(domains(cfg))
         raise DataError(f"domain {domain!r}: not `source` nor a data.targets name (known: {known})")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fssmeta.adaptation import EpisodeAdaptation, adapted_parameters, support_views, with_regime
+from fssmeta.adaptation import EpisodeAdaptation, adapted_parameters, other_views, support_views, with_regime
 from fssmeta.config import ConfigError, EvalConfig, MemoryConfig, MiningConfig, TTAConfig
 from fssmeta.episode import Episode
 from fssmeta.models import build_model
@@ -83,6 +83,22 @@ def test_support_views_flip_one_shot_and_keep_the_supports():
     assert view.support_imgs is ep.support_imgs and view.support_masks is ep.support_masks
 
 
+def test_other_views_never_hold_the_query_image_among_the_supports():
+    ep = episode(shot=3)
+    view = other_views(ep, 2)
+    assert torch.equal(view.query_img, ep.support_imgs[:, 2].flip(-1))
+    assert torch.equal(view.query_mask, ep.support_masks[:, 2].flip(-1))
+    assert view.support_imgs.shape == ep.support_imgs.shape  # BAM's k-shot weights need all S
+    assert torch.equal(view.support_imgs, ep.support_imgs[:, [0, 1, 0]])  # shot 2 replaced by the next (0)
+    assert torch.equal(view.support_masks, ep.support_masks[:, [0, 1, 0]])
+    one = episode(shot=1)
+    assert torch.equal(other_views(one, 0).query_img, support_views(one, 0).query_img)  # 1 shot: flip
+    tta = with_regime(make_model("bam", shot=3), "tta", TTAConfig(steps=3, views="others"))
+    assert tta.views is other_views
+    with torch.no_grad():
+        tta(ep)  # a 3-shot BAM adapts on 3-support views
+
+
 def test_adaptation_through_the_feature_cache_equals_it_without():
     ep = episode()
     results = []
@@ -142,3 +158,37 @@ def test_config_rules():
     with pytest.raises(ValueError):
         with_regime(make_model("pfenet"), "fast", TTAConfig())
     assert issubclass(ConfigError, ValueError)
+
+
+def adapted_weights(cfg: TTAConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """The trained weights, the weights the query is predicted with under `cfg`, and that prediction."""
+    model = make_model("bam")
+    before = state(model)
+    tta = EpisodeAdaptation(model, cfg)
+    seen: dict[str, torch.Tensor] = {}
+    original = tta.model.forward
+
+    def spy(ep):
+        if not torch.is_grad_enabled():
+            seen.update(state(model))
+        return original(ep)
+
+    tta.model.forward = spy
+    with torch.no_grad():
+        logits = tta(episode()).logits
+    return before, seen, logits
+
+
+def test_blend_predicts_with_that_share_of_the_weight_change():
+    before, full, _ = adapted_weights(TTAConfig(steps=3, lr=1e-2))
+    _, half, _ = adapted_weights(TTAConfig(steps=3, lr=1e-2, blend=0.25))
+    moved = [k for k in before if not torch.equal(before[k], full[k])]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(half[key], before[key] + 0.25 * (full[key] - before[key]), atol=1e-6, rtol=1e-5)
+    _, _, none = adapted_weights(TTAConfig(steps=3, lr=1e-2, blend=0.0))
+    with torch.no_grad():
+        plain = make_model("bam")(episode()).logits
+    torch.testing.assert_close(none, plain, atol=1e-5, rtol=1e-5)  # blend 0: the model as trained
+    with pytest.raises(ValueError):
+        TTAConfig(blend=1.5)
