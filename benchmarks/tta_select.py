@@ -45,7 +45,7 @@ def parse_candidate(text: str) -> dict[str, Any]:
             update[key] = value
         elif key == "modules":
             update[key] = tuple(m for m in value.split("+") if m)
-        elif key in ("optimizer", "views"):
+        elif key in ("optimizer", "views", "check"):
             update[key] = value
         elif key == "steps":
             update[key] = int(value)

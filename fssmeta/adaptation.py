@@ -83,6 +83,35 @@ def other_views(episode: Episode, shot: int) -> Episode:
                    episode.support_imgs[:, shot].flip(-1), episode.support_masks[:, shot].flip(-1), episode.class_id)
 
 
+def without_shot(episode: Episode, held: int) -> Episode:
+    """The episode with support `held` left out and the support set padded back to S by repeating the
+    remaining supports in order (BAM's k-shot weights are built for S): what `check: holdout` adapts on, so
+    the held-out image is neither a view's query nor among its supports."""
+    shots = episode.support_imgs.shape[1]
+    rest = [s for s in range(shots) if s != held]
+    order = [rest[i % len(rest)] for i in range(shots)]
+    return Episode(episode.support_imgs[:, order], episode.support_masks[:, order], episode.query_img,
+                   episode.query_mask, episode.class_id)
+
+
+def held_out_view(episode: Episode, held: int) -> Episode:
+    """Support `held`, flipped left-right, as the query, predicted from the other supports (padded to S):
+    the `check: holdout` score before and after adapting on the others."""
+    rest = without_shot(episode, held)
+    return Episode(rest.support_imgs, rest.support_masks, episode.support_imgs[:, held].flip(-1),
+                   episode.support_masks[:, held].flip(-1), episode.class_id)
+
+
+def foreground_iou(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """IoU of the predicted foreground (argmax = 1) with `mask` == 1, ignored (255) pixels left out; 1 when
+    both are empty."""
+    pred, valid = logits.argmax(1) == 1, mask != 255
+    target = (mask == 1) & valid
+    pred = pred & valid
+    union = (pred | target).sum().item()
+    return 1.0 if union == 0 else (pred & target).sum().item() / union
+
+
 Views = Callable[[Episode, int], Episode]
 # `eval.tta.views`: what the support-as-query views train on.
 TTA_VIEWS: dict[str, Views] = {"flip": support_views, "others": other_views}
@@ -108,6 +137,7 @@ class EpisodeAdaptation(nn.Module):
         if not self.params:
             raise ValueError(f"eval.regime {regime}: {type(model).__name__} has no learnable parameter to adapt")
         self.last_losses: list[float] = []  # the adaptation losses of the last episode (diagnostics, tests)
+        self.last_kept = True  # check: holdout kept the last episode's adaptation (diagnostics, tests)
 
     @property
     def feature_cache(self) -> Any:
@@ -129,12 +159,20 @@ class EpisodeAdaptation(nn.Module):
                              f"{episode.query_img.shape[0]} (set eval.batch_size: 1)")
         saved = {name: p.detach().clone() for name, p in self.params.items()}
         shots = episode.support_imgs.shape[1]
+        holdout = self.cfg.check == "holdout" and shots > 1
+        train_on = without_shot(episode, shots - 1) if holdout else episode
+        train_shots = shots - 1 if holdout else shots
         optimizer = self._optimizer()
         self.last_losses = []
+        self.last_kept = True
         try:
+            if holdout:
+                check = held_out_view(episode, shots - 1)
+                with torch.no_grad():
+                    before = foreground_iou(self.model(check).logits, check.query_mask)
             with torch.enable_grad():
                 for step in range(self.cfg.steps):
-                    view = self.views(episode, step % shots)
+                    view = self.views(train_on, step % train_shots)
                     loss = cross_entropy(self.model(view).logits, view.query_mask)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -144,6 +182,10 @@ class EpisodeAdaptation(nn.Module):
                 if self.cfg.blend < 1:
                     for name, p in self.params.items():
                         p.lerp_(saved[name], 1 - self.cfg.blend)
+                if holdout and foreground_iou(self.model(check).logits, check.query_mask) < before:
+                    self.last_kept = False  # adapting made the held-out support worse: predict as trained
+                    for name, p in self.params.items():
+                        p.copy_(saved[name])
                 return self.model(episode)
         finally:
             with torch.no_grad():

@@ -25,6 +25,9 @@ class TTAConfig(Section):
     # tta's views (fssmeta/adaptation.py): flip = each support, flipped, predicted from all supports (itself
     # included); others = predicted from the supports with itself replaced by the next one (1 shot: flip)
     views: Literal["flip", "others"] = "flip"
+    # holdout (k > 1): adapt on k - 1 supports and keep the change only if the held-out support's foreground IoU
+    # (predicted from the others) does not fall; otherwise predict with the model as trained. 1 shot: no check
+    check: Literal["none", "holdout"] = "none"
     episodes: NonNegative = 0  # episodes scored per list under the regime (the first ones); 0 = eval.episodes
 
 

@@ -192,3 +192,41 @@ def test_blend_predicts_with_that_share_of_the_weight_change():
     torch.testing.assert_close(none, plain, atol=1e-5, rtol=1e-5)  # blend 0: the model as trained
     with pytest.raises(ValueError):
         TTAConfig(blend=1.5)
+
+
+@pytest.mark.parametrize("after,kept", [(0.4, False), (0.6, True)])
+def test_holdout_never_shows_the_held_out_support_and_drops_a_change_that_hurts_it(monkeypatch, after, kept):
+    import fssmeta.adaptation as adaptation
+
+    ep = episode(shot=3)
+    held = ep.support_imgs[:, 2]
+    model = make_model("bam", shot=3)
+    tta = EpisodeAdaptation(model, TTAConfig(steps=4, lr=1e-2, check="holdout"))
+    original = tta.model.forward
+
+    def spy(view):
+        if torch.is_grad_enabled():  # an adaptation step: the held-out image is nowhere in it
+            images = [view.query_img, *view.support_imgs.unbind(1)]
+            assert not any(torch.equal(img, held) or torch.equal(img, held.flip(-1)) for img in images)
+        return original(view)
+
+    tta.model.forward = spy
+    scores = iter([0.5, after])  # the held-out support's IoU before and after adapting
+    monkeypatch.setattr(adaptation, "foreground_iou", lambda logits, mask: next(scores))
+    before = state(model)
+    with torch.no_grad():
+        logits = tta(ep).logits
+        plain = model(ep).logits
+    assert tta.last_kept is kept and len(tta.last_losses) == 4
+    assert torch.allclose(logits, plain, atol=1e-6) is not kept  # dropped: the model as trained
+    assert all(torch.equal(v, state(model)[k]) for k, v in before.items())
+
+
+def test_foreground_iou_leaves_out_ignored_pixels():
+    from fssmeta.adaptation import foreground_iou
+
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1, 0] = 1.0  # top row predicted foreground
+    mask = torch.tensor([[[1, 255], [1, 0]]])
+    assert foreground_iou(logits, mask) == pytest.approx(1 / 2)  # pred {(0,0)}, target {(0,0), (1,0)}
+    assert foreground_iou(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)) == 1.0
