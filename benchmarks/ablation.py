@@ -68,13 +68,15 @@ def scores(cfg: Config, fold: int, shots: list[int], regimes: list[str], method:
     return entry
 
 
-def run_variant(cfg: Config, fold: int, shots: list[int], regimes: list[str], base: Path) -> dict[str, Any]:
-    """Train the variant at every shot (from the shared stage-1 base learner) and score it."""
+def run_variant(cfg: Config, fold: int, shots: list[int], regimes: list[str], base: Path,
+                score_only: bool = False) -> dict[str, Any]:
+    """Train the variant at every shot (from the shared stage-1 base learner) and score it; `score_only`
+    scores the checkpoints an earlier run of the same --workdir trained (e.g. under other test-time settings)."""
     target = base_dir(cfg, fold)
     if not (target / "last.pt").is_file():
         shutil.copytree(base, target, dirs_exist_ok=True)
     seconds: dict[str, float] = {}
-    for shot in shots:
+    for shot in shots if not score_only else []:
         run = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fold": fold, "shot": shot})})
         start = time.perf_counter()
         train_meta(run, fold, progress=False, resume_run=False)
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/ablation", help="checkpoints and per-run results")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--redo", action="store_true", help="rerun (variant, seed) runs already in --out")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the checkpoints already in --workdir (no training), e.g. under new eval.tta settings")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     parser.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",
@@ -112,7 +116,7 @@ def main() -> None:
         results = {}  # an earlier single-seed layout: start afresh (git keeps the old file)
     results.update({"machine": machine, "source_fold": args.fold, "shots": args.shots, "seeds": args.seeds,
                     "test_seeds": list(cfg.episodes.test_seeds), "episodes_per_list": cfg.eval.episodes,
-                    "tta": cfg.eval.tta.model_dump(mode="json"), "overrides": args.set,
+                    "tta": cfg.eval.tta.model_dump(mode="json"), "overrides": args.set, "score_only": args.score_only,
                     "train": {"epochs": cfg.train.epochs, "episodes_per_epoch": cfg.train.episodes_per_epoch,
                               "batch_size": cfg.train.batch_size}})
     results.setdefault("variants", {})
@@ -142,7 +146,7 @@ def main() -> None:
             start = time.perf_counter()
             variant_cfg = load_config(args.params, [*args.set, *overrides.get(variant, [])])
             entry = run_variant(variant_config(variant_cfg, variant, workdir, seed), args.fold, args.shots,
-                                args.regimes, base)
+                                args.regimes, base, args.score_only)
             runs[str(seed)] = entry
             results["variants"][variant]["overrides"] = overrides.get(variant, [])
             write_json_atomic(out, results)

@@ -6,8 +6,9 @@ regimes that differ only in the views it trains on (`REGIME_VIEWS`): `tta` (`sup
 names) on the episode's SUPPORT images only: each step takes one support shot (shot `step % S`), flipped
 left-right, as the query, with the episode's own supports (all S of them, unflipped) as the support set, and
 minimises the cross-entropy of the model's output against that shot's flipped mask. The query image is
-then predicted with the adapted weights (or, with `blend` < 1, the trained weights moved that share of the
-way to them), and every adapted parameter is put back before the next episode
+then predicted with the adapted weights (or, with `blend` < 1 and no held-out check, the trained weights
+moved that share of the way to them; `check: holdout` keeps or drops a change whole, on a held-out
+support), and every adapted parameter is put back before the next episode
 (also when a step fails). The query's mask is never read: adaptation sees only what a user gives (the k
 labelled supports). This is the support-as-its-own-query scheme of the strongest cross-domain methods
 (ABCDFSS, IFA), with one fixed augmentation so that the frozen features of both views are computed once per
@@ -179,7 +180,7 @@ class EpisodeAdaptation(nn.Module):
                     optimizer.step()
                     self.last_losses.append(loss.item())
             with torch.no_grad():
-                if self.cfg.blend < 1:
+                if self.cfg.blend < 1 and not holdout:  # an unchecked change is hedged; a checked one is kept whole
                     for name, p in self.params.items():
                         p.lerp_(saved[name], 1 - self.cfg.blend)
                 if holdout and foreground_iou(self.model(check).logits, check.query_mask) < before:

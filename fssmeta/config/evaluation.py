@@ -19,8 +19,9 @@ class TTAConfig(Section):
     lr: Annotated[float, Field(gt=0)] = 1.0e-3
     optimizer: Literal["adam", "sgd"] = "adam"  # fresh per episode
     modules: tuple[str, ...] = ()  # module prefixes to adapt; () = every learnable parameter
-    # The share of the adaptation's weight change the query is predicted with: theta0 + blend (theta - theta0)
-    # (weight-space interpolation as in WiSE-FT); 1 = the adapted weights, 0 = the model as trained.
+    # The share of an UNCHECKED weight change the query is predicted with: theta0 + blend (theta - theta0)
+    # (weight-space interpolation as in WiSE-FT); 1 = the adapted weights, 0 = the model as trained. A change
+    # `check: holdout` has checked (k > 1) is kept whole or dropped; at k = 1 nothing can check it: blended.
     blend: Annotated[float, Field(ge=0, le=1)] = 1.0
     # tta's views (fssmeta/adaptation.py): flip = each support, flipped, predicted from all supports (itself
     # included); others = predicted from the supports with itself replaced by the next one (1 shot: flip)

@@ -194,6 +194,26 @@ def test_blend_predicts_with_that_share_of_the_weight_change():
         TTAConfig(blend=1.5)
 
 
+def test_a_checked_change_is_kept_whole_and_an_unchecked_one_blended(monkeypatch):
+    import fssmeta.adaptation as adaptation
+
+    monkeypatch.setattr(adaptation, "foreground_iou", lambda logits, mask: 0.5)  # the check always passes
+    ep = episode(shot=3)
+    results = {}
+    for blend in (1.0, 0.5):
+        model = make_model("bam", shot=3)
+        with torch.no_grad():
+            results[blend] = EpisodeAdaptation(model, TTAConfig(steps=3, lr=1e-2, check="holdout", blend=blend))(ep).logits
+    torch.testing.assert_close(results[0.5], results[1.0], atol=0, rtol=0)  # k > 1: checked, so not blended
+    one = episode(shot=1)
+    for check in ("none", "holdout"):  # k = 1: nothing to hold out, so the blend applies under either check
+        model = make_model("bam", shot=1)
+        with torch.no_grad():
+            plain = model(one).logits
+            blended = EpisodeAdaptation(model, TTAConfig(steps=3, lr=1e-2, check=check, blend=0.0))(one).logits
+        torch.testing.assert_close(blended, plain, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("after,kept", [(0.4, False), (0.6, True)])
 def test_holdout_never_shows_the_held_out_support_and_drops_a_change_that_hurts_it(monkeypatch, after, kept):
     import fssmeta.adaptation as adaptation
