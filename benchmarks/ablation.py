@@ -149,6 +149,7 @@ def main() -> None:
                                 args.regimes, base, args.score_only)
             runs[str(seed)] = entry
             results["variants"][variant]["overrides"] = overrides.get(variant, [])
+            results["variants"][variant]["tta"] = variant_cfg.eval.tta.model_dump(mode="json")  # its tta rows' settings
             write_json_atomic(out, results)
             print(f"{variant} seed {seed}: done in {time.perf_counter() - start:.0f} s", flush=True)
     print(ablation_markdown(results))

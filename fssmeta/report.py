@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from fssmeta.config import Config, ModelConfig
+from fssmeta.config import Config, ModelConfig, TTAConfig
 from fssmeta.cross_domain import source_label, target_report
 from fssmeta.data.dataset import EpisodeDataset, IndexSource
 from fssmeta.data.episode_lists import list_path, load_episode_list
@@ -140,16 +140,25 @@ ABLATION_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
 def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The ablation (benchmarks/ablation.py) as rows: one per (variant, regime, shot) and the baseline's, each
     score a (mean, std) over the TRAINING seeds of that variant (the test-seed mean of every run first).
-    Keys: label, variant, regime, shot, seeds, in_domain, targets ({name: (mean, std)}), mean."""
+    Keys: label, variant, regime, shot, seeds, in_domain, targets ({name: (mean, std)}), mean. A variant's own
+    `tta` record (its tta rows scored under other settings than the file's `tta`) labels its tta rows."""
 
     def spread(values: list[float]) -> tuple[float, float] | None:
         return (statistics.fmean(values), statistics.pstdev(values)) if values else None
 
+    def tta_label(tta: dict[str, Any] | None) -> str:
+        """A variant scored under other tta settings than the file's (`benchmarks/ablation.py --score-only`):
+        the keys that differ, on its tta rows."""
+        shared = {**TTAConfig().model_dump(mode="json"), **(results.get("tta") or {})}  # keys added since: defaults
+        changed = {k: v for k, v in (tta or {}).items() if shared.get(k) != v}
+        return "".join(f" (tta.{k}={v})" for k, v in changed.items())
+
     rows = []
-    entries = [(name, v.get("runs", {}), v.get("overrides", [])) for name, v in results.get("variants", {}).items()]
+    entries = [(name, v.get("runs", {}), v.get("overrides", []), v.get("tta"))
+               for name, v in results.get("variants", {}).items()]
     if results.get("baseline"):
-        entries.append(("baseline", {"-": results["baseline"]}, []))
-    for name, runs, overrides in entries:
+        entries.append(("baseline", {"-": results["baseline"]}, [], None))
+    for name, runs, overrides, tta in entries:
         regimes = sorted({r for run in runs.values() for r in run.get("targets", {})}, key=("none", "tta", "finetune").index)
         for regime in regimes or ["none"]:
             for shot in results.get("shots", []):
@@ -162,7 +171,8 @@ def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                                          if key in run["targets"].get(regime, {}).get(t, {})]) for t in targets}
                 means = [statistics.fmean(run["targets"][regime][t][key] for t in targets) for run in done
                          if targets and all(key in run["targets"].get(regime, {}).get(t, {}) for t in targets)]
-                label = name + ("" if regime == "none" else f"+{regime}") + "".join(f" ({o})" for o in overrides)
+                label = (name + ("" if regime == "none" else f"+{regime}") + "".join(f" ({o})" for o in overrides)
+                         + (tta_label(tta) if regime == "tta" else ""))
                 rows.append({"label": label, "variant": name, "regime": regime, "shot": shot, "seeds": len(done),
                              "in_domain": spread([run["in_domain"][key] for run in done]) if regime == "none" else None,
                              "targets": per_target, "mean": spread(means)})

@@ -165,6 +165,9 @@ def test_ablation_table_and_report_section(cfg, tmp_path):
     assert "| bam | 1 | 2 | 55.0 ± 5.0 | 30.0 ± 10.0 | 40.0 ± 0.0 | **35.0 ± 5.0** |" in text
     assert "| bam+tta | 1 | 2 | — | 50.0 ± 0.0 | 60.0 ± 10.0 | **55.0 ± 5.0** |" in text  # its own row
     assert "| flagship | 1 | 1 | 55.0 ± 0.0 | — | — | — |" in text and "test box" in text
+    rescored = {**results, "variants": {"bam": {**results["variants"]["bam"], "tta": {"steps": 20, "check": "holdout"}}}}
+    assert "| bam+tta (tta.check=holdout) | 1 | 2 |" in ablation_markdown(rescored)  # its own tta settings
+    assert "| bam | 1 | 2 |" in ablation_markdown(rescored)  # the none row is not relabelled
     assert "| baseline | 1 | 1 | 30.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 0.0 | **20.0 ± 0.0** |" in text
     path = tmp_path / "ablation.json"
     path.write_text(json.dumps(results))
