@@ -16,6 +16,8 @@ always-on, piece.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,7 @@ class BAMOptions(Section):
     dropout: float = 0.1  # classifier heads
     feature_dropout: float = 0.5  # down_query / down_supp (the official constant)
     base_dropout: bool = True  # the frozen base head's Dropout2d active in meta-training, as BAM's trainer leaves it
+    init: Literal["official", "he"] = "official"  # the meta learner's convs: official (PyTorch's, ASPP kaiming) | he (ops.he_init_)
 
 
 class BAM(nn.Module):
@@ -197,12 +200,15 @@ class BAM(nn.Module):
 def build(cfg: ModelConfig, options: BAMOptions, *, shot: int, base_classes: list[int]) -> BAM:
     """BAM around a fresh PSPNet base learner (the stages load stage 1 into it through `METHOD.stage1`)."""
     base_learner = build_pspnet(cfg, 1 + len(base_classes))
-    return BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=options.reduce_dim,
+    model = BAM(base_learner=base_learner, base_classes=base_classes, reduce_dim=options.reduce_dim,
                aspp_dilations=options.aspp_dilations, dropout=options.dropout,
                feature_dropout=options.feature_dropout, shot=shot,
                memory=build_memory(cfg.memory, mid_channels(base_learner.backbone)),
                mining=cfg.mining if cfg.mining.enabled else None, backbone_bn=METHOD.bn_mode(cfg),
                base_dropout=options.base_dropout)
+    if options.init == "he":
+        ops.he_init_([m for name, m in model.named_children() if name not in ("base_learner", "memory", "ensemble")])
+    return model
 
 
 METHOD = Method(

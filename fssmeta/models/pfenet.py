@@ -8,6 +8,8 @@ bins are exactly PFENet's. The front end it shares with BAM and NTRENet is model
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ class PFENetOptions(Section):
     pyramid_bins: tuple[int, ...] = (60, 30, 15, 8)  # feature-enrichment scales at a 473 input
     dropout: float = 0.1  # classifier heads
     feature_dropout: float = 0.5  # down_query / down_supp (the official constant)
+    init: Literal["official", "he"] = "official"  # the head's convs: official (PyTorch's) | he (ops.he_init_)
 
 
 class PFENet(FrozenBackboneModel):
@@ -94,9 +97,12 @@ def build(cfg: ModelConfig, options: PFENetOptions, *, shot: int, base_classes: 
     """PFENet on a frozen deep-stem backbone; `base_classes` is unused (no base learner). With mining it
     would be NTRENet: its record takes the memory only."""
     backbone = build_backbone(cfg.backbone, "deep_stem", cfg.weights)
-    return PFENet(backbone=backbone, reduce_dim=options.reduce_dim, pyramid_bins=options.pyramid_bins,
-                  dropout=options.dropout, feature_dropout=options.feature_dropout, shot=shot,
-                  memory=build_memory(cfg.memory, mid_channels(backbone)), backbone_bn=METHOD.bn_mode(cfg))
+    model = PFENet(backbone=backbone, reduce_dim=options.reduce_dim, pyramid_bins=options.pyramid_bins,
+                   dropout=options.dropout, feature_dropout=options.feature_dropout, shot=shot,
+                   memory=build_memory(cfg.memory, mid_channels(backbone)), backbone_bn=METHOD.bn_mode(cfg))
+    if options.init == "he":
+        ops.he_init_([m for name, m in model.named_children() if name not in ("backbone", "memory")])
+    return model
 
 
 METHOD = Method(
