@@ -76,7 +76,8 @@ def run_variant(cfg: Config, fold: int, shots: list[int], regimes: list[str], ba
     if not (target / "last.pt").is_file():
         shutil.copytree(base, target, dirs_exist_ok=True)
     seconds: dict[str, float] = {}
-    for shot in shots if not score_only else []:
+    trained = [] if score_only else shots
+    for shot in trained:
         run = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fold": fold, "shot": shot})})
         start = time.perf_counter()
         train_meta(run, fold, progress=False, resume_run=False)

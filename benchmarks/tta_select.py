@@ -28,12 +28,13 @@ from ablation import variant_config  # benchmarks/ is the script's folder, so on
 from fssmeta.adaptation import with_regime
 from fssmeta.cross_domain import target_selection_scores
 from fssmeta.data.io import read_json, write_json_atomic
-from fssmeta.params import load_config
+from fssmeta.params import load_config, parse_value, with_overrides
 from fssmeta.runs import evaluation_model
 
 
 def parse_candidate(text: str) -> dict[str, Any]:
-    """`steps=20,lr=1e-3,modules=a+b` -> the eval.tta update it names; `none` = regime none."""
+    """`steps=20,lr=1e-3,modules=a+b` -> the settings it names, parsed as params.yaml values would be;
+    `none` = regime none."""
     if text == "none":
         return {}
     update: dict[str, Any] = {}
@@ -41,16 +42,7 @@ def parse_candidate(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--candidate {text!r}: {item!r} is not key=value")
-        if key == "regime":
-            update[key] = value
-        elif key == "modules":
-            update[key] = tuple(m for m in value.split("+") if m)
-        elif key in ("optimizer", "views", "check"):
-            update[key] = value
-        elif key == "steps":
-            update[key] = int(value)
-        else:
-            update[key] = float(value)
+        update[key] = [m for m in value.split("+") if m] if key == "modules" else parse_value(value)
     return update
 
 
@@ -85,7 +77,9 @@ def main() -> None:
                     continue
                 update = parse_candidate(text)
                 regime = update.pop("regime", "tta" if update else "none")
-                scored = with_regime(model, regime, run_cfg.eval.tta.model_copy(update=update))
+                settings = with_overrides(run_cfg, {f"eval.tta.{k}": v for k, v in update.items()},
+                                          f"--candidate {text}").eval.tta  # checked: a typo is an error
+                scored = with_regime(model, regime, settings)
                 start = time.perf_counter()
                 per_target = {name: statistics.fmean(s["miou"] for s in target_selection_scores(
                     run_cfg, scored, name, shot, False, name, fold=args.fold)) for name in sorted(cfg.data.targets)}

@@ -1,5 +1,6 @@
 """Test-time adaptation on the support set, one episode at a time: one mechanism (`EpisodeAdaptation`), two
-regimes that differ only in the views it trains on (`REGIME_VIEWS`): `tta` (`support_views`, below) and
+regimes that differ only in the views it trains on (`REGIME_VIEWS`): `tta` (`eval.tta.views`: by default
+`support_views`, below) and
 `finetune` (`labelled_views`: CRNet's k-shot inference, each labelled support predicted from the others).
 
 `tta`: per episode, a copy-free fine-tune of the model's learnable parameters (or the modules `eval.tta.modules`
@@ -51,12 +52,20 @@ def adapted_parameters(model: nn.Module, modules: tuple[str, ...] = (), section:
     return chosen
 
 
+def flipped_view(episode: Episode, shot: int, order: list[int] | None = None) -> Episode:
+    """Support `shot`'s image and mask flipped left-right as the query, predicted from the supports in
+    `order` (None: the episode's own, unchanged). Reads nothing of the episode's query."""
+    imgs, masks = episode.support_imgs, episode.support_masks
+    if order is not None:
+        imgs, masks = imgs[:, order], masks[:, order]
+    return Episode(imgs, masks, episode.support_imgs[:, shot].flip(-1), episode.support_masks[:, shot].flip(-1),
+                   episode.class_id)
+
+
 def support_views(episode: Episode, shot: int) -> Episode:
-    """The support-as-query episode of `shot`: that shot's image and mask flipped left-right as the query,
-    the episode's supports unchanged. Reads nothing of the episode's query."""
-    query = episode.support_imgs[:, shot].flip(-1)
-    mask = episode.support_masks[:, shot].flip(-1)
-    return Episode(episode.support_imgs, episode.support_masks, query, mask, episode.class_id)
+    """The support-as-query episode of `shot`: that shot flipped as the query, the episode's supports
+    unchanged (itself among them)."""
+    return flipped_view(episode, shot)
 
 
 def labelled_views(episode: Episode, shot: int) -> Episode:
@@ -79,28 +88,15 @@ def other_views(episode: Episode, shot: int) -> Episode:
     shots = episode.support_imgs.shape[1]
     if shots == 1:
         return support_views(episode, 0)
-    order = [s if s != shot else (shot + 1) % shots for s in range(shots)]
-    return Episode(episode.support_imgs[:, order], episode.support_masks[:, order],
-                   episode.support_imgs[:, shot].flip(-1), episode.support_masks[:, shot].flip(-1), episode.class_id)
+    return flipped_view(episode, shot, [s if s != shot else (shot + 1) % shots for s in range(shots)])
 
 
-def without_shot(episode: Episode, held: int) -> Episode:
-    """The episode with support `held` left out and the support set padded back to S by repeating the
-    remaining supports in order (BAM's k-shot weights are built for S): what `check: holdout` adapts on, so
-    the held-out image is neither a view's query nor among its supports."""
-    shots = episode.support_imgs.shape[1]
+def without_order(shots: int, held: int) -> list[int]:
+    """Support indices with `held` left out, padded back to `shots` by repeating the others in order (BAM's
+    k-shot weights are built for S): the support set of `check: holdout`, which never holds the held-out
+    image."""
     rest = [s for s in range(shots) if s != held]
-    order = [rest[i % len(rest)] for i in range(shots)]
-    return Episode(episode.support_imgs[:, order], episode.support_masks[:, order], episode.query_img,
-                   episode.query_mask, episode.class_id)
-
-
-def held_out_view(episode: Episode, held: int) -> Episode:
-    """Support `held`, flipped left-right, as the query, predicted from the other supports (padded to S):
-    the `check: holdout` score before and after adapting on the others."""
-    rest = without_shot(episode, held)
-    return Episode(rest.support_imgs, rest.support_masks, episode.support_imgs[:, held].flip(-1),
-                   episode.support_masks[:, held].flip(-1), episode.class_id)
+    return [rest[i % len(rest)] for i in range(shots)]
 
 
 def foreground_iou(logits: torch.Tensor, mask: torch.Tensor) -> float:
@@ -116,8 +112,11 @@ def foreground_iou(logits: torch.Tensor, mask: torch.Tensor) -> float:
 Views = Callable[[Episode, int], Episode]
 # `eval.tta.views`: what the support-as-query views train on.
 TTA_VIEWS: dict[str, Views] = {"flip": support_views, "others": other_views}
-# The regimes that adapt, each with the views it trains on (tta: its `views` setting); `none` is the model as trained.
-REGIME_VIEWS: dict[str, Views] = {"tta": support_views, "finetune": labelled_views}
+# The regimes that adapt, each with the views it trains on given its settings; `none` is the model as trained.
+REGIME_VIEWS: dict[str, Callable[[TTAConfig], Views]] = {
+    "tta": lambda cfg: TTA_VIEWS[cfg.views],
+    "finetune": lambda cfg: labelled_views,
+}
 
 
 class EpisodeAdaptation(nn.Module):
@@ -161,14 +160,18 @@ class EpisodeAdaptation(nn.Module):
         saved = {name: p.detach().clone() for name, p in self.params.items()}
         shots = episode.support_imgs.shape[1]
         holdout = self.cfg.check == "holdout" and shots > 1
-        train_on = without_shot(episode, shots - 1) if holdout else episode
-        train_shots = shots - 1 if holdout else shots
+        train_on, train_shots = episode, shots
+        if holdout:  # the last support is held out: adapt on the others, check on it
+            order = without_order(shots, shots - 1)
+            train_on = episode._replace(support_imgs=episode.support_imgs[:, order],
+                                        support_masks=episode.support_masks[:, order])
+            train_shots = shots - 1
+            check = flipped_view(episode, shots - 1, order)
         optimizer = self._optimizer()
         self.last_losses = []
         self.last_kept = True
         try:
             if holdout:
-                check = held_out_view(episode, shots - 1)
                 with torch.no_grad():
                     before = foreground_iou(self.model(check).logits, check.query_mask)
             with torch.enable_grad():
@@ -200,8 +203,6 @@ def with_regime(model: nn.Module, regime: str, cfg: TTAConfig) -> nn.Module:
     regime's views (`tta`, `finetune`); `cfg` is that regime's settings (`eval.tta` or `eval.finetune`)."""
     if regime == "none":
         return model
-    if regime == "tta":
-        return EpisodeAdaptation(model, cfg, TTA_VIEWS[cfg.views], regime)
     if regime in REGIME_VIEWS:
-        return EpisodeAdaptation(model, cfg, REGIME_VIEWS[regime], regime)
+        return EpisodeAdaptation(model, cfg, REGIME_VIEWS[regime](cfg), regime)
     raise ValueError(f"eval.regime: {regime!r} is not none, {' or '.join(REGIME_VIEWS)}")

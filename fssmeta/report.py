@@ -146,11 +146,12 @@ def ablation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     def spread(values: list[float]) -> tuple[float, float] | None:
         return (statistics.fmean(values), statistics.pstdev(values)) if values else None
 
+    shared_tta = {**TTAConfig().model_dump(mode="json"), **(results.get("tta") or {})}  # keys added since: defaults
+
     def tta_label(tta: dict[str, Any] | None) -> str:
         """A variant scored under other tta settings than the file's (`benchmarks/ablation.py --score-only`):
         the keys that differ, on its tta rows."""
-        shared = {**TTAConfig().model_dump(mode="json"), **(results.get("tta") or {})}  # keys added since: defaults
-        changed = {k: v for k, v in (tta or {}).items() if shared.get(k) != v}
+        changed = {k: v for k, v in (tta or {}).items() if shared_tta.get(k) != v}
         return "".join(f" (tta.{k}={v})" for k, v in changed.items())
 
     rows = []

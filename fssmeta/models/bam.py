@@ -207,7 +207,7 @@ def build(cfg: ModelConfig, options: BAMOptions, *, shot: int, base_classes: lis
                mining=cfg.mining if cfg.mining.enabled else None, backbone_bn=METHOD.bn_mode(cfg),
                base_dropout=options.base_dropout)
     if options.init == "he":
-        ops.he_init_([m for name, m in model.named_children() if name not in ("base_learner", "memory", "ensemble")])
+        ops.he_init_([model])  # the meta learner's convs (the base learner is frozen)
     return model
 
 

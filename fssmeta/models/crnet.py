@@ -177,13 +177,8 @@ def he_init_(model: CRNet) -> None:
     about 6x per conv + ReLU: through CRNet's 11 head convs the logits came out spatially constant (the fg - bg
     logit's spatial std 0.003 against its mean 0.058), the classifier bias took almost all the gradient, and
     training stayed on the all-background plateau (docs/results.md, CRNet)."""
-    last = model.refine.cls[-1]
-    for module in (model.reduce, model.query_condition, model.support_condition, model.refine):
-        for conv in module.modules():
-            if isinstance(conv, nn.Conv2d) and conv is not last:
-                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                if conv.bias is not None:
-                    nn.init.zeros_(conv.bias)
+    # ops.he_init_ keeps the classifiers (the last conv, to 2 channels); the gates are outside these modules.
+    ops.he_init_([model.reduce, model.query_condition, model.support_condition, model.refine])
 
 
 def build(cfg: ModelConfig, options: CRNetOptions, *, shot: int, base_classes: list[int]) -> CRNet:

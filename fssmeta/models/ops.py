@@ -42,13 +42,13 @@ def classifier(dim: int, dropout: float, classes: int = 2) -> nn.Sequential:
 
 
 def he_init_(modules: Sequence[nn.Module]) -> None:
-    """He (fan-in, ReLU) weights and zero biases for every conv in `modules` but the classifiers (convs to at
-    most 2 channels, which keep their init): the `he` head init against the all-background plateau, where
-    PyTorch's default init leaves the untrained logits spatially flat and the classifier bias takes the
-    gradient (docs/results.md, "The all-background plateau")."""
+    """He (fan-in, ReLU) weights and zero biases for every learnable conv in `modules` but the classifiers
+    (convs to at most 2 channels, which keep their init; frozen convs are left alone): the `he` head init
+    against the all-background plateau, where PyTorch's default init leaves the untrained logits spatially
+    flat and the classifier bias takes the gradient (docs/results.md, "The all-background plateau")."""
     for module in modules:
         for conv in module.modules():
-            if isinstance(conv, nn.Conv2d) and conv.out_channels > 2:
+            if isinstance(conv, nn.Conv2d) and conv.out_channels > 2 and conv.weight.requires_grad:
                 nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
                 if conv.bias is not None:
                     nn.init.zeros_(conv.bias)

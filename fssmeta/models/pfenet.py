@@ -101,7 +101,7 @@ def build(cfg: ModelConfig, options: PFENetOptions, *, shot: int, base_classes: 
                    dropout=options.dropout, feature_dropout=options.feature_dropout, shot=shot,
                    memory=build_memory(cfg.memory, mid_channels(backbone)), backbone_bn=METHOD.bn_mode(cfg))
     if options.init == "he":
-        ops.he_init_([m for name, m in model.named_children() if name not in ("backbone", "memory")])
+        ops.he_init_([model])  # the head's convs (the backbone is frozen)
     return model
 
 
