@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/compare_official.py --official bam=/tmp/official/BAM \\
         --official pfenet=/tmp/official/PFENet [--size 473] [--repeats 3] [--rows eval1 eval5 train backbone]
+    .venv/bin/python benchmarks/compare_official.py --official hsnet=/tmp/official/hsnet --torchvision /tmp/tvpkg \\
+        --size 400 --train-batch 4 --variants fp32 --memory
+
+HSNet (issue 16) is timed as its own train.py / test.py run it: training one 1-shot forward, CE, Adam step
+(`train_mode`: backbone BN fixed); evaluation `predict_mask_nshot`, one full forward per shot (the query
+re-encoded each time) and the vote. fssmeta's eval row is its forward (the query encoded once, the same vote).
 
 `--official METHOD=PATH` is a local checkout of the commit tools/oracle.py pins (docs/parity.md says how to
 get one: `git clone` the repository and `git checkout` the commit). Nothing is fetched at run time. The
@@ -78,13 +84,14 @@ class Pair:
         feature = (size - 1) // 8 + 1
         options = get_method(method).options_of(oracle.ModelConfig(**oracle.MODEL_CONFIG[method]))
         bins = tuple(b for b, _ in scaled_bins(options.pyramid_bins, (feature, feature))) if method == "pfenet" else ()
+        self.shot = shot
         case = oracle.Case(f"{shot}-shot", shot, size, bins, losses=False)
         self.ours = oracle.fssmeta_model(oracle.MODEL_CONFIG[method], shot).to(device)
         self.official = oracle.official_model(method, module, official_path, case, self.ours.state_dict(),
                                               scratch).to(device)
         # Frozen as the official train.py leaves it: layer0-4 (PFENet's train.py, BAM's freeze_modules) and
         # BAM's base learner, whose forward is outside no_grad and would otherwise be back-propagated.
-        for name in ("layer0", "layer1", "layer2", "layer3", "layer4", "learner_base"):
+        for name in ("layer0", "layer1", "layer2", "layer3", "layer4", "learner_base", "backbone"):
             for p in getattr(self.official, name, nn.Module()).parameters():
                 p.requires_grad_(False)
         # The method's optimiser at a negligible rate: the rows repeat one batch, which the recipe's rate
@@ -94,6 +101,8 @@ class Pair:
         self.official_opt = build_optimizer([p for p in self.official.parameters() if p.requires_grad], recipe)
 
     def official_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.method == "hsnet":  # its loader's masks: the class 1, every other pixel 0 (oracle.hsnet_inputs)
+            inputs = {**oracle.hsnet_inputs(inputs), "support_masks": (inputs["support_masks"] == 1).to(torch.uint8)}
         return (oracle.normalise(inputs["query_img"]).to(self.device),
                 oracle.normalise(inputs["support_imgs"]).to(self.device),
                 inputs["support_masks"].float().to(self.device), inputs["query_mask"].float().to(self.device))
@@ -101,7 +110,9 @@ class Pair:
     @torch.no_grad()
     def official_eval(self, x, s_x, s_y, y) -> None:
         self.official.eval()
-        if self.method == "pfenet":
+        if self.method == "hsnet":  # test.py: predict_mask_nshot, one forward per shot
+            self.official.predict_mask_nshot({"query_img": x, "support_imgs": s_x, "support_masks": s_y}, self.shot)
+        elif self.method == "pfenet":
             self.official(x, s_x, s_y)
         else:
             self.official(x, s_x, s_y, None, None, cat_idx=None)
@@ -109,7 +120,10 @@ class Pair:
     def official_train(self, x, s_x, s_y, y) -> None:
         """One step as the official train.py: BAM with every BN fixed (`fix_bn`), main + aux losses."""
         self.official.train()
-        if self.method == "bam":
+        if self.method == "hsnet":  # train.py: train_mode (backbone BN fixed), 1 shot, compute_objective = CE
+            self.official.train_mode()
+            loss = self.official.compute_objective(self.official(x, s_x[:, 0], s_y[:, 0]), y)
+        elif self.method == "bam":
             for m in self.official.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
@@ -127,7 +141,10 @@ class Pair:
     def official_backbone(self, x, s_x, s_y, y) -> None:
         o = self.official
         o.eval()
-        o.layer4(o.layer3(o.layer2(o.layer1(o.layer0(x)))))
+        if self.method == "hsnet":
+            o.extract_feats(x, o.backbone, o.feat_ids, o.bottleneck_ids, o.lids)
+        else:
+            o.layer4(o.layer3(o.layer2(o.layer1(o.layer0(x)))))
 
     def ours_eval(self, ep: Episode, amp: str) -> None:
         self.ours.eval()
@@ -142,7 +159,10 @@ class Pair:
     def ours_backbone(self, ep: Episode, amp: str) -> None:
         self.ours.eval()
         with torch.no_grad(), autocast(self.device, amp):
-            self.ours.backbone(ep.query_img)
+            if self.method == "hsnet":
+                self.ours.backbone.bottleneck_features(ep.query_img)
+            else:
+                self.ours.backbone(ep.query_img)
 
     def channels_last(self, on: bool) -> None:
         self.ours.to(memory_format=torch.channels_last if on else torch.contiguous_format)
@@ -199,7 +219,8 @@ def run_row(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor],
 def peak_memory(spec: str, args: argparse.Namespace, checkouts: dict[str, Path]) -> float:
     """Peak MiB of one side of one row, in a child process of its own."""
     cmd = [sys.executable, __file__, "--child", spec, "--size", str(args.size), "--train-batch", str(args.train_batch),
-           *sum((["--official", f"{m}={p}"] for m, p in checkouts.items()), [])]
+           *sum((["--official", f"{m}={p}"] for m, p in checkouts.items()), []),
+           *(["--torchvision", str(args.torchvision.resolve())] if args.torchvision else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{spec}: {out.stderr.strip().splitlines()[-1:]}")
@@ -209,7 +230,9 @@ def peak_memory(spec: str, args: argparse.Namespace, checkouts: dict[str, Path])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", action="append", required=True, metavar="METHOD=PATH",
-                        help="a checkout of the pinned official commit (tools/oracle.py OFFICIAL); bam and/or pfenet")
+                        help="a checkout of the pinned official commit (tools/oracle.py OFFICIAL): bam, pfenet, hsnet")
+    parser.add_argument("--torchvision", type=Path, help="hsnet: a directory holding the torchvision package the "
+                        "oracle pins (tools/oracle.py --torchvision); default: the installed torchvision")
     parser.add_argument("--size", type=int, default=473)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -220,13 +243,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also each side's peak memory (child processes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # method,row,variant,side: one side's peak memory
     args = parser.parse_args()
-    checkouts = {}
-    for item in args.official:
-        method, _, path = item.partition("=")
-        if method not in ("bam", "pfenet") or not path:
-            sys.exit(f"--official {item!r}: expected bam=PATH or pfenet=PATH")
-        checkouts[method] = Path(path).resolve()
-        oracle.check_checkout(method, checkouts[method])
+    checkouts = official_checkouts(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scratch = Path(tempfile.mkdtemp(prefix="fssmeta-compare-"))
     os.chdir(scratch)  # the official constructors read initmodel/... relative to the working directory
@@ -260,6 +277,21 @@ def main() -> None:
     print("ratio = official ms / fssmeta ms per episode (> 1: fssmeta faster); eval rows batch 1, train / "
           f"backbone at batch {args.train_batch} (fssmeta's train batch: bN where it differs); medians of "
           f"{args.repeats} interleaved calls after one warm-up each")
+
+
+def official_checkouts(args: argparse.Namespace) -> dict[str, Path]:
+    """METHOD -> its checked checkout, from `--official`; HSNet's torchvision made importable (`--torchvision`)."""
+    checkouts = {}
+    for item in args.official:
+        method, _, path = item.partition("=")
+        if method not in ("bam", "pfenet", "hsnet") or not path:
+            sys.exit(f"--official {item!r}: expected bam=PATH, pfenet=PATH or hsnet=PATH")
+        checkouts[method] = Path(path).resolve()
+        oracle.check_checkout(method, checkouts[method])
+    if "hsnet" in checkouts:
+        with oracle.cpu_only():
+            oracle.torchvision_models(args.torchvision.resolve() if args.torchvision else None)
+    return checkouts
 
 
 def child(args: argparse.Namespace, checkouts: dict[str, Path], device: torch.device, scratch: Path) -> None:

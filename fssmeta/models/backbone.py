@@ -54,8 +54,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        out += x if self.downsample is None else self.downsample(x)  # in place, as torchvision's Bottleneck
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.pre_relu(x))

@@ -95,13 +95,36 @@ def multilayer_correlation(query: list[torch.Tensor], support: list[torch.Tensor
     query, support: unit features, (B, C_l, Hq_l, Wq_l) and (B, C_l, Hs_l, Ws_l); `stages[l]` the stage of
     layer l (`ResNet.bottleneck_ids`). -> [layer4, layer3, layer2], each (B, n_stage, Hq, Wq, Hs, Ws).
     """
-    corrs = []
-    for q, s in zip(query, support, strict=True):
-        B, _, Hq, Wq = q.shape
-        Hs, Ws = s.shape[-2:]
-        corr = torch.bmm(q.flatten(2).transpose(1, 2), s.flatten(2))  # (B, Hq*Wq, Hs*Ws)
-        corrs.append(corr.view(B, Hq, Wq, Hs, Ws).clamp(min=0))
-    return [torch.stack([c for c, k in zip(corrs, stages, strict=True) if k == stage], 1) for stage in (4, 3, 2)]
+    return [stage_correlation([q for q, k in zip(query, stages, strict=True) if k == stage],
+                              [s for s, k in zip(support, stages, strict=True) if k == stage]) for stage in (4, 3, 2)]
+
+
+def stage_correlation(query: list[torch.Tensor], support: list[torch.Tensor]) -> torch.Tensor:
+    """One stage's layers (the same shapes) -> (B, L, Hq, Wq, Hs, Ws), each layer's product written in place.
+
+    A support position whose feature is zero in every layer (masked out: feature masking multiplies by the
+    resized mask, 0 away from the object) has cosine exactly 0 with every query position, so only the other
+    positions are multiplied: at a support object covering a fifth of the image, a fifth of the work. On CPU
+    only: elsewhere (CUDA, meta) the layers run as one batched product each, without a host sync."""
+    B, _, Hq, Wq = query[0].shape
+    Hs, Ws = support[0].shape[-2:]
+    L, Nq, Ns = len(query), Hq * Wq, Hs * Ws
+    if query[0].device.type != "cpu":
+        corr = torch.stack([torch.bmm(q.flatten(2).transpose(1, 2), s.flatten(2)) for q, s in zip(query, support,
+                                                                                                    strict=True)], 1)
+        return corr.clamp_(min=0).view(B, L, Hq, Wq, Hs, Ws)
+    live = torch.stack([s.flatten(2).ne(0).any(1) for s in support], 0).any(0)  # (B, Ns)
+    counts = live.sum(1).tolist()
+    corr = (query[0].new_empty if min(counts) == Ns else query[0].new_zeros)(B, L, Nq, Ns)
+    for b in range(B):
+        cols = None if counts[b] == Ns else live[b].nonzero().squeeze(1)
+        for layer, (q, s) in enumerate(zip(query, support, strict=True)):
+            q_b, s_b = q[b].flatten(1).t(), s[b].flatten(1)  # (Nq, C), (C, Ns)
+            if cols is None:
+                torch.mm(q_b, s_b, out=corr[b, layer]).clamp_(min=0)
+            elif counts[b]:
+                corr[b, layer, :, cols] = torch.mm(q_b, s_b[:, cols]).clamp_(min=0)
+    return corr.view(B, L, Hq, Wq, Hs, Ws)
 
 
 def vote(shot_logits: torch.Tensor) -> torch.Tensor:

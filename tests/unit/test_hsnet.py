@@ -21,7 +21,13 @@ from fssmeta.config import ModelConfig
 from fssmeta.episode import Episode
 from fssmeta.losses import cross_entropy
 from fssmeta.models import build_model, count_learnable, get_method
-from fssmeta.models.hsnet import CenterPivotConv4d, multilayer_correlation, unit_features, vote
+from fssmeta.models.hsnet import (
+    CenterPivotConv4d,
+    multilayer_correlation,
+    stage_correlation,
+    unit_features,
+    vote,
+)
 from tests.cli_data import tiny_cli_data
 from tests.unit.test_models import make_episode, make_model
 
@@ -84,6 +90,28 @@ def test_multilayer_correlation_is_the_clamped_cosine_stacked_per_stage():
     q, s = query[5][1, :, 1, 0], support[5][1, :, 0, 1]
     expected = (q @ s / ((q.norm() + 1e-5) * (s.norm() + 1e-5))).clamp(min=0)
     torch.testing.assert_close(corr4[1, 2, 1, 0, 0, 1], expected)
+
+
+def test_stage_correlation_skips_masked_support_positions_exactly():
+    """Support positions zero in every layer of a stage (masked out) are left out of the product; the result
+    equals the dense clamped product, per episode of a batch: all positions live, some masked, all masked."""
+    torch.manual_seed(0)
+    query = [torch.randn(3, 8, 5, 4) for _ in range(2)]
+    support = [torch.randn(3, 8, 6, 5) for _ in range(2)]
+    for s in support:
+        s[1, :, :3] = 0.0  # episode 1: the top half masked in both layers
+        s[2] = 0.0  # episode 2: no object
+    support[0][0, :, 5, 4] = 0.0  # episode 0: zero in one layer only, still multiplied
+    query, support = unit_features(query), unit_features(support)
+    corr = stage_correlation(query, support)
+    dense = torch.stack([torch.bmm(q.flatten(2).transpose(1, 2), s.flatten(2)).clamp(min=0)
+                         for q, s in zip(query, support, strict=True)], 1).view(3, 2, 5, 4, 6, 5)
+    torch.testing.assert_close(corr, dense, rtol=1e-6, atol=1e-7)
+    assert torch.equal(corr[1, :, :, :, :3], torch.zeros(2, 5, 4, 3, 5)) and torch.equal(corr[2], torch.zeros_like(corr[2]))
+    assert (corr[1, :, :, :, 3:] > 0).float().mean() > 0.3  # the unmasked half was computed
+    # on a non-CPU device (here meta) the dense batched path runs: same shape, no host sync
+    meta = stage_correlation([q.to("meta") for q in query], [s.to("meta") for s in support])
+    assert meta.shape == corr.shape and meta.device.type == "meta"
 
 
 def official_vote(shot_masks: torch.Tensor) -> torch.Tensor:
