@@ -27,6 +27,7 @@ ADAM_RECIPE = OptimConfig(optimizer="adam", lr=1.0e-3, momentum=0.9, weight_deca
 NORM_EPS = 1e-5  # added to the L2 norm before the cosine (official `Correlation`), not a clamp as F.normalize's
 WIDTHS = (16, 64, 128)  # the squeezing blocks' output channels (official `outch1..3`)
 GROUPS = 4  # GroupNorm groups after every 4D convolution
+SPARSE_BELOW = 0.75  # the correlation multiplies only the live support positions below this share of them
 
 
 class HSNetOptions(Section):
@@ -102,10 +103,12 @@ def multilayer_correlation(query: list[torch.Tensor], support: list[torch.Tensor
 def stage_correlation(query: list[torch.Tensor], support: list[torch.Tensor]) -> torch.Tensor:
     """One stage's layers (the same shapes) -> (B, L, Hq, Wq, Hs, Ws), each layer's product written in place.
 
-    A support position whose feature is zero in every layer (masked out: feature masking multiplies by the
-    resized mask, 0 away from the object) has cosine exactly 0 with every query position, so only the other
-    positions are multiplied: at a support object covering a fifth of the image, a fifth of the work. On CPU
-    only: elsewhere (CUDA, meta) the layers run as one batched product each, without a host sync."""
+    On CPU: stored as (B, Hq, Wq, L, Hs, Ws) and returned as that permuted view, the layout the center-pivot
+    convolution's support-dims kernel reads (one copy of the largest tensor saved). A support position whose
+    feature is zero in every layer (masked out: feature masking multiplies by the resized mask, 0 away from the
+    object) has cosine exactly 0 with every query position; where such positions are over a quarter of the map
+    only the others are multiplied (at a support object covering a fifth of the image, a fifth of the work).
+    Elsewhere (CUDA, meta) the layers run as one batched product each, without a host sync."""
     B, _, Hq, Wq = query[0].shape
     Hs, Ws = support[0].shape[-2:]
     L, Nq, Ns = len(query), Hq * Wq, Hs * Ws
@@ -115,16 +118,18 @@ def stage_correlation(query: list[torch.Tensor], support: list[torch.Tensor]) ->
         return corr.clamp_(min=0).view(B, L, Hq, Wq, Hs, Ws)
     live = torch.stack([s.flatten(2).ne(0).any(1) for s in support], 0).any(0)  # (B, Ns)
     counts = live.sum(1).tolist()
-    corr = (query[0].new_empty if min(counts) == Ns else query[0].new_zeros)(B, L, Nq, Ns)
+    corr = query[0].new_empty(B, Nq, L, Ns)
     for b in range(B):
-        cols = None if counts[b] == Ns else live[b].nonzero().squeeze(1)
+        cols = None if counts[b] > SPARSE_BELOW * Ns else live[b].nonzero().squeeze(1)
+        if cols is not None:
+            corr[b].zero_()
         for layer, (q, s) in enumerate(zip(query, support, strict=True)):
-            q_b, s_b = q[b].flatten(1).t(), s[b].flatten(1)  # (Nq, C), (C, Ns)
+            q_b, s_b, out = q[b].flatten(1).t(), s[b].flatten(1), corr[b, :, layer]  # (Nq, C), (C, Ns), (Nq, Ns)
             if cols is None:
-                torch.mm(q_b, s_b, out=corr[b, layer]).clamp_(min=0)
+                torch.mm(q_b, s_b, out=out).clamp_(min=0)  # a masked position's column is 0 here too
             elif counts[b]:
-                corr[b, layer, :, cols] = torch.mm(q_b, s_b[:, cols]).clamp_(min=0)
-    return corr.view(B, L, Hq, Wq, Hs, Ws)
+                out[:, cols] = torch.mm(q_b, s_b[:, cols]).clamp_(min=0)
+    return corr.view(B, Hq, Wq, L, Hs, Ws).permute(0, 3, 1, 2, 4, 5)
 
 
 def vote(shot_logits: torch.Tensor) -> torch.Tensor:

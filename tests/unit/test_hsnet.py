@@ -101,13 +101,16 @@ def test_stage_correlation_skips_masked_support_positions_exactly():
     for s in support:
         s[1, :, :3] = 0.0  # episode 1: the top half masked in both layers
         s[2] = 0.0  # episode 2: no object
+        s[0, :, 0, 0] = 0.0  # episode 0: one position masked (multiplied densely: most are live)
     support[0][0, :, 5, 4] = 0.0  # episode 0: zero in one layer only, still multiplied
     query, support = unit_features(query), unit_features(support)
     corr = stage_correlation(query, support)
     dense = torch.stack([torch.bmm(q.flatten(2).transpose(1, 2), s.flatten(2)).clamp(min=0)
                          for q, s in zip(query, support, strict=True)], 1).view(3, 2, 5, 4, 6, 5)
     torch.testing.assert_close(corr, dense, rtol=1e-6, atol=1e-7)
+    assert corr.permute(0, 2, 3, 1, 4, 5).is_contiguous()  # stored as the support-dims kernel reads it
     assert torch.equal(corr[1, :, :, :, :3], torch.zeros(2, 5, 4, 3, 5)) and torch.equal(corr[2], torch.zeros_like(corr[2]))
+    assert torch.equal(corr[0, :, :, :, 0, 0], torch.zeros(2, 5, 4))
     assert (corr[1, :, :, :, 3:] > 0).float().mean() > 0.3  # the unmasked half was computed
     # on a non-CPU device (here meta) the dense batched path runs: same shape, no host sync
     meta = stage_correlation([q.to("meta") for q in query], [s.to("meta") for s in support])
