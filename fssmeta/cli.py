@@ -213,7 +213,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from fssmeta.data.io import write_json_atomic
     from fssmeta.decoding import RequestError, read_image_file
-    from fssmeta.predict import check_supports, load_training_checkpoint, save_prediction, segment_arrays
+    from fssmeta.predict import (
+        check_way_supports,
+        load_training_checkpoint,
+        save_prediction,
+        save_way_prediction,
+        segment_arrays,
+        segment_ways,
+    )
 
     pairs = []
     for value in args.support:
@@ -241,7 +248,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         model, model_cfg, info = load_training_checkpoint(args.model, shot=args.shot, fold=args.fold)
     shot = int(info["shot"])
-    check_supports(shot, supports, masks, names=[f"support mask {mask}" for _, mask in pairs])
+    check_way_supports(shot, args.ways, supports, masks, names=[f"support mask {mask}" for _, mask in pairs])
     if torch.cuda.is_available():
         model.to("cuda")
 
@@ -251,6 +258,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for i, path in enumerate(queries):
         start = time.perf_counter()
         query = read_image_file(path, "query image")
+        if args.ways > 1:
+            probs, presence = segment_ways(model, model_cfg, shot, args.ways, query, supports, masks)
+            results.append({"query": str(path), **save_way_prediction(out, path.stem, query, probs, presence)})
+            if not args.quiet:
+                present = ", ".join(str(n + 1) for n, p in enumerate(results[-1]["presence"]) if p) or "none"
+                print(f"[{i + 1}/{len(queries)}] {path} ({query.shape[1]}x{query.shape[0]}): classes present: "
+                      f"{present}; labelled {100 * results[-1]['foreground_fraction']:.1f}% -> "
+                      f"{out / results[-1]['files']['labels']} ({time.perf_counter() - start:.2f} s)")
+            continue
         prob = segment_arrays(model, model_cfg, shot, query, supports, masks)
         results.append({"query": str(path), **save_prediction(out, path.stem, query, prob)})
         if not args.quiet:
@@ -259,7 +275,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   f"({time.perf_counter() - start:.2f} s)")
     write_json_atomic(out / "predictions.json", {
         "model": args.model, "method": info.get("method", model_cfg.model.method), "fold": info["fold"],
-        "shot": shot, "supports": [{"image": str(image), "mask": str(mask)} for image, mask in pairs],
+        "shot": shot, "ways": args.ways,
+        "supports": [{"image": str(image), "mask": str(mask), **({"way": i // shot + 1} if args.ways > 1 else {})}
+                     for i, (image, mask) in enumerate(pairs)],
         "queries": results}, indent=2)
     print(f"wrote {len(results)} prediction(s) to {out} ({out / 'predictions.json'})")
     return 0
@@ -339,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-class", type=int, metavar="ID",
                    help="read the support masks as label maps: value ID = foreground, 255 = ignore, others background")
     p.add_argument("--query", action="append", required=True, metavar="IMG", help="a query image; repeatable")
+    p.add_argument("--ways", type=int, default=1, metavar="N",
+                   help="N > 1: iFSL's FS-CS task (methods that take it: asnet): N classes, each given by `shot` "
+                        "--support pairs in order (the first shot are class 1's, ...); writes <stem>_labels.png "
+                        "(palette; value n = class n) and <stem>_overlay.png, and each class's presence in "
+                        "predictions.json (default 1: one class)")
     p.add_argument("--out", required=True, help="output folder: <stem>_mask/_probability/_overlay.png per query, "
                                                  "predictions.json")
     p.add_argument("--shot", type=int, help="checkpoint only: shots (default: its train.shot)")

@@ -9,6 +9,7 @@ never through a square of the longer side."""
 from __future__ import annotations
 
 import base64
+import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ MAX_REQUEST_SECONDS = 50
 MAX_SECONDS_ENV = "FSSMETA_REQUEST_SECONDS"
 REQUEST_COLUMNS = ("query_img", "support_imgs", "support_masks")
 MASK_OPTIONS = ("mask_threshold", "mask_class")  # optional per-row request fields, `--mask-threshold/--mask-class`
+WAYS_FIELD = "ways"  # optional per-row request field, `--ways`: iFSL's N-way FS-CS task (methods whose record says fscs)
+OPTIONAL_COLUMNS = (*MASK_OPTIONS, WAYS_FIELD)
 
 PYFUNC_INPUT = f"""Input: a pandas DataFrame (over HTTP: `dataframe_records` or `dataframe_split`), one episode per row:
   query_img      a base64-encoded PNG or JPEG image (any size)
@@ -51,6 +54,9 @@ PYFUNC_INPUT = f"""Input: a pandas DataFrame (over HTTP: `dataframe_records` or 
   support_masks  a list of `shot` base64-encoded masks, each the size of its support image
   mask_threshold optional integer, mask_class optional integer (at most one of them; absent or null = the
                  default rule): how this row's support masks are read
+  ways           optional integer N (absent, null or 1: one class): iFSL's FS-CS task, for a model whose method
+                 takes it (asnet): N classes, each given by `shot` supports, way-major (supports 1..shot are
+                 class 1's, the next shot class 2's, ...); the query may hold any of them or none
 {MASK_RULE}
 Images hold at most {MAX_PIXELS_ENV} pixels (default {MAX_IMAGE_PIXELS}), a longer side of at most
 {MAX_SIDE_ENV} (default {MAX_IMAGE_SIDE}) and an aspect ratio of at most {MAX_ASPECT_ENV}:1 (default
@@ -61,7 +67,11 @@ no orientation tag):
   mask                    base64 PNG, mode L, 255 = foreground, 0 = background
   foreground_probability  base64 PNG, mode L, round(255 * p)
   foreground_fraction     share of the query's pixels in the mask
-  height, width           the query's size"""
+  height, width           the query's size
+and for an N-way row (the mask and probability then cover all N classes):
+  labels                  base64 PNG, palette mode, pixel value n = class n (way-major order), 0 = background
+  presence                N booleans: whether each class is in the query (iFSL's presence rule)
+  class_fractions         N numbers: each class's share of the query's pixels in `labels`"""
 
 
 def load_checkpoint_model(checkpoint: str | Path, info: dict[str, Any]) -> tuple[Any, Config]:
@@ -144,46 +154,124 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
     import torch
 
     from fssmeta.episode import Episode
-    from fssmeta.evaluation import scoring_transform
 
+    _check_sizes(query, supports)
+    check_supports(shot, supports, masks)
+    transform, query_img, query_mask, support_imgs, support_masks = _scoring_tensors(model, cfg, query, supports,
+                                                                                    masks)
+    episode = Episode(support_imgs=support_imgs[None], support_masks=support_masks[None],  # (1, S, ...)
+                      query_img=query_img, query_mask=query_mask,
+                      class_id=torch.tensor([-1], device=query_img.device))  # novel: matches no base class
+    with torch.inference_mode():
+        logits = model(episode).logits.float()  # (1, 2, s, s)
+        # softmax over two classes = sigmoid of their difference, and bilinear resampling is linear: resample
+        # the one difference channel, not both.
+        margin = _at_query_size(transform, logits[:, 1:] - logits[:, :1], query.shape[:2])  # (1, 1, H, W)
+        return margin[0, 0].sigmoid_().cpu().numpy().astype(np.float32, copy=False)  # (H, W)
+
+
+def segment_ways(model: Any, cfg: Config, shot: int, ways: int, query: np.ndarray, supports: Sequence[np.ndarray],
+                 masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """iFSL's FS-CS task (docs/protocol.md section 4) at the query's own size: `ways` classes, each given by
+    `shot` supports, way-major (supports[n * shot:(n + 1) * shot] are class n + 1's) -> the class
+    probabilities (1 + N, H, W) float32 (channel 0 background; the softmax of the model's merged log-probs,
+    resampled as evaluation scores them, so their argmax is the scored prediction) and the presence (N,)
+    bool. Only for a model whose method record says `fscs` (a RequestError names the method otherwise)."""
+    import torch
+
+    from fssmeta.episode import FSCSEpisode
+    from fssmeta.models import get_method
+
+    method = cfg.model.method
+    if not get_method(method).fscs:
+        fscs = ", ".join(k for k, m in _methods().items() if m.fscs)
+        raise RequestError(f"ways {ways}: this {method} model segments one class at a time; N-way (FS-CS) "
+                           f"prediction needs a method that takes it ({fscs})")
+    _check_sizes(query, supports)
+    check_way_supports(shot, ways, supports, masks)
+    transform, query_img, query_mask, support_imgs, support_masks = _scoring_tensors(model, cfg, query, supports,
+                                                                                    masks)
+    device = query_img.device
+    episode = FSCSEpisode(support_imgs=support_imgs.view(1, ways, shot, *support_imgs.shape[1:]),
+                          support_masks=support_masks.view(1, ways, shot, *support_masks.shape[1:]),
+                          query_img=query_img, query_mask=query_mask,
+                          class_ids=torch.full((1, ways), -1, device=device),  # novel: no base class
+                          presence=torch.zeros(1, ways, dtype=torch.bool, device=device))  # not read
+    with torch.inference_mode():
+        out = model(episode)
+        logits = _at_query_size(transform, out.logits.float(), query.shape[:2])  # (1, 1 + N, H, W)
+        probs = logits[0].softmax(0).cpu().numpy().astype(np.float32, copy=False)
+        return probs, out.presence[0].cpu().numpy().astype(bool)
+
+
+def _methods() -> dict[str, Any]:
+    from fssmeta.models import METHODS
+
+    return METHODS
+
+
+def check_way_supports(shot: int, ways: int, supports: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                       names: Sequence[str] | None = None) -> None:
+    """`check_supports` for N ways: `ways` * `shot` supports, each way's `shot` checked as one class's."""
+    if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
+        raise RequestError(f"ways: expected a positive integer, got {ways!r}")
+    if ways == 1:
+        check_supports(shot, supports, masks, names)
+        return
+    if len(supports) != ways * shot:
+        raise RequestError(f"ways {ways}: a {shot}-shot model takes {shot} support image(s) per class, {ways * shot} "
+                           f"in all (way-major: the first {shot} are class 1's), got {len(supports)}")
+    names = list(names) if names is not None else [f"support_masks[{i}]" for i in range(len(masks))]
+    for n in range(ways):
+        part = slice(n * shot, (n + 1) * shot)
+        check_supports(shot, supports[part], masks[part], names[part])
+
+
+def _check_sizes(query: np.ndarray, supports: Sequence[np.ndarray]) -> None:
+    """RequestError unless the query is (H, W, 3) uint8 and every image is within the size limits."""
     if query.dtype != np.uint8 or query.ndim != 3 or query.shape[2] != 3:
         raise RequestError(f"query image: expected (H, W, 3) uint8 RGB, got {query.dtype} {query.shape}")
     check_image_size(query.shape[1], query.shape[0], "query image")
     for i, image in enumerate(supports):
         check_image_size(image.shape[1], image.shape[0], f"support image {i}")
-    check_supports(shot, supports, masks)
+
+
+def _scoring_tensors(model: Any, cfg: Config, query: np.ndarray, supports: Sequence[np.ndarray],
+                     masks: Sequence[np.ndarray]) -> tuple[Any, ...]:
+    """The scoring transform (`cfg.eval`) and the model-device tensors of checked images: transform, query
+    (1, 3, s, s), its blank mask (1, s, s), supports (S, 3, s, s), support masks (S, s, s)."""
+    import torch
+
+    from fssmeta.evaluation import scoring_transform
+
     transform = scoring_transform(cfg)
     query_img, query_mask = transform(query, np.zeros(query.shape[:2], np.uint8))
     pairs = [transform(image, mask) for image, mask in zip(supports, masks)]
     device = next(model.parameters()).device
-    episode = Episode(
-        support_imgs=torch.stack([p[0] for p in pairs])[None].to(device),  # (1, S, 3, s, s)
-        support_masks=torch.stack([p[1] for p in pairs])[None].to(device),  # (1, S, s, s)
-        query_img=query_img[None].to(device),  # (1, 3, s, s)
-        query_mask=query_mask[None].to(device),
-        class_id=torch.tensor([-1], device=device),  # novel: matches no base class
-    )
-    with torch.inference_mode():
-        logits = model(episode).logits.float()  # (1, 2, s, s)
-        # softmax over two classes = sigmoid of their difference, and bilinear resampling is linear: resample
-        # the one difference channel, not both.
-        margin = logits[:, 1:] - logits[:, :1]  # (1, 1, s, s)
-        if transform.resolution == "original" and transform.canvas == "mean":
-            margin = _mean_canvas_margin(margin, query.shape[:2])
-        else:  # content crop -> (H, W) or the whole square -> (H, W): never larger than the query
-            margin = transform.score_logits(margin, query.shape[:2])  # (1, 1, H, W), as evaluation scores it
-        return margin[0, 0].sigmoid_().cpu().numpy().astype(np.float32, copy=False)  # (H, W)
+    return (transform, query_img[None].to(device), query_mask[None].to(device),
+            torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device))
 
 
-def _mean_canvas_margin(margin: Any, size: tuple[int, int]) -> Any:
-    """(1, 1, h, w) -> (1, 1, H, W) with the values of `TestTransform.score_logits` on the `mean` canvas (the
+def _at_query_size(transform: Any, logits: Any, size: tuple[int, int]) -> Any:
+    """(1, K, s, s) canvas logits -> (1, K, H, W) at the query's size, as evaluation scores them (the content
+    crop -> (H, W), or the whole square -> (H, W); on the `mean` canvas at `original` resolution without
+    building the longer side's square)."""
+    if transform.resolution == "original" and transform.canvas == "mean":
+        return _mean_canvas_logits(logits, size)
+    return transform.score_logits(logits, size)
+
+
+def _mean_canvas_logits(logits: Any, size: tuple[int, int]) -> Any:
+    """(1, K, h, w) -> (1, K, H, W) with the values of `TestTransform.score_logits` on the `mean` canvas (the
     whole canvas upsampled to L x L, L the longer side, then cut to (H, W)) without building the L x L square:
     a separable bilinear (align_corners=True) resampling at the same source positions."""
+    import torch
+
     height, width = size
     side = max(height, width)
-    rows = _bilinear_matrix(height, margin.shape[-2], side)  # (H, h)
-    cols = _bilinear_matrix(width, margin.shape[-1], side)  # (W, w)
-    return (rows @ margin[0, 0].to(rows) @ cols.T)[None, None].to(margin.dtype)  # (1, 1, H, W)
+    rows = _bilinear_matrix(height, logits.shape[-2], side)  # (H, h)
+    cols = _bilinear_matrix(width, logits.shape[-1], side)  # (W, w)
+    return torch.einsum("hy,kyx,wx->khw", rows, logits[0].to(rows), cols)[None].to(logits.dtype)  # (1, K, H, W)
 
 
 def _bilinear_matrix(count: int, source: int, side: int) -> Any:
@@ -234,6 +322,61 @@ def save_prediction(out: Path, stem: str, query: np.ndarray, prob: np.ndarray) -
         (out / files[kind]).write_bytes(png_bytes(array))
     return {"height": int(mask.shape[0]), "width": int(mask.shape[1]), "foreground_fraction": float(mask.mean()),
             "files": files}
+
+
+def class_labels(probs: np.ndarray) -> np.ndarray:
+    """(1 + N, H, W) class probabilities -> (H, W) uint8 labels: the argmax, 0 = background, n = class n."""
+    return probs.argmax(0).astype(np.uint8)
+
+
+def labels_png(labels: np.ndarray) -> bytes:
+    """(H, W) uint8 labels as a palette PNG: the pixel values are the labels, shown in the VOC colours."""
+    from PIL import Image
+
+    from fssmeta.data.io import voc_palette
+
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    image.putpalette(voc_palette())  # an 'L' image becomes 'P' with its values (the labels) unchanged
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def labels_overlay(query: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The query (H, W, 3) with each class n's pixels tinted 50% in VOC colour n and every class region's
+    outline in yellow."""
+    from fssmeta.data.io import voc_palette
+
+    colours = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
+    out = query.astype(np.float32)
+    fg = labels > 0
+    out[fg] = 0.5 * out[fg] + 0.5 * colours[labels[fg]]
+    padded = np.pad(labels, 1, mode="edge")
+    edge = ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels) | (padded[1:-1, :-2] != labels)
+            | (padded[1:-1, 2:] != labels))
+    out[fg & edge] = (255.0, 255.0, 0.0)  # a class pixel with a 4-neighbour of another label
+    return out.round().astype(np.uint8)
+
+
+def way_summary(probs: np.ndarray, presence: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """The labels of an N-way prediction and what every output reports of it: the query's size, the
+    foreground (any class) fraction, the presence and each class's share of the pixels."""
+    labels = class_labels(probs)
+    ways = probs.shape[0] - 1
+    return labels, {"height": int(labels.shape[0]), "width": int(labels.shape[1]), "ways": ways,
+                    "foreground_fraction": float((labels > 0).mean()), "presence": [bool(p) for p in presence],
+                    "class_fractions": [float((labels == n).mean()) for n in range(1, ways + 1)]}
+
+
+def save_way_prediction(out: Path, stem: str, query: np.ndarray, probs: np.ndarray,
+                        presence: np.ndarray) -> dict[str, Any]:
+    """Write `<stem>_labels.png` (palette: value n = class n) and `<stem>_overlay.png` into `out`; returns
+    `way_summary`'s fields and the file names."""
+    labels, summary = way_summary(probs, presence)
+    files = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png"}
+    (out / files["labels"]).write_bytes(labels_png(labels))
+    (out / files["overlay"]).write_bytes(png_bytes(labels_overlay(query, labels)))
+    return {**summary, "files": files}
 
 
 def _image_list(value: Any, what: str) -> list[Any]:
@@ -290,6 +433,8 @@ def segment_record(model: Any, cfg: Config, shot: int, record: Mapping[str, Any]
     if missing:
         raise RequestError(f"{where}: missing field(s) {', '.join(missing)}")
     options = {key: _optional_int(record, key, where) for key in MASK_OPTIONS}  # decode_base64's keywords
+    ways = _optional_int(record, WAYS_FIELD, where)
+    ways = 1 if ways is None else ways
     try:
         check_mask_options(options["mask_threshold"], options["mask_class"])
     except RequestError as exc:
@@ -300,9 +445,17 @@ def segment_record(model: Any, cfg: Config, shot: int, record: Mapping[str, Any]
     supports = [decode_base64(v, f"{where} support_imgs[{i}]") for i, v in enumerate(images)]
     masks = [decode_base64(v, f"{where} support_masks[{i}]", mask=True, **options) for i, v in enumerate(labels)]
     try:
-        check_supports(shot, supports, masks, [f"support_masks[{i}]" for i in range(len(masks))])
+        check_way_supports(shot, ways, supports, masks, [f"support_masks[{i}]" for i in range(len(masks))])
+        if ways > 1:
+            probs, presence = segment_ways(model, cfg, shot, ways, query, supports, masks)
     except RequestError as exc:
         raise RequestError(f"{where}: {exc}") from None
+    if ways > 1:
+        labels, summary = way_summary(probs, presence)
+        return {"mask": base64.b64encode(png_bytes((labels > 0).astype(np.uint8) * 255)).decode("ascii"),
+                "foreground_probability": base64.b64encode(png_bytes(probability_image(1.0 - probs[0]))).decode("ascii"),
+                "labels": base64.b64encode(labels_png(labels)).decode("ascii"),
+                **{k: v for k, v in summary.items() if k != "ways"}}
     prob = segment_arrays(model, cfg, shot, query, supports, masks)
     mask = foreground_mask(prob)
     return {"mask": base64.b64encode(png_bytes(mask * 255)).decode("ascii"),

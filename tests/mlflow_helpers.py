@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from fssmeta.checkpoint import save_checkpoint
-from fssmeta.config import Config, EvalConfig, ModelConfig, config_to_dict
+from fssmeta.config import Config, EvalConfig, MlflowConfig, ModelConfig, config_to_dict
 from fssmeta.models import build_model
 
 BASE_CLASSES = list(range(6, 21))  # fold 0 of the synthetic / PASCAL classes
@@ -23,6 +24,16 @@ TINY_MODEL = ModelConfig(backbone="small", pspnet={"ppm_dim": 16}, bam={"reduce_
 def tiny_config(**sections: object) -> Config:
     """The default config with the tiny model and a 65-pixel test size; `sections` replace whole sections."""
     return Config(**{"model": TINY_MODEL, "eval": EvalConfig(test_size=SIZE), **sections})
+
+
+def local_mlflow(tmp_path: Path, monkeypatch: Any, registered_model: str) -> MlflowConfig:
+    """Work in `tmp_path` against a sqlite store there (no MLFLOW_TRACKING_URI from the environment, no
+    telemetry); the config naming it and `registered_model`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "artifacts"),
+                        registered_model=registered_model)
 
 
 def save_model(cfg: Config, path: Path, seed: int) -> Path:

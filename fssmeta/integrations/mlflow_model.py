@@ -17,7 +17,7 @@ from fssmeta.config import Config, MlflowConfig
 from fssmeta.decoding import RequestError
 from fssmeta.integrations.mlflow import _mlflow, _tracking_uri, resolve_tracking_uri
 from fssmeta.predict import (
-    MASK_OPTIONS,
+    OPTIONAL_COLUMNS,
     PYFUNC_INPUT,
     REQUEST_COLUMNS,
     check_limits,
@@ -108,7 +108,7 @@ def verified_sha256(checkpoint: Path, info: dict[str, Any]) -> str:
 
 def _records(model_input: Any) -> list[dict[str, Any]]:
     """The request rows of a DataFrame (or a list of dicts / a dict of columns): the request columns, and
-    optionally the per-row mask options (`MASK_OPTIONS`), nothing else.
+    optionally the per-row mask options and `ways` (`OPTIONAL_COLUMNS`), nothing else.
 
     Checked here, not by MLflow: the logged signature declares no inputs because MLflow's schema check drops
     unknown columns silently, and a misspelt optional-looking column should be the client's error."""
@@ -121,12 +121,12 @@ def _records(model_input: Any) -> list[dict[str, Any]]:
             raise RequestError(f"model input: expected a table with columns {', '.join(REQUEST_COLUMNS)} "
                                f"({exc})") from None
     missing = [c for c in REQUEST_COLUMNS if c not in model_input.columns]
-    unknown = [str(c) for c in model_input.columns if c not in (*REQUEST_COLUMNS, *MASK_OPTIONS)]
+    unknown = [str(c) for c in model_input.columns if c not in (*REQUEST_COLUMNS, *OPTIONAL_COLUMNS)]
     if missing or unknown:
         problems = [f"{what} column(s) {', '.join(names)}" for what, names in (("missing", missing),
                                                                               ("unknown", unknown)) if names]
         raise RequestError(f"model input: {'; '.join(problems)} (expected {', '.join(REQUEST_COLUMNS)}, "
-                           f"optionally {', '.join(MASK_OPTIONS)})")
+                           f"optionally {', '.join(OPTIONAL_COLUMNS)})")
     return model_input.to_dict("records")
 
 
@@ -134,10 +134,13 @@ def model_signature() -> Any:
     """The logged signature: the output dict's fields. No inputs: MLflow would drop unknown request columns
     before `predict` sees them; `_records` and `segment_record` check the columns and their types instead."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, Schema
 
     outputs = Schema([ColSpec("string", "mask"), ColSpec("string", "foreground_probability"),
-                      ColSpec("double", "foreground_fraction"), ColSpec("long", "height"), ColSpec("long", "width")])
+                      ColSpec("double", "foreground_fraction"), ColSpec("long", "height"), ColSpec("long", "width"),
+                      # N-way rows (`ways` > 1) only
+                      ColSpec("string", "labels", required=False), ColSpec(Array("boolean"), "presence", required=False),
+                      ColSpec(Array("double"), "class_fractions", required=False)])
     return ModelSignature(outputs=outputs)
 
 

@@ -212,7 +212,7 @@ def test_register_is_idempotent_and_the_model_serves(cfg: Config, store: Path, t
     assert failure.value.error_code == "INVALID_PARAMETER_VALUE"
     with pytest.raises(MlflowException, match=r"unknown column\(s\) mask_url, note \(expected query_img, "
                                               r"support_imgs, support_masks, optionally mask_threshold, "
-                                              r"mask_class\)") as failure:
+                                              r"mask_class, ways\)") as failure:
         model.predict(pd.DataFrame([{**rows[0], "mask_url": "x", "note": "y"}]))  # MLflow would drop them silently
     assert failure.value.error_code == "INVALID_PARAMETER_VALUE"
     # the optional per-row mask options are request columns; a 0/255 mask thresholded gives the same answer

@@ -271,7 +271,7 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any] | bytes], list[str]]] 
     "missing column": (lambda: _without("support_masks"), ["missing column(s) support_masks"]),
     "unknown columns": (lambda: _bad(mask_url="x", note="y"),
                         ["unknown column(s) mask_url, note",
-                         "expected query_img, support_imgs, support_masks, optionally mask_threshold, mask_class"]),
+                         "expected query_img, support_imgs, support_masks, optionally mask_threshold, mask_class, ways"]),
     "a string for a list": (lambda: _bad(support_imgs=png_base64(_SUPPORT)), ["support_imgs"]),
     "too many rows": (lambda: {"dataframe_records": [request_row(0)] * 9},
                       ["9 rows, at most 8 per request allowed (FSSMETA_MAX_REQUEST_ROWS)"]),

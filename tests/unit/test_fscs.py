@@ -5,6 +5,8 @@ per-class mIoU on hand cases, the report row, the weak-label objective, the load
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import statistics
 from pathlib import Path
@@ -13,19 +15,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from fssmeta.cli import main
-from fssmeta.config import ConfigError
+from fssmeta.config import Config, ConfigError, EvalConfig
 from fssmeta.data.ways import check_way_episodes, sample_way_episodes, way_labels
+from fssmeta.decoding import RequestError
 from fssmeta.episode import Episode, FSCSEpisode, SegOutput
+from fssmeta.evaluation import scoring_transform
 from fssmeta.fscs import add_way_metrics, evaluate_ways, fscs_markdown
 from fssmeta.losses import resize_logits
 from fssmeta.models import build_model, get_method
 from fssmeta.models.asnet import presence_loss
 from fssmeta.params import load_config
+from fssmeta.predict import check_way_supports, class_labels, segment_record, segment_ways
 from fssmeta.train import train_step
 from tests.cli_data import tiny_cli_data
+from tests.mlflow_helpers import BASE_CLASSES, encode, local_mlflow, png_base64, save_model
 from tests.unit.test_models import PASCAL_FOLD0_BASE, make_episode, make_model, tiny_cfg
 
 CLASSES = 5
@@ -220,3 +227,145 @@ def test_fscs_trains_and_evaluate_reports_er_beside_miou(data, supervision: str)
     assert result["mean"]["1shot"]["fscs"] == {"ways": 2, "er": fscs["er_mean"], "miou": fscs["miou_mean"]}
     assert result["protocol"]["fscs_ways"] == 2
     assert 0.0 <= result["results"]["fold0"]["1shot"]["miou_mean"] <= 1.0  # the 1-way score beside it
+
+
+# --------------------------------------------------------------------------------------------- N-way prediction
+
+def nway_arrays(ways: int = 2, shot: int = 1, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """A random 50x70 query and `ways` x `shot` random 40x60 supports (way-major), each with a 0/1 box mask of
+    its own place."""
+    rng = np.random.default_rng(seed)
+    query = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    supports, masks = [], []
+    for i in range(ways * shot):
+        supports.append(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+        mask = np.zeros((40, 60), np.uint8)
+        mask[4 + 3 * i : 26 + 3 * i, 8 + 4 * i : 40 + 4 * i] = 1
+        masks.append(mask)
+    return query, supports, masks
+
+
+def asnet_config(**sections: object) -> Config:
+    return Config(**{"model": tiny_cfg("asnet"), "eval": EvalConfig(test_size=65), **sections})
+
+
+@pytest.mark.parametrize("eval_cfg", [EvalConfig(test_size=65), EvalConfig(test_size=65, canvas="mean"),
+                                      EvalConfig(resolution="resized", resized_size=65)],
+                         ids=["bam canvas", "mean canvas", "resized"])
+def test_nway_prediction_is_the_scored_prediction(eval_cfg: EvalConfig):
+    """`segment_ways` = the model's N-way forward on the evaluation's transform, resampled as evaluation scores
+    it (`score_logits`), softmaxed; its presence is the forward's; swapping the ways swaps their channels."""
+    cfg = asnet_config(eval=eval_cfg)
+    model = make_model("asnet").eval()
+    query, supports, masks = nway_arrays()
+    probs, presence = segment_ways(model, cfg, 1, 2, query, supports, masks)
+    assert probs.shape == (3, 50, 70) and probs.dtype == np.float32 and presence.shape == (2,)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    transform = scoring_transform(cfg)
+    query_img, query_mask = transform(query, np.zeros((50, 70), np.uint8))
+    pairs = [transform(image, mask) for image, mask in zip(supports, masks, strict=True)]
+    episode = FSCSEpisode(torch.stack([p[0] for p in pairs]).view(1, 2, 1, 3, 65, 65),
+                          torch.stack([p[1] for p in pairs]).view(1, 2, 1, 65, 65), query_img[None], query_mask[None],
+                          torch.tensor([[-1, -1]]), torch.zeros(1, 2, dtype=torch.bool))
+    with torch.no_grad():
+        out = model(episode)
+    expected = transform.score_logits(out.logits, (50, 70))[0].softmax(0).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert presence.tolist() == out.presence[0].tolist()
+    assert (class_labels(probs) == expected.argmax(0)).mean() > 0.999
+    swapped, swapped_presence = segment_ways(model, cfg, 1, 2, query, supports[::-1], masks[::-1])
+    np.testing.assert_allclose(swapped[[0, 2, 1]], probs, atol=1e-5)  # background: the ways' mean, symmetric
+    assert swapped_presence.tolist() == presence.tolist()[::-1]
+
+
+def test_nway_prediction_refuses_what_it_cannot_do():
+    query, supports, masks = nway_arrays()
+    with pytest.raises(RequestError, match=r"ways 2: this bam model segments one class at a time; N-way .*\(asnet\)"):
+        segment_ways(None, Config(), 1, 2, query, supports, masks)
+    with pytest.raises(RequestError, match=r"ways 2: a 1-shot model takes 1 support image\(s\) per class, 2 in all "
+                                           r".*got 3"):
+        check_way_supports(1, 2, [*supports, supports[0]], [*masks, masks[0]])
+    with pytest.raises(RequestError, match=r"support_masks\[1\]: the mask has no foreground pixel"):
+        check_way_supports(1, 2, supports, [masks[0], np.zeros_like(masks[1])])
+    with pytest.raises(RequestError, match="ways: expected a positive integer, got 0"):
+        check_way_supports(1, 0, supports, masks)
+    with pytest.raises(RequestError, match="this is a 1-shot model: it takes 1 support image.s., got 2"):
+        check_way_supports(1, 1, supports, masks)  # one way: the 1-way messages
+
+
+def decoded(value: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(value))) as image:
+        return np.asarray(image)
+
+
+def test_served_nway_rows_answer_labels_and_presence():
+    cfg = asnet_config()
+    model = make_model("asnet").eval()
+    query, supports, masks = nway_arrays()
+    row = {"query_img": png_base64(query), "support_imgs": [png_base64(s) for s in supports],
+           "support_masks": [png_base64(m * 255) for m in masks], "ways": 2}
+    out = segment_record(model, cfg, 1, row, "row 0")
+    probs, presence = segment_ways(model, cfg, 1, 2, query, supports, masks)
+    labels = decoded(out["labels"])
+    assert np.array_equal(labels, class_labels(probs))
+    assert out["presence"] == presence.tolist() and (out["height"], out["width"]) == (50, 70)
+    assert out["class_fractions"] == [float((labels == n).mean()) for n in (1, 2)]
+    assert np.array_equal(decoded(out["mask"]), (labels > 0).astype(np.uint8) * 255)
+    assert out["foreground_fraction"] == float((labels > 0).mean())
+    one_way = {**row, "support_imgs": row["support_imgs"][:1], "support_masks": row["support_masks"][:1]}
+    assert "labels" not in segment_record(model, cfg, 1, {**one_way, "ways": None}, "row 0")  # null: one class
+    with pytest.raises(RequestError, match=r"row 0: ways 2: a 1-shot model takes 1 support image\(s\) per class"):
+        segment_record(model, cfg, 1, one_way, "row 0")
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # MLflow's, not ours
+def test_nway_predict_from_a_checkpoint_and_served_from_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]):
+    """`fssmeta predict --ways 2` writes the labels (palette, value n = class n), the overlay and each class's
+    presence; the registered model, loaded as `mlflow models serve` loads it, answers an N-way row the same."""
+    import mlflow
+    import pandas as pd
+
+    from fssmeta.integrations.registry import register_model
+
+    mlflow_cfg = local_mlflow(tmp_path, monkeypatch, "fss-ways")
+    cfg = asnet_config(mlflow=mlflow_cfg)
+    checkpoint = save_model(cfg, tmp_path / "best.pt", seed=0)
+    query, supports, masks = nway_arrays()
+    paths = {"query": tmp_path / "q.png"}
+    paths["query"].write_bytes(encode(query))
+    args = ["predict", "--params", "none", "--model", str(checkpoint), "--ways", "2", "--query", str(paths["query"]),
+            "--out", str(tmp_path / "out")]
+    for i, (support, mask) in enumerate(zip(supports, masks, strict=True)):
+        (tmp_path / f"s{i}.png").write_bytes(encode(support))
+        (tmp_path / f"m{i}.png").write_bytes(encode(mask * 255))
+        args += ["--support", f"{tmp_path / f's{i}.png'}:{tmp_path / f'm{i}.png'}"]
+    assert main(args) == 0
+    assert "q.png (70x50): classes present: " in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert (summary["method"], summary["ways"], [s["way"] for s in summary["supports"]]) == ("asnet", 2, [1, 2])
+    entry = summary["queries"][0]
+    with Image.open(tmp_path / "out" / "q_labels.png") as image:
+        assert (image.mode, image.size) == ("P", (70, 50))
+        labels = np.asarray(image)
+    with Image.open(tmp_path / "out" / "q_overlay.png") as image:
+        assert (image.mode, image.size) == ("RGB", (70, 50))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, shot=1, base_classes=BASE_CLASSES).eval()  # save_model's weights
+    probs, presence = segment_ways(model, cfg, 1, 2, query, supports, masks)
+    assert np.array_equal(labels, class_labels(probs)) and entry["presence"] == presence.tolist()
+    assert entry["class_fractions"] == [float((labels == n).mean()) for n in (1, 2)]
+    assert main(args[:-2]) == 2  # one support pair short
+    assert "error: ways 2: a 1-shot model takes 1 support image(s) per class, 2 in all" in capsys.readouterr().err
+
+    register_model(cfg, checkpoint=checkpoint, metrics={"miou": 0.1}, tags={}, fold=0, shot=1,
+                   base_classes=BASE_CLASSES)
+    mlflow.set_tracking_uri(mlflow_cfg.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/fss-ways/1")
+    row = {"query_img": png_base64(query), "support_imgs": [png_base64(s) for s in supports],
+           "support_masks": [png_base64(m * 255) for m in masks], "ways": 2}
+    answer = served.predict(pd.DataFrame([row, {**row, "ways": None, "support_imgs": row["support_imgs"][:1],
+                                                "support_masks": row["support_masks"][:1]}]))
+    assert np.array_equal(decoded(answer[0]["labels"]), labels) and answer[0]["presence"] == entry["presence"]
+    assert "labels" not in answer[1] and answer[1]["height"] == 50  # a 1-way row beside it

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fssmeta.cli import main
-from fssmeta.config import EvalConfig, MlflowConfig
+from fssmeta.config import EvalConfig
 from fssmeta.data.io import voc_palette
 from fssmeta.decoding import (
     MAX_IMAGE_PIXELS,
@@ -37,7 +37,15 @@ from fssmeta.predict import (
     segment_records,
 )
 from fssmeta.runs import fold_base_classes
-from tests.mlflow_helpers import BASE_CLASSES, encode, episode_arrays, png_base64, save_model, tiny_config
+from tests.mlflow_helpers import (
+    BASE_CLASSES,
+    encode,
+    episode_arrays,
+    local_mlflow,
+    png_base64,
+    save_model,
+    tiny_config,
+)
 
 
 def image_bytes(image: Image.Image, format: str = "PNG") -> bytes:
@@ -383,11 +391,7 @@ def predict(model: str, files: dict[str, Path], out: Path, *extra: str) -> int:
 def test_predict_from_a_checkpoint_and_from_the_registry(files: dict[str, Path], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    mlflow_cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                              artifact_location=str(tmp_path / "artifacts"), registered_model="fss-predict")
+    mlflow_cfg = local_mlflow(tmp_path, monkeypatch, "fss-predict")
     cfg = tiny_config(mlflow=mlflow_cfg)
     checkpoint = save_model(cfg, tmp_path / "best.pt", seed=0)
 
