@@ -27,6 +27,7 @@ ADAM_RECIPE = OptimConfig(optimizer="adam", lr=1.0e-3, momentum=0.9, weight_deca
 NORM_EPS = 1e-5  # added to the L2 norm before the cosine (official `Correlation`), not a clamp as F.normalize's
 WIDTHS = (16, 64, 128)  # the squeezing blocks' output channels (official `outch1..3`)
 GROUPS = 4  # GroupNorm groups after every 4D convolution
+SMALL_MAP = 4  # support maps of at most this many positions (the mixing blocks' 2 x 2) convolve as one product
 SPARSE_BELOW = 0.75  # the correlation multiplies only the live support positions below this share of them
 
 
@@ -59,9 +60,34 @@ class CenterPivotConv4d(nn.Module):
         hs, ws = pivots.shape[-2:]
         by_query = self.query_conv(pivots.permute(0, 4, 5, 1, 2, 3).reshape(B * hs * ws, C, Hq, Wq))
         by_query = by_query.view(B, hs, ws, -1, Hq, Wq).permute(0, 3, 4, 5, 1, 2)
-        by_support = self.support_conv(corr.permute(0, 2, 3, 1, 4, 5).reshape(B * Hq * Wq, C, Hs, Ws))
+        support = corr.permute(0, 2, 3, 1, 4, 5).reshape(B * Hq * Wq, C, Hs, Ws)
+        by_support = (small_map_conv(support, self.support_conv) if stride == 1 and Hs * Ws <= SMALL_MAP
+                      else self.support_conv(support))
         by_support = by_support.view(B, Hq, Wq, -1, hs, ws).permute(0, 3, 1, 2, 4, 5)
         return (by_query + by_support).contiguous()
+
+
+def small_map_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv` (stride 1, padding k // 2, odd k) on maps of a few positions as one matrix product: on an h x w
+    map the convolution is a linear map of the C * h * w inputs to the O * h * w outputs, whose matrix holds
+    the kernel taps that land inside the map (on 2 x 2, 4 of the 9 taps per output; the convolution multiplies
+    all 9, the other 5 by padding). The same function, in another summation order."""
+    N, C, h, w = x.shape
+    k = conv.kernel_size[0]
+    index, inside = _tap_index(h, w, k, x.device)
+    taps = conv.weight.flatten(2)[:, :, index] * inside  # (O, C, hw out, hw in)
+    matrix = taps.permute(0, 2, 1, 3).reshape(conv.out_channels * h * w, C * h * w)
+    out = torch.addmm(conv.bias.repeat_interleave(h * w), x.reshape(N, C * h * w), matrix.t())
+    return out.view(N, conv.out_channels, h, w)
+
+
+def _tap_index(h: int, w: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hw, hw) flat kernel tap joining output position i to input position j on an h x w map (padding k // 2),
+    and whether that tap is inside the kernel."""
+    y, x = torch.div(torch.arange(h * w, device=device), w, rounding_mode="floor"), torch.arange(h * w, device=device) % w
+    dy, dx = y[None, :] - y[:, None] + k // 2, x[None, :] - x[:, None] + k // 2  # (out, in)
+    inside = (dy >= 0) & (dy < k) & (dx >= 0) & (dx < k)
+    return (dy.clamp(0, k - 1) * k + dx.clamp(0, k - 1)), inside
 
 
 def squeeze_block(in_channels: int, widths: tuple[int, ...], kernels: tuple[int, ...],

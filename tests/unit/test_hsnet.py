@@ -24,6 +24,7 @@ from fssmeta.models import build_model, count_learnable, get_method
 from fssmeta.models.hsnet import (
     CenterPivotConv4d,
     multilayer_correlation,
+    small_map_conv,
     stage_correlation,
     unit_features,
     vote,
@@ -51,11 +52,14 @@ def brute_force_conv4d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out
 
 
-@pytest.mark.parametrize(("kernel", "stride"), [(3, 1), (3, 2), (5, 4)])
-def test_center_pivot_conv4d_is_a_4d_conv_on_its_two_pivot_planes(kernel: int, stride: int):
+@pytest.mark.parametrize(("kernel", "stride", "support"), [(3, 1, (6, 5)), (3, 2, (6, 5)), (5, 4, (6, 5)),
+                                                         (3, 1, (2, 2)), (3, 1, (1, 2))])
+def test_center_pivot_conv4d_is_a_4d_conv_on_its_two_pivot_planes(kernel: int, stride: int, support: tuple[int, int]):
+    """Also on the mixing blocks' tiny support maps (2 x 2 and smaller), where the support-dims kernel runs as
+    one matrix product (`small_map_conv`)."""
     torch.manual_seed(0)
     conv = CenterPivotConv4d(2, 3, kernel, stride).double()
-    x = torch.randn(2, 2, 5, 4, 6, 5, dtype=torch.float64)
+    x = torch.randn(2, 2, 5, 4, *support, dtype=torch.float64)
     c = kernel // 2
     weight = torch.zeros(3, 2, *(kernel,) * 4, dtype=torch.float64)  # (O, C, kq, kq, ks, ks)
     weight[:, :, :, :, c, c] += conv.query_conv.weight.detach()  # over the query dims, at the support center
@@ -64,11 +68,24 @@ def test_center_pivot_conv4d_is_a_4d_conv_on_its_two_pivot_planes(kernel: int, s
     expected = brute_force_conv4d(x, weight, bias, stride)
     with torch.no_grad():
         out = conv(x)
-    assert out.shape == expected.shape == (2, 3, 5, 4, math.ceil(6 / stride), math.ceil(5 / stride))
+    assert out.shape == expected.shape == (2, 3, 5, 4, math.ceil(support[0] / stride), math.ceil(support[1] / stride))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     # and it is not the dense 4D conv: an off-pivot weight would change the output
-    weight[:, :, 0, 0, 0, 0] = 1.0
+    weight[:, :, 0, 0, c, c + 1] = 1.0  # off both pivot planes, inside every support map tested
     assert not torch.allclose(brute_force_conv4d(x, weight, bias, stride), out)
+
+
+@pytest.mark.parametrize(("size", "kernel"), [((2, 2), 3), ((1, 1), 3), ((2, 1), 3), ((2, 2), 5)])
+def test_small_map_conv_is_the_convolution_and_its_gradients(size: tuple[int, int], kernel: int):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 5, kernel, padding=kernel // 2).double()
+    x = torch.randn(3, 4, *size, dtype=torch.float64, requires_grad=True)
+    expected, out = conv(x), small_map_conv(x, conv)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    wrt = [x, conv.weight, conv.bias]
+    for a, b in zip(torch.autograd.grad(expected, wrt, grad), torch.autograd.grad(out, wrt, grad), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_multilayer_correlation_is_the_clamped_cosine_stacked_per_stage():
