@@ -17,8 +17,10 @@ function (equal to ~1e-6, tests/unit/test_oracle_parity.py). Each row times both
 same batch, alternating official / fssmeta `--repeats` times after one warm-up each, and prints the median
 milliseconds per call and the ratio official / fssmeta (> 1: fssmeta is faster). fssmeta variants: `fp32`
 (the protocol), `bf16` (autocast, `eval.amp` / `train.amp: all`; on CPU only where it computes bf16
-natively), `bf16-cl` (bf16 + channels_last). `--memory` adds each side's peak memory per row, each measured
-in a child process of its own (CPU: max RSS; CUDA: max allocated). On CUDA the official code runs as
+natively), `bf16-cl` (bf16 + channels_last). `--memory` runs each side of each row again in a child process
+of its own (a warm-up, then `--repeats` calls) and adds its peak memory (CPU: max RSS; CUDA: max allocated)
+and `alone`, the ratio of the two children's median ms: each side's speed with no other model's allocations
+in the process (interleaved, one side's freed buffers can make the other's large allocations cheaper). On CUDA the official code runs as
 published (its `.cuda()` calls); on CPU they are made no-ops.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -216,15 +219,17 @@ def run_row(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor],
     return {**medians, "ratio": per_episode[0] / per_episode[1]}
 
 
-def peak_memory(spec: str, args: argparse.Namespace, checkouts: dict[str, Path]) -> float:
-    """Peak MiB of one side of one row, in a child process of its own."""
+def alone(spec: str, args: argparse.Namespace, checkouts: dict[str, Path]) -> dict[str, float]:
+    """One side of one row in a child process of its own: its peak MiB and the median ms of `--repeats` calls
+    after one warm-up, with no other model's allocations in the process."""
     cmd = [sys.executable, __file__, "--child", spec, "--size", str(args.size), "--train-batch", str(args.train_batch),
+           "--repeats", str(args.repeats),
            *sum((["--official", f"{m}={p}"] for m, p in checkouts.items()), []),
            *(["--torchvision", str(args.torchvision.resolve())] if args.torchvision else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{spec}: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -254,7 +259,7 @@ def main() -> None:
     print(f"device {device} ({name}), {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, input {args.size}, official = tools/oracle.py's pinned commits")
     print(f"{'method':7} {'row':9} {'fssmeta':8} {'official ms':>12} {'fssmeta ms':>11} {'ratio':>6}"
-          + (f" {'official MiB':>12} {'fssmeta MiB':>12}" if args.memory else ""))
+          + (f" {'official MiB':>12} {'fssmeta MiB':>12} {'alone':>6}" if args.memory else ""))
     for method, path in checkouts.items():
         with official_context(device):
             module = oracle.import_official(method, path)
@@ -271,8 +276,9 @@ def main() -> None:
                         f"{r['ratio']:>6.2f}")
                 print(line, end="" if args.memory else "\n", flush=True)
                 if args.memory:
-                    print("".join(f" {peak_memory(f'{method},{row},{variant},{side}', args, checkouts):>12,.0f}"
-                                  for side in ("official", "fssmeta")), flush=True)
+                    sides = [alone(f"{method},{row},{variant},{side}", args, checkouts) for side in ("official", "fssmeta")]
+                    print("".join(f" {side['peak_mib']:>12,.0f}" for side in sides)
+                          + f" {sides[0]['ms'] / sides[1]['ms']:>6.2f}", flush=True)
             del pair
     print("ratio = official ms / fssmeta ms per episode (> 1: fssmeta faster); eval rows batch 1, train / "
           f"backbone at batch {args.train_batch} (fssmeta's train batch: bN where it differs); medians of "
@@ -295,7 +301,8 @@ def official_checkouts(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def child(args: argparse.Namespace, checkouts: dict[str, Path], device: torch.device, scratch: Path) -> None:
-    """One side of one row, once after a warm-up, then its peak memory as JSON."""
+    """One side of one row: a warm-up, then `--repeats` timed calls; its peak memory over all of them and the
+    median ms as JSON (both sides at the row's `--train-batch`)."""
     method, row, variant, side = args.child.split(",")
     shot, batch = row_shape(row, args.train_batch)
     with official_context(device):
@@ -307,16 +314,18 @@ def child(args: argparse.Namespace, checkouts: dict[str, Path], device: torch.de
     else:
         pair.official = pair.official_opt = None
     reset_peak()
+    kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
     if side == "official":
-        kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
+        args_ = pair.official_inputs(inputs)
         with official_context(device):
-            fn = getattr(pair, f"official_{kind}")
-            args_ = pair.official_inputs(inputs)
-            fn(*args_)
-            fn(*args_)
+            call = functools.partial(getattr(pair, f"official_{kind}"), *args_)
+            times = [timed(call, device) for _ in range(1 + args.repeats)]
     else:
-        run_ours_only(pair, row, variant, inputs)
-    print(json.dumps({"peak_mib": read_peak(device)}))
+        ep = fssmeta_episode(inputs, oracle.TRAIN_CLASS if row == "train" else 1, pair.device)
+        pair.channels_last(variant == "bf16-cl")
+        call = functools.partial(getattr(pair, f"ours_{kind}"), ep, "off" if variant == "fp32" else "all")
+        times = [timed(call, device) for _ in range(1 + args.repeats)]
+    print(json.dumps({"peak_mib": read_peak(device), "ms": statistics.median(times[1:])}))
 
 
 def reset_peak() -> None:
@@ -337,17 +346,6 @@ def read_peak(device: torch.device) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_ours_only(pair: Pair, row: str, variant: str, inputs: dict[str, torch.Tensor]) -> None:
-    class_id = oracle.TRAIN_CLASS if row == "train" else 1
-    ep = fssmeta_episode(inputs, class_id, pair.device)
-    amp = "off" if variant == "fp32" else "all"
-    pair.channels_last(variant == "bf16-cl")
-    kind = "backbone" if row == "backbone" else ("train" if row == "train" else "eval")
-    fn = getattr(pair, f"ours_{kind}")
-    fn(ep, amp)
-    fn(ep, amp)
 
 
 if __name__ == "__main__":
