@@ -1,0 +1,48 @@
+"""benchmarks/fold_means.py: per-fold ablation files merged (a later file's regime replacing an earlier one's),
+the fold means, and the refusal to average a regime scored under different settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fold_means.py"
+spec = importlib.util.spec_from_file_location("fold_means", SCRIPT)
+fold_means = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fold_means)
+
+TTA = {"steps": 20, "check": "holdout"}
+
+
+def results(fold: int, in_domain: float, targets: dict[str, dict[str, float]], tta: dict | None = TTA) -> dict:
+    run = {"in_domain": {"1shot": in_domain},
+           "targets": {regime: {t: {"1shot": v} for t, v in scores.items()} for regime, scores in targets.items()}}
+    return {"source_fold": fold, "tta": tta, "variants": {"m": {"runs": {"0": run}, "tta": tta}}}
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_folds_are_merged_and_averaged(tmp_path: Path):
+    files = [write(tmp_path / "f0.json", results(0, 0.40, {"none": {"a": 0.10, "b": 0.30}, "tta": {"a": 0.0, "b": 0.0}},
+                                                  tta={"steps": 5})),
+             write(tmp_path / "f1.json", results(1, 0.60, {"none": {"a": 0.30, "b": 0.50}, "tta": {"a": 0.2, "b": 0.4}})),
+             write(tmp_path / "f0_tta.json", results(0, 0.99, {"tta": {"a": 0.4, "b": 0.6}}))]  # rescored fold 0
+    merged = fold_means.fold_entries(files)
+    assert merged[("m", 0)]["in_domain"] == {"1shot": 0.40}  # the first file's in-domain score stays
+    assert merged[("m", 0)]["targets"]["none"]["a"] == {"1shot": 0.10}  # kept: the rescore file has no `none`
+    table = fold_means.table(merged, ["none", "tta"])
+    assert "| m | none | 1 | 40.0 / 60.0 | **50.0** | 20.0 / 40.0 | **30.0** | a 20.0, b 40.0 |" in table
+    assert "| m | tta | 1 | — / — | **—** | 50.0 / 30.0 | **40.0** | a 30.0, b 50.0 |" in table
+
+
+def test_a_regime_scored_under_different_settings_is_refused(tmp_path: Path):
+    files = [write(tmp_path / "f0.json", results(0, 0.4, {"tta": {"a": 0.1}}, tta={"steps": 5})),
+             write(tmp_path / "f1.json", results(1, 0.6, {"tta": {"a": 0.3}}))]
+    with pytest.raises(SystemExit, match="m tta: scored under different settings on different folds"):
+        fold_means.table(fold_means.fold_entries(files), ["tta"])
