@@ -117,10 +117,14 @@ def targets_markdown(collected: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _switches(method: str, memory: bool, mining: bool) -> Callable[[ModelConfig], dict[str, Any]]:
+def _switches(method: str, memory: bool, mining: bool, **options: Any) -> Callable[[ModelConfig], dict[str, Any]]:
+    """`model.method` with the memory and mining switches set, and `options` updating `model.<method>`."""
     def update(model: ModelConfig) -> dict[str, Any]:
-        return {"method": method, "memory": model.memory.model_copy(update={"enabled": memory}),
-                "mining": model.mining.model_copy(update={"enabled": mining})}
+        changes = {"method": method, "memory": model.memory.model_copy(update={"enabled": memory}),
+                   "mining": model.mining.model_copy(update={"enabled": mining})}
+        if options:
+            changes[method] = {**model.options(method), **options}
+        return changes
 
     return update
 
@@ -134,6 +138,11 @@ ABLATION_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
     "ntrenet": _switches("ntrenet", False, False),
     "hdmnet": _switches("hdmnet", False, False),
     "sccan": _switches("sccan", False, False),
+    # The HSNet family (no stage 1: its frozen backbone is `model.weights`, random without an ImageNet file)
+    "hsnet": _switches("hsnet", False, False, support_masking="feature"),
+    "hsnet+hm": _switches("hsnet", False, False, support_masking="hybrid"),
+    "asnet": _switches("asnet", False, False, support_masking="none"),
+    "asnet+hm": _switches("asnet", False, False, support_masking="hybrid"),
 }
 
 

@@ -147,7 +147,13 @@ def test_target_stage_without_targets_records_why(tmp_path, monkeypatch):
 def test_ablation_table_and_report_section(cfg, tmp_path):
     from fssmeta.report import ABLATION_VARIANTS, ablation_markdown
 
-    assert list(ABLATION_VARIANTS) == ["bam", "bam+memory", "bam+mining", "flagship", "ntrenet", "hdmnet", "sccan"]
+    assert list(ABLATION_VARIANTS) == ["bam", "bam+memory", "bam+mining", "flagship", "ntrenet", "hdmnet", "sccan",
+                                       "hsnet", "hsnet+hm", "asnet", "asnet+hm"]
+    hybrid = cfg.model.model_copy(update=ABLATION_VARIANTS["asnet+hm"](cfg.model))
+    assert (hybrid.method, hybrid.options("asnet")["support_masking"], hybrid.memory.enabled) == ("asnet", "hybrid", False)
+    assert hybrid.options("asnet")["support_size"] == cfg.model.options("asnet")["support_size"]  # the others kept
+    hsnet = cfg.model.model_copy(update=ABLATION_VARIANTS["hsnet"](cfg.model))
+    assert hsnet.options("hsnet")["support_masking"] == "feature"
     flagship = cfg.model.model_copy(update=ABLATION_VARIANTS["flagship"](cfg.model))
     assert flagship.method == "bam" and flagship.memory.enabled and flagship.mining.enabled
     assert not cfg.model.model_copy(update=ABLATION_VARIANTS["ntrenet"](cfg.model)).memory.enabled
