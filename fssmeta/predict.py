@@ -180,11 +180,11 @@ def segment_ways(model: Any, cfg: Config, shot: int, ways: int, query: np.ndarra
     import torch
 
     from fssmeta.episode import FSCSEpisode
-    from fssmeta.models import get_method
+    from fssmeta.models import METHODS, get_method
 
     method = cfg.model.method
     if not get_method(method).fscs:
-        fscs = ", ".join(k for k, m in _methods().items() if m.fscs)
+        fscs = ", ".join(k for k, m in METHODS.items() if m.fscs)
         raise RequestError(f"ways {ways}: this {method} model segments one class at a time; N-way (FS-CS) "
                            f"prediction needs a method that takes it ({fscs})")
     _check_sizes(query, supports)
@@ -202,12 +202,6 @@ def segment_ways(model: Any, cfg: Config, shot: int, ways: int, query: np.ndarra
         logits = _at_query_size(transform, out.logits.float(), query.shape[:2])  # (1, 1 + N, H, W)
         probs = logits[0].softmax(0).cpu().numpy().astype(np.float32, copy=False)
         return probs, out.presence[0].cpu().numpy().astype(bool)
-
-
-def _methods() -> dict[str, Any]:
-    from fssmeta.models import METHODS
-
-    return METHODS
 
 
 def check_way_supports(shot: int, ways: int, supports: Sequence[np.ndarray], masks: Sequence[np.ndarray],
