@@ -213,14 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from fssmeta.data.io import write_json_atomic
     from fssmeta.decoding import RequestError, read_image_file
-    from fssmeta.predict import (
-        check_way_supports,
-        load_training_checkpoint,
-        save_prediction,
-        save_way_prediction,
-        segment_arrays,
-        segment_ways,
-    )
+    from fssmeta.predict import load_training_checkpoint, save_prediction, segment_arrays
+    from fssmeta.predict_ways import check_way_supports, save_way_prediction, segment_ways
 
     pairs = []
     for value in args.support:

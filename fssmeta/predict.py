@@ -9,7 +9,6 @@ never through a square of the longer side."""
 from __future__ import annotations
 
 import base64
-import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -155,9 +154,9 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
 
     from fssmeta.episode import Episode
 
-    _check_sizes(query, supports)
+    check_sizes(query, supports)
     check_supports(shot, supports, masks)
-    transform, query_img, query_mask, support_imgs, support_masks = _scoring_tensors(model, cfg, query, supports,
+    transform, query_img, query_mask, support_imgs, support_masks = scoring_tensors(model, cfg, query, supports,
                                                                                     masks)
     episode = Episode(support_imgs=support_imgs[None], support_masks=support_masks[None],  # (1, S, ...)
                       query_img=query_img, query_mask=query_mask,
@@ -166,62 +165,11 @@ def segment_arrays(model: Any, cfg: Config, shot: int, query: np.ndarray, suppor
         logits = model(episode).logits.float()  # (1, 2, s, s)
         # softmax over two classes = sigmoid of their difference, and bilinear resampling is linear: resample
         # the one difference channel, not both.
-        margin = _at_query_size(transform, logits[:, 1:] - logits[:, :1], query.shape[:2])  # (1, 1, H, W)
+        margin = at_query_size(transform, logits[:, 1:] - logits[:, :1], query.shape[:2])  # (1, 1, H, W)
         return margin[0, 0].sigmoid_().cpu().numpy().astype(np.float32, copy=False)  # (H, W)
 
 
-def segment_ways(model: Any, cfg: Config, shot: int, ways: int, query: np.ndarray, supports: Sequence[np.ndarray],
-                 masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """iFSL's FS-CS task (docs/protocol.md section 4) at the query's own size: `ways` classes, each given by
-    `shot` supports, way-major (supports[n * shot:(n + 1) * shot] are class n + 1's) -> the class
-    probabilities (1 + N, H, W) float32 (channel 0 background; the softmax of the model's merged log-probs,
-    resampled as evaluation scores them, so their argmax is the scored prediction) and the presence (N,)
-    bool. Only for a model whose method record says `fscs` (a RequestError names the method otherwise)."""
-    import torch
-
-    from fssmeta.episode import FSCSEpisode
-    from fssmeta.models import METHODS, get_method
-
-    method = cfg.model.method
-    if not get_method(method).fscs:
-        fscs = ", ".join(k for k, m in METHODS.items() if m.fscs)
-        raise RequestError(f"ways {ways}: this {method} model segments one class at a time; N-way (FS-CS) "
-                           f"prediction needs a method that takes it ({fscs})")
-    _check_sizes(query, supports)
-    check_way_supports(shot, ways, supports, masks)
-    transform, query_img, query_mask, support_imgs, support_masks = _scoring_tensors(model, cfg, query, supports,
-                                                                                    masks)
-    device = query_img.device
-    episode = FSCSEpisode(support_imgs=support_imgs.view(1, ways, shot, *support_imgs.shape[1:]),
-                          support_masks=support_masks.view(1, ways, shot, *support_masks.shape[1:]),
-                          query_img=query_img, query_mask=query_mask,
-                          class_ids=torch.full((1, ways), -1, device=device),  # novel: no base class
-                          presence=torch.zeros(1, ways, dtype=torch.bool, device=device))  # not read
-    with torch.inference_mode():
-        out = model(episode)
-        logits = _at_query_size(transform, out.logits.float(), query.shape[:2])  # (1, 1 + N, H, W)
-        probs = logits[0].softmax(0).cpu().numpy().astype(np.float32, copy=False)
-        return probs, out.presence[0].cpu().numpy().astype(bool)
-
-
-def check_way_supports(shot: int, ways: int, supports: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                       names: Sequence[str] | None = None) -> None:
-    """`check_supports` for N ways: `ways` * `shot` supports, each way's `shot` checked as one class's."""
-    if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
-        raise RequestError(f"ways: expected a positive integer, got {ways!r}")
-    if ways == 1:
-        check_supports(shot, supports, masks, names)
-        return
-    if len(supports) != ways * shot:
-        raise RequestError(f"ways {ways}: a {shot}-shot model takes {shot} support image(s) per class, {ways * shot} "
-                           f"in all (way-major: the first {shot} are class 1's), got {len(supports)}")
-    names = list(names) if names is not None else [f"support_masks[{i}]" for i in range(len(masks))]
-    for n in range(ways):
-        part = slice(n * shot, (n + 1) * shot)
-        check_supports(shot, supports[part], masks[part], names[part])
-
-
-def _check_sizes(query: np.ndarray, supports: Sequence[np.ndarray]) -> None:
+def check_sizes(query: np.ndarray, supports: Sequence[np.ndarray]) -> None:
     """RequestError unless the query is (H, W, 3) uint8 and every image is within the size limits."""
     if query.dtype != np.uint8 or query.ndim != 3 or query.shape[2] != 3:
         raise RequestError(f"query image: expected (H, W, 3) uint8 RGB, got {query.dtype} {query.shape}")
@@ -230,7 +178,7 @@ def _check_sizes(query: np.ndarray, supports: Sequence[np.ndarray]) -> None:
         check_image_size(image.shape[1], image.shape[0], f"support image {i}")
 
 
-def _scoring_tensors(model: Any, cfg: Config, query: np.ndarray, supports: Sequence[np.ndarray],
+def scoring_tensors(model: Any, cfg: Config, query: np.ndarray, supports: Sequence[np.ndarray],
                      masks: Sequence[np.ndarray]) -> tuple[Any, ...]:
     """The scoring transform (`cfg.eval`) and the model-device tensors of checked images: transform, query
     (1, 3, s, s), its blank mask (1, s, s), supports (S, 3, s, s), support masks (S, s, s)."""
@@ -246,7 +194,7 @@ def _scoring_tensors(model: Any, cfg: Config, query: np.ndarray, supports: Seque
             torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device))
 
 
-def _at_query_size(transform: Any, logits: Any, size: tuple[int, int]) -> Any:
+def at_query_size(transform: Any, logits: Any, size: tuple[int, int]) -> Any:
     """(1, K, s, s) canvas logits -> (1, K, H, W) at the query's size, as evaluation scores them (the content
     crop -> (H, W), or the whole square -> (H, W); on the `mean` canvas at `original` resolution without
     building the longer side's square)."""
@@ -318,61 +266,6 @@ def save_prediction(out: Path, stem: str, query: np.ndarray, prob: np.ndarray) -
             "files": files}
 
 
-def class_labels(probs: np.ndarray) -> np.ndarray:
-    """(1 + N, H, W) class probabilities -> (H, W) uint8 labels: the argmax, 0 = background, n = class n."""
-    return probs.argmax(0).astype(np.uint8)
-
-
-def labels_png(labels: np.ndarray) -> bytes:
-    """(H, W) uint8 labels as a palette PNG: the pixel values are the labels, shown in the VOC colours."""
-    from PIL import Image
-
-    from fssmeta.data.io import voc_palette
-
-    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
-    image.putpalette(voc_palette())  # an 'L' image becomes 'P' with its values (the labels) unchanged
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def labels_overlay(query: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The query (H, W, 3) with each class n's pixels tinted 50% in VOC colour n and every class region's
-    outline in yellow."""
-    from fssmeta.data.io import voc_palette
-
-    colours = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
-    out = query.astype(np.float32)
-    fg = labels > 0
-    out[fg] = 0.5 * out[fg] + 0.5 * colours[labels[fg]]
-    padded = np.pad(labels, 1, mode="edge")
-    edge = ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels) | (padded[1:-1, :-2] != labels)
-            | (padded[1:-1, 2:] != labels))
-    out[fg & edge] = (255.0, 255.0, 0.0)  # a class pixel with a 4-neighbour of another label
-    return out.round().astype(np.uint8)
-
-
-def way_summary(probs: np.ndarray, presence: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """The labels of an N-way prediction and what every output reports of it: the query's size, the
-    foreground (any class) fraction, the presence and each class's share of the pixels."""
-    labels = class_labels(probs)
-    ways = probs.shape[0] - 1
-    return labels, {"height": int(labels.shape[0]), "width": int(labels.shape[1]), "ways": ways,
-                    "foreground_fraction": float((labels > 0).mean()), "presence": [bool(p) for p in presence],
-                    "class_fractions": [float((labels == n).mean()) for n in range(1, ways + 1)]}
-
-
-def save_way_prediction(out: Path, stem: str, query: np.ndarray, probs: np.ndarray,
-                        presence: np.ndarray) -> dict[str, Any]:
-    """Write `<stem>_labels.png` (palette: value n = class n) and `<stem>_overlay.png` into `out`; returns
-    `way_summary`'s fields and the file names."""
-    labels, summary = way_summary(probs, presence)
-    files = {"labels": f"{stem}_labels.png", "overlay": f"{stem}_overlay.png"}
-    (out / files["labels"]).write_bytes(labels_png(labels))
-    (out / files["overlay"]).write_bytes(png_bytes(labels_overlay(query, labels)))
-    return {**summary, "files": files}
-
-
 def _image_list(value: Any, what: str) -> list[Any]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)):
         raise RequestError(f"{what}: expected a list of base64-encoded PNG or JPEG images, got a "
@@ -433,6 +326,8 @@ def segment_record(model: Any, cfg: Config, shot: int, record: Mapping[str, Any]
         check_mask_options(options["mask_threshold"], options["mask_class"])
     except RequestError as exc:
         raise RequestError(f"{where}: {exc}") from None
+    from fssmeta.predict_ways import check_way_supports, labels_png, segment_ways, way_summary
+
     query = decode_base64(record["query_img"], f"{where} query_img")
     images = _image_list(record["support_imgs"], f"{where} support_imgs")
     labels = _image_list(record["support_masks"], f"{where} support_masks")
