@@ -60,7 +60,7 @@ def run_case(shape: str) -> dict[str, object]:
     from fssmeta.config import Config, ModelConfig
     from fssmeta.decoding import RequestError
     from fssmeta.models import build_model
-    from fssmeta.predict import segment_record
+    from fssmeta.served import segment_record
 
     height, width = (int(side) for side in shape.split("x"))
     cfg = Config(model=ModelConfig(backbone="small", pspnet={"ppm_dim": 16},

@@ -16,14 +16,8 @@ from fssmeta.checkpoint import CheckpointError, file_sha256
 from fssmeta.config import Config, MlflowConfig
 from fssmeta.decoding import RequestError
 from fssmeta.integrations.mlflow import _mlflow, _tracking_uri, resolve_tracking_uri
-from fssmeta.predict import (
-    OPTIONAL_COLUMNS,
-    PYFUNC_INPUT,
-    REQUEST_COLUMNS,
-    check_limits,
-    load_checkpoint_model,
-    segment_records,
-)
+from fssmeta.predict import load_checkpoint_model
+from fssmeta.served import OPTIONAL_COLUMNS, PYFUNC_INPUT, REQUEST_COLUMNS, check_limits, segment_records
 
 # The pyfunc model is "models from code": MLflow keeps this file and runs it to load the model, so nothing
 # is pickled (weights travel as the checkpoint artifact).

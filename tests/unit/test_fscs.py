@@ -29,8 +29,8 @@ from fssmeta.losses import resize_logits
 from fssmeta.models import build_model, get_method
 from fssmeta.models.asnet import presence_loss
 from fssmeta.params import load_config
-from fssmeta.predict import segment_record
 from fssmeta.predict_ways import check_way_supports, class_labels, segment_ways
+from fssmeta.served import segment_record
 from fssmeta.train import train_step
 from tests.cli_data import tiny_cli_data
 from tests.mlflow_helpers import BASE_CLASSES, encode, local_mlflow, png_base64, save_model

@@ -27,7 +27,8 @@ RANKS = {
     "fssmeta.train": 8, "fssmeta.adaptation": 8,
     "fssmeta.runs": 9, "fssmeta.fscs": 9,
     "fssmeta.stages": 10, "fssmeta.evaluation": 10, "fssmeta.cross_domain": 10, "fssmeta.predict": 10,
-    "fssmeta.report": 11,
+    "fssmeta.predict_ways": 10,
+    "fssmeta.report": 11, "fssmeta.served": 11,
     "fssmeta.integrations": 12,
     "fssmeta.cli": 13, "fssmeta.cli_registry": 13,
 }

@@ -28,15 +28,9 @@ from fssmeta.decoding import (
     read_image_file,
 )
 from fssmeta.models import build_model
-from fssmeta.predict import (
-    check_limits,
-    check_supports,
-    overlay,
-    segment_arrays,
-    segment_record,
-    segment_records,
-)
+from fssmeta.predict import check_supports, overlay, segment_arrays
 from fssmeta.runs import fold_base_classes
+from fssmeta.served import check_limits, segment_record, segment_records
 from tests.mlflow_helpers import (
     BASE_CLASSES,
     encode,
