@@ -30,6 +30,7 @@ from fssmeta.config import Config
 from fssmeta.cross_domain import evaluate_targets
 from fssmeta.data.io import read_json, write_json_atomic
 from fssmeta.evaluation import evaluate_method
+from fssmeta.models import get_method
 from fssmeta.params import load_config
 from fssmeta.report import ABLATION_VARIANTS, ablation_markdown
 from fssmeta.runs import base_dir
@@ -57,8 +58,13 @@ def scores(cfg: Config, fold: int, shots: list[int], regimes: list[str], method:
     start = time.perf_counter()
     in_domain = evaluate_method(scored, method, progress=False, regime="none")
     seconds["eval_in_domain"] = time.perf_counter() - start
-    entry: dict[str, Any] = {"in_domain": {f"{s}shot": in_domain["results"][f"fold{fold}"][f"{s}shot"]["miou_mean"]
-                                           for s in shots}, "targets": {}, "seconds": seconds}
+    per_shot = in_domain["results"][f"fold{fold}"]
+    entry: dict[str, Any] = {"in_domain": {f"{s}shot": per_shot[f"{s}shot"]["miou_mean"] for s in shots},
+                             "targets": {}, "seconds": seconds}
+    fscs = {f"{s}shot": {k: per_shot[f"{s}shot"]["fscs"][k] for k in ("ways", "er_mean", "miou_mean")}
+            for s in shots if "fscs" in per_shot[f"{s}shot"]}  # N-way lists (episodes.ways > 1): ER and mIoU
+    if fscs:
+        entry["fscs"] = fscs
     for regime in regimes if cfg.data.targets else []:
         start = time.perf_counter()
         cross = evaluate_targets(scored, method, fold=fold, progress=False, regime=regime)
@@ -76,7 +82,8 @@ def run_variant(cfg: Config, fold: int, shots: list[int], regimes: list[str], ba
     if not (target / "last.pt").is_file():
         shutil.copytree(base, target, dirs_exist_ok=True)
     seconds: dict[str, float] = {}
-    trained = [] if score_only else shots
+    # A method trained 1-shot for every k (HSNet, ASNet) trains once.
+    trained = [] if score_only else sorted({get_method(cfg.model.method).training_shot(s) for s in shots})
     for shot in trained:
         run = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fold": fold, "shot": shot})})
         start = time.perf_counter()

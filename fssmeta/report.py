@@ -138,7 +138,7 @@ ABLATION_VARIANTS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
     "ntrenet": _switches("ntrenet", False, False),
     "hdmnet": _switches("hdmnet", False, False),
     "sccan": _switches("sccan", False, False),
-    # The HSNet family (no stage 1: its frozen backbone is `model.weights`, random without an ImageNet file)
+    # The HSNet family (its frozen backbone: the stage-1 encoder at output stride 32 on the synthetic default)
     "hsnet": _switches("hsnet", False, False, support_masking="feature"),
     "hsnet+hm": _switches("hsnet", False, False, support_masking="hybrid"),
     "asnet": _switches("asnet", False, False, support_masking="none"),

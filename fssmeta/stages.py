@@ -27,9 +27,10 @@ from fssmeta.data.io import DataError
 from fssmeta.data.prepare import load_fold, load_index, present_classes
 from fssmeta.data.sampler import TrainEpisodeSampler
 from fssmeta.data.transforms import ResizeTransform, TrainTransform, training_transform
-from fssmeta.data.ways import FSCSTrainSampler, TrainWayEpisodeDataset
+from fssmeta.data.ways import FSCSTrainSampler, TrainWayEpisodeDataset, WayEpisodeDataset, way_list_path
 from fssmeta.episode import IGNORE_INDEX
 from fssmeta.evaluation import scoring_transform
+from fssmeta.fscs import evaluate_ways
 from fssmeta.losses import base_losses
 from fssmeta.models import get_method
 from fssmeta.models.pspnet import PSPNet, build_pspnet
@@ -148,16 +149,30 @@ def train_base(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
 
 
 def validation_loader(cfg: Config, fold: folds.Split, shot: int) -> DataLoader | None:
-    """The fixed validation list (never the test list) for checkpoint selection; None when disabled."""
+    """The fixed validation list (never the test list) for checkpoint selection; None when disabled. Under
+    `train.task: fscs` the 1-way FS-CS validation list (fssmeta/data/ways.py, drawn at `episodes.ways` > 1)."""
     if cfg.train.val_episodes <= 0:
         return None
-    path = list_path(cfg.episodes.out, fold, "val", shot, cfg.eval.episode_order, cfg.episodes.val_seeds[0])
+    order, seed = cfg.eval.episode_order, cfg.episodes.val_seeds[0]
+    fscs = cfg.train.task == "fscs"
+    path = (way_list_path(cfg.episodes.out, fold, "val", 1, shot, order, seed) if fscs
+            else list_path(cfg.episodes.out, fold, "val", shot, order, seed))
+    if fscs and not path.is_file():
+        raise DataError(f"{path}: no FS-CS validation list, which train.task: fscs selects its checkpoint on; "
+                        f"draw the lists with `fssmeta episodes --set episodes.ways=N` (N > 1), or set "
+                        f"train.val_episodes: 0")
     episodes = load_episode_list(path)["episodes"][: cfg.train.val_episodes]
     # Under DDP each rank scores its share; `evaluate` sums the IoU counts over ranks, so the score is the same.
     episodes = episodes[distributed.rank() :: distributed.world_size()]
     index = load_index(cfg.data.prepared)
-    dataset = EpisodeDataset(episodes, IndexSource(index), scoring_transform(cfg))
+    dataset = (WayEpisodeDataset if fscs else EpisodeDataset)(episodes, IndexSource(index), scoring_transform(cfg))
     return episode_loader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers)
+
+
+def selection_key(cfg: Config) -> str:
+    """The validation metric `best.pt` maximises: mIoU; ER for weak labels (official fs-cs: `val/er` with
+    `--weak`, `val/miou` otherwise)."""
+    return "val_er" if cfg.train.supervision == "presence" else "val_miou"
 
 
 def training_data(data: DataConfig) -> DataConfig:
@@ -182,7 +197,8 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
                start: dict | None = None, checkpoint_dir: Path | None = None,
                observe: Any = None) -> FitResult:
     """Episodic meta-training of `model.method` on the fold's base classes, validated on the fixed
-    validation list every epoch; `best.pt` keeps the best validation mIoU.
+    validation list every epoch; `best.pt` keeps the best validation mIoU (ER under `train.supervision:
+    presence`).
 
     The method's record gives its stage-1 start, optimisers (`Method.optimizers` over `train.optim` resolved
     against `Method.recipe`), training transform, trained shot and loss. `start` (a checkpoint payload) is
@@ -221,14 +237,19 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
     def validate(m: torch.nn.Module) -> dict[str, float]:
         if val_loader is None:
             return {}
+        score_logits = val_loader.dataset.transform.score_logits
+        if tc.task == "fscs":  # official fs-cs: FS-CS mIoU and ER at the training way
+            iou, exact = evaluate_ways(m, val_loader, n_classes, amp=cfg.eval.amp, progress=progress,
+                                       desc="validate", score_logits=score_logits)
+            return {"val_miou": iou.miou(), "val_er": exact.value()}
         meter = evaluate(m, val_loader, n_classes, amp=cfg.eval.amp, progress=progress, desc="validate",
-                         score_logits=val_loader.dataset.transform.score_logits)
+                         score_logits=score_logits)
         return {"val_miou": meter.miou(), "val_fbiou": meter.fb_iou()}
 
     loss: LossFn = method.training_loss(tc.supervision)  # train.supervision: masks, or presence labels only
     loss_fn: LossFn = observe(loss) if observe is not None else loss
     forward_model = forward_wrapper(model) if forward_wrapper is not None else model
     return fit(model, train_loader=loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-               epochs=tc.epochs, validate=validate, checkpoint_dir=run, config=config_to_dict(cfg),
+               epochs=tc.epochs, validate=validate, score_key=selection_key(cfg), checkpoint_dir=run, config=config_to_dict(cfg),
                start=resume_payload, reporter=reporter, forward_model=forward_model, amp=tc.amp,
                grad_clip=tc.grad_clip, progress=progress, desc=f"{method.key} fold {fold} {tc.shot}-shot")

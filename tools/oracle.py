@@ -188,7 +188,7 @@ MODEL_CONFIG = {
     "pfenet": {"method": "pfenet", "backbone": "resnet50", "backbone_source": "stage1"},
     "bam": {"method": "bam", "backbone": "resnet50"},
     "ntrenet": {"method": "ntrenet", "backbone": "resnet50", "backbone_source": "stage1"},
-    "hsnet": {"method": "hsnet", "backbone": "resnet50"},  # its own frozen backbone: nothing from stage 1
+    "hsnet": {"method": "hsnet", "backbone": "resnet50"},  # backbone_source weights: the official torchvision layout
     "asnet": {"method": "asnet", "backbone": "resnet50"},  # likewise; ASNet's own attention-masked learner
     # SCCAN's ImageNet backbone is the stage-1 encoder (as PFENet's), in SCCAN's own dilation layout (the default
     # `model.sccan.dilation: torchvision`).
@@ -229,9 +229,11 @@ def fssmeta_model(config: dict, shot: int, seed: int = SEED) -> nn.Module:
     """fssmeta's model as a fixture pins it, from its `model` settings (`MODEL_CONFIG`): a random stage-1
     PSPNet (seed) loaded through the method's stage-1 record (BAM: the base learner; PFENet: its encoder as
     the backbone), the method under seed + 1, then `perturb_` (seed + 2). Eval mode, CPU, fp32. A method
-    that takes nothing from stage 1 (HSNet) is built under seed + 1 alone, its backbone random too."""
+    that takes nothing from stage 1 here (HSNet at `backbone_source: weights`, its official torchvision
+    layout) is built under seed + 1 alone, its backbone random too (handed to the official model)."""
     cfg = ModelConfig(**config)
-    if get_method(cfg.method).stage1 is None:
+    record = get_method(cfg.method)
+    if record.stage1 is None or (record.stage1.part == "backbone" and cfg.backbone_source == "weights"):
         torch.manual_seed(seed + 1)
         model = build_model(cfg, shot=shot, base_classes=list(BASE_CLASSES))
         perturb_(model, seed + 2)

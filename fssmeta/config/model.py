@@ -75,7 +75,7 @@ class ModelConfig(Section):
     method: str = "bam"  # a key of fssmeta.models.METHODS
     backbone: Literal["resnet50", "resnet101", "small"] = "small"
     weights: str = ""  # local ImageNet / PSPNet weight file for the backbone; "" = random init
-    # Where a method with a frozen ImageNet backbone (PFENet, NTRENet, the baseline) takes it from: `weights`
+    # Where a method with a frozen ImageNet backbone (PFENet, NTRENet, HSNet, ASNet, the baseline) takes it from: `weights`
     # (official: `model.weights`) or `stage1` (the fold's stage-1 PSPNet encoder, fssmeta's convention where no
     # ImageNet weights exist, as on the synthetic default). BAM always takes its encoder from stage 1, as published.
     backbone_source: Literal["weights", "stage1"] = "weights"

@@ -18,7 +18,7 @@ import torch
 
 from fssmeta.config import DataConfig, EpisodesConfig
 from fssmeta.data.dataset import IndexSource, TrainEpisodeDataset
-from fssmeta.data.folds import split_name
+from fssmeta.data.folds import ALL, Split, split_name
 from fssmeta.data.io import DataError
 from fssmeta.data.prepare import load_fold, present_classes
 from fssmeta.data.sampler import Entry, Present, TrainEpisodeSampler, class_pools, draw_supports, query_draws
@@ -27,7 +27,7 @@ from fssmeta.episode import IGNORE_INDEX, FSCSEpisode
 Pair = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # (image, label) -> tensors
 
 
-def way_list_path(out: str | Path, fold: int, split: str, ways: int, shot: int, order: str, seed: int) -> Path:
+def way_list_path(out: str | Path, fold: Split, split: str, ways: int, shot: int, order: str, seed: int) -> Path:
     return Path(out) / split_name(fold) / f"{split}_{ways}way_{shot}shot_{order}_seed{seed}.json"
 
 
@@ -92,31 +92,39 @@ def check_way_episodes(episodes: Sequence[dict[str, Any]], entries: Sequence[Ent
 
 def draw_way_lists(index: dict[str, Any], data: DataConfig, cfg: EpisodesConfig,
                    out: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The `episodes.ways`-way test lists (each fold, shot, order and test seed), drawn and checked but not
-    written: (path, list) pairs. An error names the list; none are drawn at `episodes.ways` 1."""
+    """At `episodes.ways` N > 1, drawn and checked but not written, as (path, list) pairs:
+    - the N-way test lists of each fold, shot, order and test seed (`episodes.test_episodes` each);
+    - the 1-way FS-CS validation lists of each fold and of the all-classes split, shot, order and validation
+      seed (`episodes.val_episodes` each, from the validation pool as the 1-way FS-S ones): what
+      `train.task: fscs` selects its checkpoint on, as the official fs-cs trainer validates at its training
+      way (1) on episodes whose query holds the support class with probability 1/2.
+    An error names the list; none are drawn at `episodes.ways` 1."""
     if cfg.ways == 1:
         return []
-    contents = image_classes(index, "test")
     protocol = {**index["protocol"], "query_class": data.query_class}
+    jobs = [(fold, "test", cfg.ways, cfg.test_seeds, cfg.test_episodes) for fold in cfg.folds]
+    jobs += [(fold, "val", 1, cfg.val_seeds, cfg.val_episodes) for fold in (*cfg.folds, ALL)]
+    contents: dict[str, dict[str, set[int]]] = {}
     drawn = []
-    for fold in cfg.folds:
+    for fold, split, ways, seeds, count in jobs:
         lists = load_fold(data.prepared, fold)
-        entries = [(key, classes) for key, classes in lists["test"]]
-        present = present_classes(index, data, lists, "test")
+        pool = "val" if split == "val" and lists["val"] else "test"  # as the 1-way lists (episode_lists.py)
+        held = contents.setdefault(pool, image_classes(index, pool))
+        entries = [(key, classes) for key, classes in lists[pool]]
+        present = present_classes(index, data, lists, pool)
         for shot in cfg.shots:
             for order in cfg.orders:
-                for seed in cfg.test_seeds:
+                for seed in seeds:
                     try:
-                        episodes = sample_way_episodes(entries, contents, shot, cfg.ways, cfg.test_episodes, seed,
-                                                       order, present)
-                        check_way_episodes(episodes, entries, contents, shot, cfg.ways)
+                        episodes = sample_way_episodes(entries, held, shot, ways, count, seed, order, present)
+                        check_way_episodes(episodes, entries, held, shot, ways)
                     except DataError as exc:
-                        raise DataError(f"episodes fold {fold} test {cfg.ways}-way {shot}-shot {order} seed {seed}: "
+                        raise DataError(f"episodes fold {fold} {split} {ways}-way {shot}-shot {order} seed {seed}: "
                                         f"{exc}; nothing was written") from None
                     flags = [p for ep in episodes for p in ep["presence"]]
-                    drawn.append((way_list_path(out, fold, "test", cfg.ways, shot, order, seed),
-                                  {"dataset": index["dataset"], "fold": fold, "split": "test", "pool": "test",
-                                   "ways": cfg.ways, "shot": shot, "order": order, "seed": seed,
+                    drawn.append((way_list_path(out, fold, split, ways, shot, order, seed),
+                                  {"dataset": index["dataset"], "fold": fold, "split": split, "pool": pool,
+                                   "ways": ways, "shot": shot, "order": order, "seed": seed,
                                    "protocol": protocol, "presence_rate": sum(flags) / len(flags),
                                    "episodes": episodes}))
     return drawn

@@ -34,7 +34,7 @@ from fssmeta.config import Config, config_to_dict
 from fssmeta.data.folds import split_name
 from fssmeta.params import config_from_dict
 from fssmeta.runs import meta_dir, require_stage1
-from fssmeta.stages import train_meta, training_config
+from fssmeta.stages import selection_key, train_meta, training_config
 from fssmeta.tracking import NullTracker, Tracker, protocol_tags
 from fssmeta.train import LossFn
 
@@ -118,9 +118,9 @@ def train_with_ray(cfg: Config, *, fold: int | None = None, shot: int | None = N
 
 
 def selection(cfg: Config) -> tuple[str, str]:
-    """The checkpoint-selection metric and order: validation mIoU, or (no validation) the training loss,
-    as `fit` keeps its best.pt."""
-    return ("val_miou", "max") if cfg.train.val_episodes > 0 else ("train_loss", "min")
+    """The checkpoint-selection metric and order: the validation metric (`stages.selection_key`: mIoU, ER
+    for weak labels), or (no validation) the training loss, as `fit` keeps its best.pt."""
+    return (selection_key(cfg), "max") if cfg.train.val_episodes > 0 else ("train_loss", "min")
 
 
 def build_trainer(cfg: Config, *, fold: int, name: str, storage: Path, tags: dict[str, str], progress: bool,

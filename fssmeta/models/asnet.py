@@ -21,7 +21,7 @@ from fssmeta.config import ModelConfig, Section
 from fssmeta.episode import IGNORE_INDEX, Episode, FSCSEpisode, SegOutput
 from fssmeta.losses import resize_logits
 from fssmeta.metrics import presence_from_probs
-from fssmeta.models.backbone import ResNet, build_backbone, freeze_, masked_bottleneck_features
+from fssmeta.models.backbone import ResNet, freeze_, masked_bottleneck_features
 from fssmeta.models.family import FrozenBackboneModel
 from fssmeta.models.feature_cache import active_cache
 from fssmeta.models.hsnet import (
@@ -30,11 +30,12 @@ from fssmeta.models.hsnet import (
     bottleneck_features,
     decode,
     decoder,
+    frozen_backbone,
     multilayer_correlation,
     resize_query_dims,
     unit_features,
 )
-from fssmeta.models.method import Method, Reference, WeakLabels
+from fssmeta.models.method import Method, Reference, Stage1, WeakLabels
 
 HEADS = 8  # attention heads of every attentive squeeze layer
 MASKED_LOGIT = -1e9  # the attention logit of a masked-out key (official): a key-less row softmaxes to uniform
@@ -297,13 +298,13 @@ def presence_loss(model: nn.Module, episode: FSCSEpisode) -> dict[str, torch.Ten
 
 
 def build(cfg: ModelConfig, options: ASNetOptions, *, shot: int, base_classes: list[int]) -> ASNet:
-    return ASNet(backbone=build_backbone(cfg.backbone, "torchvision", cfg.weights),
+    return ASNet(backbone=frozen_backbone(cfg),
                  support_masking=options.support_masking, mask_attention=options.mask_attention,
                  support_size=options.support_size)
 
 
 METHOD = Method(
-    key="asnet", build=build, options=ASNetOptions, stage1=None, recipe=ADAM_RECIPE, transform="resize",
+    key="asnet", build=build, options=ASNetOptions, stage1=Stage1("backbone"), recipe=ADAM_RECIPE, transform="resize",
     summary="attentive squeeze: masked multi-head attention over the support dims of the hypercorrelation (CVPR 2022)",
     trains_each_shot=False, loss=asnet_loss, fscs=True,
     # Weak labels: no support mask may reach the learner, neither as the attention mask nor through the features.

@@ -79,11 +79,14 @@ class ResNet(nn.Module):
     """A bottleneck ResNet whose state-dict keys are those of the PSPNet release (`deep_stem`) or torchvision.
 
     `deep_stem`: three 3x3 convs (3->w, w->w, w->2w; BN + ReLU each) + max-pool; layer3 dilation 2 and layer4
-    dilation 4 at stride 1 (output stride 8). `torchvision`: 7x7 conv + max-pool, output stride 32.
+    dilation 4 at stride 1 (output stride 8), or with `dilated=False` the strides 2 of the torchvision layout
+    instead (output stride 32; same parameters, so a stage-1 PSPNet encoder loads into it: the HSNet family's
+    backbone on the synthetic default). `torchvision`: 7x7 conv + max-pool, output stride 32.
     `layer0` is a view over the stem modules built on access, so no key appears twice in `state_dict()`.
     """
 
-    def __init__(self, *, blocks: Sequence[int], width: int = 64, variant: Variant = "deep_stem") -> None:
+    def __init__(self, *, blocks: Sequence[int], width: int = 64, variant: Variant = "deep_stem",
+                 dilated: bool = True) -> None:
         super().__init__()
         if variant not in ("deep_stem", "torchvision"):
             raise ValueError(f"unknown backbone variant {variant!r}; expected 'deep_stem' or 'torchvision'")
@@ -96,7 +99,7 @@ class ResNet(nn.Module):
             self.bn2 = nn.BatchNorm2d(width)
             self.conv3 = nn.Conv2d(width, stem_dim, 3, padding=1, bias=False)
             self.bn3 = nn.BatchNorm2d(stem_dim)
-            dilations = (1, 1, 2, 4)
+            dilations = (1, 1, 2, 4) if dilated else (1, 1, 1, 1)
         else:
             stem_dim = width
             self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
@@ -160,15 +163,16 @@ class ResNet(nn.Module):
         return [i for i in (2, 3, 4) for _ in getattr(self, f"layer{i}")]
 
 
-def build_backbone(name: BackboneName, variant: Variant, weights: str | Path = "") -> ResNet:
-    """A ResNet-50/101 or the CPU-sized `small` (width 16, blocks [2, 2, 2, 2]) in the given layout.
+def build_backbone(name: BackboneName, variant: Variant, weights: str | Path = "", *, dilated: bool = True) -> ResNet:
+    """A ResNet-50/101 or the CPU-sized `small` (width 16, blocks [2, 2, 2, 2]) in the given layout
+    (`dilated`: see `ResNet`, deep stem only).
 
     `weights`: a local file loaded with `load_backbone_weights`; "" = random init. Nothing is downloaded.
     """
     if name not in SPECS:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(SPECS)}")
     width, blocks = SPECS[name]
-    model = ResNet(blocks=blocks, width=width, variant=variant)
+    model = ResNet(blocks=blocks, width=width, variant=variant, dilated=dilated)
     if weights:
         load_backbone_weights(model, weights)
     return model

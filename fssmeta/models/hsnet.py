@@ -20,7 +20,7 @@ from fssmeta.losses import cross_entropy
 from fssmeta.models.backbone import ResNet, build_backbone, freeze_, masked_bottleneck_features
 from fssmeta.models.family import FrozenBackboneModel
 from fssmeta.models.feature_cache import FeatureCache, active_cache, digest
-from fssmeta.models.method import Method, Reference
+from fssmeta.models.method import Method, Reference, Stage1
 
 # Adam at a constant 1e-3, no weight decay (the official train.py); `momentum` is Adam's beta1 here.
 ADAM_RECIPE = OptimConfig(optimizer="adam", lr=1.0e-3, momentum=0.9, weight_decay=0.0, power=0.0, warmup_steps=0)
@@ -263,14 +263,25 @@ def hsnet_loss(model: nn.Module, episode: Episode) -> dict[str, torch.Tensor]:
     return {"ce": cross_entropy(shot_logits.flatten(0, 1), episode.query_mask.repeat_interleave(S, 0))}
 
 
+def frozen_backbone(cfg: ModelConfig) -> ResNet:
+    """The HSNet family's frozen backbone, at output stride 32 as official: the torchvision layout with
+    `model.weights` (official: ImageNet), or with `model.backbone_source: stage1` the fold's stage-1 PSPNet
+    encoder (loaded by the stages through the record's `Stage1("backbone")`, as the PFENet family borrows it
+    where no ImageNet file exists) in its deep-stem layout at torchvision's strides instead of its dilations.
+    Only the first block of layer3 and layer4 then sees other inputs than in training: every later 3x3 conv at
+    dilation d on the stride-8 grid reads the same image positions as at dilation 1 on the coarser grid."""
+    if cfg.backbone_source == "stage1":
+        return build_backbone(cfg.backbone, "deep_stem", dilated=False)
+    return build_backbone(cfg.backbone, "torchvision", cfg.weights)
+
+
 def build(cfg: ModelConfig, options: HSNetOptions, *, shot: int, base_classes: list[int]) -> HSNet:
-    return HSNet(backbone=build_backbone(cfg.backbone, "torchvision", cfg.weights),
-                 support_masking=options.support_masking)
+    return HSNet(backbone=frozen_backbone(cfg), support_masking=options.support_masking)
 
 
 METHOD = Method(
     key="hsnet", build=build, summary="hypercorrelation squeeze: center-pivot 4D convs over multilayer correlations, k-shot voting (ICCV 2021)",
-    options=HSNetOptions, stage1=None, recipe=ADAM_RECIPE, transform="resize", trains_each_shot=False,
+    options=HSNetOptions, stage1=Stage1("backbone"), recipe=ADAM_RECIPE, transform="resize", trains_each_shot=False,
     loss=hsnet_loss,
     # Hybrid masking at the tiny layout: a 30-px support square at 65 px leaves feature masking one non-zero
     # position of the 3x3 layer4 map, its center, which the stride-2 pivots of `squeeze4` never sample.

@@ -77,6 +77,31 @@ def test_torchvision_output_stride_32():
     assert [feats[f"layer{i}"].shape[-1] for i in range(5)] == [17, 17, 9, 5, 3]
 
 
+def test_undilated_deep_stem_reads_the_dilated_layers_on_a_coarser_grid():
+    """`dilated=False` (the HSNet family's stage-1 encoder): the deep stem at torchvision's strides, with the
+    same parameters. Every block after the first of a stage gives, on the coarser grid, the dilated block's
+    output subsampled there (it reads the same image positions); the first block does not."""
+    dilated = small().eval()
+    torch.manual_seed(1)
+    strided = build_backbone("small", "deep_stem", dilated=False).eval()
+    strided.load_state_dict(dilated.state_dict())  # same keys and shapes
+    assert strided.layer3[0].conv2.stride == (2, 2) and strided.layer3[0].downsample[0].stride == (2, 2)
+    assert all(block.conv2.dilation == (1, 1) for stage in (strided.layer3, strided.layer4) for block in stage)
+    x = torch.randn(1, 3, 97, 97)
+    with torch.no_grad():
+        feats = strided(x)
+        assert [feats[f"layer{i}"].shape[-1] for i in range(5)] == [25, 25, 13, 7, 4]
+        for name in ("layer3", "layer4"):
+            fine = getattr(dilated, name)[0](dilated(x)["layer2" if name == "layer3" else "layer3"])
+            stage = getattr(strided, name)
+            coarse = fine[..., ::2, ::2] if name == "layer3" else fine[..., ::4, ::4]
+            later = getattr(dilated, name)[1](fine)
+            later = later[..., ::2, ::2] if name == "layer3" else later[..., ::4, ::4]
+            torch.testing.assert_close(stage[1](coarse), later, rtol=0, atol=1e-5)
+        first = dilated.layer3[0](feats["layer2"])[..., ::2, ::2]
+        assert not torch.allclose(strided.layer3[0](feats["layer2"]), first, atol=1e-3)
+
+
 def test_channels(resnet50_tv):
     expected = {"layer0": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
     assert resnet50_tv.channels == expected

@@ -185,6 +185,18 @@ def test_what_a_method_cannot_run_is_refused_at_load(overrides: list[str], messa
         load_config(None, overrides)
 
 
+def test_weak_labels_select_on_er_in_both_trainers():
+    """`best.pt` (`fit`) and Ray Train's best checkpoint are chosen on one metric: ER under weak labels."""
+    from fssmeta.integrations.ray_train import selection
+    from fssmeta.stages import selection_key
+
+    weak = load_config(None, ["train.supervision=presence", "model.method=asnet", "train.task=fscs",
+                              "model.asnet.mask_attention=false", "model.asnet.support_masking=none"])
+    masks = load_config(None, ["model.method=asnet", "train.task=fscs"])
+    assert (selection_key(weak), selection(weak)) == ("val_er", ("val_er", "max"))
+    assert (selection_key(masks), selection(masks)) == ("val_miou", ("val_miou", "max"))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, list[str]]:
     """The tiny synthetic dataset with 1-shot fold-0 lists, 2-way lists beside the 1-way ones."""
@@ -199,15 +211,25 @@ def test_episodes_stage_adds_way_lists_and_keeps_the_1way_lists(data):
     root, args = data
     assert main(["episodes", *args, "--set", "episodes.ways=1", "--set", f"episodes.out={root / 'one_way'}"]) == 0
     written = sorted(p.name for p in (root / "episodes" / "fold0").iterdir())
-    assert written == ["test_1shot_image_seed0.json", "test_2way_1shot_image_seed0.json", "val_1shot_image_seed1000.json"]
+    assert written == ["test_1shot_image_seed0.json", "test_2way_1shot_image_seed0.json",
+                       "val_1shot_image_seed1000.json", "val_1way_1shot_image_seed1000.json"]
     for name in ("test_1shot_image_seed0.json", "val_1shot_image_seed1000.json"):  # unchanged byte for byte
         assert (root / "episodes" / "fold0" / name).read_bytes() == (root / "one_way" / "fold0" / name).read_bytes()
     assert not list((root / "one_way" / "fold0").glob("*way*"))
     listed = json.loads((root / "episodes" / "fold0" / "test_2way_1shot_image_seed0.json").read_text())
     assert listed["ways"] == 2 and len(listed["episodes"]) == 4
     assert all(len(ep["classes"]) == 2 and len(ep["supports"]) == 2 for ep in listed["episodes"])
+    # The FS-CS validation lists (train.task fscs selects on them): 1 way, as the official trainer validates,
+    # from the validation pool, for each fold and the all-classes split.
+    for fold in ("fold0", "all"):
+        val = json.loads((root / "episodes" / fold / "val_1way_1shot_image_seed1000.json").read_text())
+        assert (val["ways"], val["split"], val["pool"], len(val["episodes"])) == (1, "val", "val", 2)
+        index = json.loads((root / "prepared" / "index.json").read_text())
+        held = {row["key"]: {int(c) for c in row["pixels"]} for row in index["pools"]["val"]}
+        for ep in val["episodes"]:
+            assert ep["presence"] == [ep["classes"][0] in held[ep["query"]]]
     manifest = json.loads((root / "episodes" / "manifest.json").read_text())
-    assert [f["ways"] for f in manifest["files"] if "ways" in f] == [2]
+    assert sorted(f["ways"] for f in manifest["files"] if "ways" in f) == [1, 1, 2]
 
 
 @pytest.mark.parametrize("supervision", ["mask", "presence"])
@@ -218,8 +240,13 @@ def test_fscs_trains_and_evaluate_reports_er_beside_miou(data, supervision: str)
     if supervision == "presence":
         sets += ["--set", "model.asnet.mask_attention=false", "--set", "model.asnet.support_masking=none"]
     assert main(["train", *args, *sets]) == 0
-    history = json.loads((root / supervision / "fold0" / "asnet-1shot" / "history.json").read_text())["history"]
+    record = json.loads((root / supervision / "fold0" / "asnet-1shot" / "history.json").read_text())
+    history = record["history"]
     assert ("train_presence_nll" in history[0]) == (supervision == "presence")
+    # Selected on the 1-way FS-CS validation list: by mIoU, by ER with weak labels (official fs-cs).
+    assert record["score_key"] == ("val_er" if supervision == "presence" else "val_miou")
+    assert {"val_er", "val_miou"} <= set(history[0]) and "val_fbiou" not in history[0]
+    assert record["best_score"] == max(h[record["score_key"]] for h in history)
     assert main(["evaluate", *args, *sets]) == 0
     result = json.loads((root / supervision / "results" / "fold0" / "asnet.json").read_text())
     fscs = result["results"]["fold0"]["1shot"]["fscs"]
@@ -228,6 +255,16 @@ def test_fscs_trains_and_evaluate_reports_er_beside_miou(data, supervision: str)
     assert result["mean"]["1shot"]["fscs"] == {"ways": 2, "er": fscs["er_mean"], "miou": fscs["miou_mean"]}
     assert result["protocol"]["fscs_ways"] == 2
     assert 0.0 <= result["results"]["fold0"]["1shot"]["miou_mean"] <= 1.0  # the 1-way score beside it
+
+
+def test_fscs_training_without_its_validation_lists_is_refused(data, capsys: pytest.CaptureFixture[str]):
+    root, args = data
+    lists = root / "no_way_lists"
+    assert main(["episodes", *args, "--set", "episodes.ways=1", "--set", f"episodes.out={lists}"]) == 0
+    sets = ["--set", "train.task=fscs", "--set", f"episodes.out={lists}", "--set", f"train.out={root / 'refused'}"]
+    assert main(["train", *args, *sets]) == 2
+    err = capsys.readouterr().err
+    assert "val_1way_1shot_image_seed1000.json: no FS-CS validation list" in err and "episodes.ways=N" in err
 
 
 # --------------------------------------------------------------------------------------------- N-way prediction

@@ -30,7 +30,7 @@ from fssmeta.models.hsnet import (
     vote,
 )
 from tests.cli_data import tiny_cli_data
-from tests.unit.test_models import make_episode, make_model
+from tests.unit.test_models import PASCAL_FOLD0_BASE, make_episode, make_model
 
 
 def brute_force_conv4d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, support_stride: int) -> torch.Tensor:
@@ -234,16 +234,35 @@ def test_learnable_count_and_record():
 
 
 def assert_hsnet_family_recipe(record) -> None:
-    """HSNet's official recipe, shared by ASNet: Adam 1e-3 constant, resized images, trained 1-shot, no stage 1."""
+    """HSNet's official recipe, shared by ASNet: Adam 1e-3 constant, resized images, trained 1-shot; from stage 1
+    only the encoder, and only at `model.backbone_source: stage1` (no ImageNet file)."""
     recipe = record.training_recipe(record.recipe)
     assert (recipe.optimizer, recipe.lr, recipe.power, recipe.weight_decay) == ("adam", 1e-3, 0.0, 0.0)
-    assert record.transform == "resize" and not record.trains_each_shot and record.stage1 is None
+    assert record.transform == "resize" and not record.trains_each_shot and record.stage1.part == "backbone"
 
 
 def test_a_frozen_backbone_with_its_bn_fixed_in_training():
     model = make_model("hsnet").train()
     assert not model.backbone.training and all(m.training for n, m in model.named_children() if n != "backbone")
-    assert get_method("hsnet").stage1_for(ModelConfig(method="hsnet")) is None  # nothing taken from stage 1
+    assert get_method("hsnet").stage1_for(ModelConfig(method="hsnet", weights="in.pth")) is None  # official
+
+
+def test_the_stage1_encoder_as_the_frozen_backbone(tmp_path):
+    """`model.backbone_source: stage1`: the fold's stage-1 PSPNet encoder (deep stem) loads into the HSNet
+    family's backbone, which runs it at output stride 32 (no dilation), and the learner takes its features."""
+    from fssmeta.models.pspnet import build_pspnet
+
+    cfg = ModelConfig(method="hsnet", backbone="small", backbone_source="stage1")
+    torch.manual_seed(0)
+    pspnet = build_pspnet(cfg, 1 + len(PASCAL_FOLD0_BASE))
+    for method in ("hsnet", "asnet"):
+        model = build_model(cfg.model_copy(update={"method": method}), shot=1, base_classes=PASCAL_FOLD0_BASE)
+        get_method(method).stage1_for(cfg).load(model, pspnet.state_dict())
+        assert model.backbone.variant == "deep_stem"
+        assert all(torch.equal(v, pspnet.state_dict()["backbone." + k]) for k, v in model.backbone.state_dict().items())
+        with torch.no_grad():
+            feats = model.backbone(torch.randn(1, 3, 65, 65))
+        assert [feats[f"layer{i}"].shape[-1] for i in (2, 3, 4)] == [9, 5, 3]
 
 
 @pytest.fixture(scope="module")
