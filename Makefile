@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The unit tier (tests/unit, no Ray / MLflow / DVC imported) and the integration tier (tests/integration).
 test: setup lint
-	$(BIN)/python -m pytest -q -m "not gpu" tests
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=20 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q
