@@ -185,6 +185,7 @@ def test_what_a_method_cannot_run_is_refused_at_load(overrides: list[str], messa
         load_config(None, overrides)
 
 
+@pytest.mark.integration  # imports Ray (the unit tier imports no Ray, MLflow or DVC)
 def test_weak_labels_select_on_er_in_both_trainers():
     """`best.pt` (`fit`) and Ray Train's best checkpoint are chosen on one metric: ER under weak labels."""
     from fssmeta.integrations.ray_train import selection
