@@ -10,7 +10,8 @@ Each file is one fold's `ablation.py --out` (its `source_fold`). A (variant, fol
 an earlier one's, and the in-domain score is the first file's. A regime's scores are the mean over the
 variant's training seeds in that file. A row whose regime was scored under different `tta` settings on
 different folds is refused (the settings are printed), so a mean never mixes protocols. The non-learned
-baseline is a row of its own when the files hold it.
+baseline is a row of its own when the files hold it. `--fscs` prints the FS-CS table instead (the runs scored
+on N-way lists, `episodes.ways` > 1): ER and mIoU per fold and their means.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ def fold_entries(paths: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
         for name, (runs, tta) in variants.items():
             if not runs:
                 continue
-            entry = merged.setdefault((name, fold), {"in_domain": {}, "targets": {}, "tta": {}})
+            entry = merged.setdefault((name, fold), {"in_domain": {}, "targets": {}, "tta": {}, "fscs": {}})
             shots = {shot for run in runs.values() for shot in run.get("in_domain", {})}
             for shot in shots:
                 entry["in_domain"].setdefault(shot, statistics.fmean(run["in_domain"][shot] for run in runs.values()))
+            for shot in {shot for run in runs.values() for shot in run.get("fscs", {})}:
+                scored = [run["fscs"][shot] for run in runs.values() if shot in run.get("fscs", {})]
+                entry["fscs"].setdefault(shot, {"ways": scored[0]["ways"],
+                                                "er": statistics.fmean(s["er_mean"] for s in scored),
+                                                "miou": statistics.fmean(s["miou_mean"] for s in scored)})
             regimes = {regime for run in runs.values() for regime in run.get("targets", {})}
             for regime in regimes:
                 per_target: dict[str, dict[str, float]] = {}
@@ -87,6 +93,29 @@ def table(merged: dict[tuple[str, int], dict[str, Any]], regimes: list[str], var
     return "\n".join(lines) + "\n"
 
 
+def fscs_table(merged: dict[tuple[str, int], dict[str, Any]], variants: list[str] | None = None) -> str:
+    """The FS-CS markdown table: per (variant, ways, shot) the ER and the FS-CS mIoU of every fold, their means."""
+    folds = sorted({fold for _, fold in merged})
+    variants = variants or list(dict.fromkeys(name for name, _ in merged))
+    per_fold = " / ".join(f"f{f}" for f in folds)
+    lines = [f"| method | ways | shot | ER {per_fold} | **mean** | mIoU {per_fold} | **mean** |",
+             "|---|---|---|---|---|---|---|"]
+    for name in variants:
+        entries = [(merged.get((name, f)) or {}).get("fscs", {}) for f in folds]
+        for shot in sorted({s for e in entries for s in e}, key=lambda s: int(s[:-4])):
+            scored = [e.get(shot) for e in entries]
+            ways = {s["ways"] for s in scored if s}
+            if len(ways) > 1:
+                sys.exit(f"{name} {shot}: scored at different ways on different folds: {sorted(ways)}")
+            cells = []
+            for key in ("er", "miou"):
+                values = [s[key] if s else None for s in scored]
+                cells.append(" / ".join(_pct(v) for v in values) + " | **"
+                             + (_pct(_mean(values)) if all(v is not None for v in values) else "—") + "**")
+            lines.append(f"| {name} | {ways.pop()} | {shot[:-4]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean(values: list[float | None]) -> float:
     return statistics.fmean(v for v in values if v is not None)
 
@@ -100,11 +129,13 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path, help="ablation.py results files, one fold each")
     parser.add_argument("--regimes", nargs="+", default=["none", "tta"])
     parser.add_argument("--variants", nargs="+", help="these rows only, in this order (default: all, as found)")
+    parser.add_argument("--fscs", action="store_true", help="the FS-CS table (ER and mIoU on the N-way lists)")
     args = parser.parse_args()
     missing = [str(p) for p in args.files if not p.is_file()]
     if missing:
         sys.exit(f"no such results file: {', '.join(missing)}")
-    print(table(fold_entries(args.files), args.regimes, args.variants), end="")
+    merged = fold_entries(args.files)
+    print(fscs_table(merged, args.variants) if args.fscs else table(merged, args.regimes, args.variants), end="")
 
 
 if __name__ == "__main__":

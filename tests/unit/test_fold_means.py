@@ -1,5 +1,5 @@
 """benchmarks/fold_means.py: per-fold ablation files merged (a later file's regime replacing an earlier one's),
-the fold means, and the refusal to average a regime scored under different settings."""
+the fold means, the refusal to average a regime scored under different settings, and the FS-CS table."""
 
 from __future__ import annotations
 
@@ -46,3 +46,21 @@ def test_a_regime_scored_under_different_settings_is_refused(tmp_path: Path):
              write(tmp_path / "f1.json", results(1, 0.6, {"tta": {"a": 0.3}}))]
     with pytest.raises(SystemExit, match="m tta: scored under different settings on different folds"):
         fold_means.table(fold_means.fold_entries(files), ["tta"])
+
+
+def test_fscs_scores_are_averaged_over_folds_and_seeds(tmp_path: Path):
+    def fscs(fold: int, runs: list[tuple[float, float]], ways: int = 2) -> dict:
+        data = results(fold, 0.5, {"none": {"a": 0.1}})
+        data["variants"]["m"]["runs"] = {
+            str(i): {**data["variants"]["m"]["runs"]["0"], "fscs": {"1shot": {"ways": ways, "er_mean": er,
+                                                                              "miou_mean": miou}}}
+            for i, (er, miou) in enumerate(runs)}
+        return data
+
+    files = [write(tmp_path / "f0.json", fscs(0, [(0.30, 0.20), (0.50, 0.40)])),  # two training seeds
+             write(tmp_path / "f1.json", fscs(1, [(0.60, 0.50)]))]
+    table = fold_means.fscs_table(fold_means.fold_entries(files))
+    assert "| m | 2 | 1 | 40.0 / 60.0 | **50.0** | 30.0 / 50.0 | **40.0** |" in table
+    files.append(write(tmp_path / "f2.json", fscs(2, [(0.1, 0.1)], ways=3)))
+    with pytest.raises(SystemExit, match="scored at different ways on different folds"):
+        fold_means.fscs_table(fold_means.fold_entries(files))
