@@ -31,6 +31,7 @@ CONFIGS = {  # size -> (model params, input side)
                    sccan={"reduce_dim": 64, "feature_size": 24, "num_heads": 4, "window_size": 4,
                           "aspp_dilations": (2, 4, 6), "dilation": "pspnet"}), 161),
     "resnet50": (dict(backbone="resnet50"), 473),
+    "resnet50_400": (dict(backbone="resnet50"), 400),  # the HSNet family's official protocol (resized to 400)
 }
 
 
