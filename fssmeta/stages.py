@@ -250,6 +250,6 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
     loss_fn: LossFn = observe(loss) if observe is not None else loss
     forward_model = forward_wrapper(model) if forward_wrapper is not None else model
     return fit(model, train_loader=loader, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-               epochs=tc.epochs, validate=validate, score_key=selection_key(cfg), checkpoint_dir=run, config=config_to_dict(cfg),
-               start=resume_payload, reporter=reporter, forward_model=forward_model, amp=tc.amp,
+               epochs=tc.epochs, validate=validate, score_key=selection_key(cfg), checkpoint_dir=run,
+               config=config_to_dict(cfg), start=resume_payload, reporter=reporter, forward_model=forward_model, amp=tc.amp,
                grad_clip=tc.grad_clip, progress=progress, desc=f"{method.key} fold {fold} {tc.shot}-shot")

@@ -109,7 +109,9 @@ def draw_way_lists(index: dict[str, Any], data: DataConfig, cfg: EpisodesConfig,
     for fold, split, ways, seeds, count in jobs:
         lists = load_fold(data.prepared, fold)
         pool = "val" if split == "val" and lists["val"] else "test"  # as the 1-way lists (episode_lists.py)
-        held = contents.setdefault(pool, image_classes(index, pool))
+        if pool not in contents:  # each pool's class sets once, not once per job
+            contents[pool] = image_classes(index, pool)
+        held = contents[pool]
         entries = [(key, classes) for key, classes in lists[pool]]
         present = present_classes(index, data, lists, pool)
         for shot in cfg.shots:

@@ -91,13 +91,11 @@ def test_undilated_deep_stem_reads_the_dilated_layers_on_a_coarser_grid():
     with torch.no_grad():
         feats = strided(x)
         assert [feats[f"layer{i}"].shape[-1] for i in range(5)] == [25, 25, 13, 7, 4]
-        for name in ("layer3", "layer4"):
-            fine = getattr(dilated, name)[0](dilated(x)["layer2" if name == "layer3" else "layer3"])
-            stage = getattr(strided, name)
-            coarse = fine[..., ::2, ::2] if name == "layer3" else fine[..., ::4, ::4]
-            later = getattr(dilated, name)[1](fine)
-            later = later[..., ::2, ::2] if name == "layer3" else later[..., ::4, ::4]
-            torch.testing.assert_close(stage[1](coarse), later, rtol=0, atol=1e-5)
+        # (stage, the stage before it, the coarse grid's step on the stride-8 grid)
+        for name, before, step in (("layer3", "layer2", 2), ("layer4", "layer3", 4)):
+            fine = getattr(dilated, name)[0](dilated(x)[before])  # the first block's output at stride 8
+            later = getattr(dilated, name)[1](fine)[..., ::step, ::step]
+            torch.testing.assert_close(getattr(strided, name)[1](fine[..., ::step, ::step]), later, rtol=0, atol=1e-5)
         first = dilated.layer3[0](feats["layer2"])[..., ::2, ::2]
         assert not torch.allclose(strided.layer3[0](feats["layer2"]), first, atol=1e-3)
 
