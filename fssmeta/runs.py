@@ -95,6 +95,21 @@ def fresh_model(cfg: Config, fold: folds.Split, shot: int, method: str | None = 
     return model
 
 
+def load_init(model: nn.Module, path: str | Path, cfg: Config, fold: folds.Split) -> None:
+    """`train.init`: load a checkpoint's model weights into a fresh `model` as a fine-tune's start. Refused,
+    naming the file, unless the checkpoint is of `model.method` on the same data set and fold (a model trained
+    on another fold has seen this fold's novel classes) and its weights fit the model."""
+    payload = read_checkpoint(path)
+    stored = stored_config(payload, path)
+    problems = [f"{what} {theirs!r}, this run {ours!r}" for what, theirs, ours in (
+        ("method", stored.model.method, cfg.model.method),
+        ("data set", stored.data.dataset, cfg.data.dataset),
+        ("fold", folds.split_name(stored.train.fold), folds.split_name(fold))) if theirs != ours]
+    if problems:
+        raise CheckpointError(f"{path} (train.init): trained with another setting: {'; '.join(problems)}")
+    load_model_state(model, payload["model"], path)
+
+
 def stored_config(payload: dict[str, Any], source: str | Path) -> Config:
     """The config a checkpoint was trained with. A config stored before `model.pspnet.aux_head` existed
     describes a PSPNet that always had the layer3 head: it is read with `aux_head: true`, so the checkpoints

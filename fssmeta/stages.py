@@ -34,7 +34,7 @@ from fssmeta.fscs import evaluate_ways
 from fssmeta.losses import base_losses
 from fssmeta.models import get_method
 from fssmeta.models.pspnet import PSPNet, build_pspnet
-from fssmeta.runs import base_dir, default_device, fresh_model, meta_dir
+from fssmeta.runs import base_dir, default_device, fresh_model, load_init, meta_dir
 from fssmeta.train import (
     FitResult,
     LossFn,
@@ -202,7 +202,8 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
 
     The method's record gives its stage-1 start, optimisers (`Method.optimizers` over `train.optim` resolved
     against `Method.recipe`), training transform, trained shot and loss. `start` (a checkpoint payload) is
-    loaded into the raw model before `forward_wrapper` (e.g. DDP) wraps it; `observe(loss_fn)` may wrap the
+    loaded into the raw model before `forward_wrapper` (e.g. DDP) wraps it; without it or a `last.pt` to
+    resume, `train.init` (a checkpoint of the same method and fold) gives the starting weights; `observe(loss_fn)` may wrap the
     loss to watch the steps (the Ray integration's fault injection) without a loop change.
     """
     device = device or default_device()
@@ -231,6 +232,8 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
         resume_payload = restore(start, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
     else:
         resume_payload = _resume_payload(run, model, optimizer, scheduler, resume_run)
+        if resume_payload is None and tc.init:  # a fine-tune's start; a resumed run continues its own weights
+            load_init(model, tc.init, cfg, fold)
     val_loader = validation_loader(cfg, fold, tc.shot)
     n_classes = folds.num_classes(cfg.data.dataset)
 

@@ -64,6 +64,11 @@ class TrainConfig(Section):
     # What the loss reads: `mask` = the query's mask; `presence` = only whether the support class is in the
     # query (iFSL's weak labels, official `--weak`): needs `task: fscs` and a record with `weak`.
     supervision: Literal["mask", "presence"] = "mask"
+    # A checkpoint whose model weights start this run, a fine-tune: its optimiser, schedule and epochs start
+    # afresh. Same method, data set and fold as this run (another fold's base classes hold this fold's novel
+    # ones). "" = the method's own start (its stage 1). E.g. an FS-S-trained ASNet as the start of
+    # `task: fscs` (docs/results.md: from scratch, FS-CS training stays all background on the CPU default).
+    init: str = ""
 
 
 class BaseTrainConfig(TrainConfig):
@@ -82,6 +87,9 @@ class BaseTrainConfig(TrainConfig):
         if self.task != "fss" or self.supervision != "mask":
             raise ValueError("task / supervision: stage 1 is supervised segmentation of whole images; leave "
                              "them at fss / mask (train.task and train.supervision set the episodic training)")
+        if self.init:
+            raise ValueError("init: stage 1 starts from its encoder's weights (model.weights), not from a "
+                             "checkpoint; train.init sets the episodic training's start")
         if self.select == "best" and self.val_episodes == 0:
             raise ValueError("select: `best` needs validation images (val_episodes > 0); set select: last to "
                              "keep the last epoch's base learner")

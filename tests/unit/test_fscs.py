@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fssmeta.checkpoint import read_checkpoint
 from fssmeta.cli import main
 from fssmeta.config import Config, ConfigError, EvalConfig
 from fssmeta.data.ways import check_way_episodes, sample_way_episodes, way_labels
@@ -30,7 +31,9 @@ from fssmeta.models import build_model, get_method
 from fssmeta.models.asnet import presence_loss
 from fssmeta.params import load_config
 from fssmeta.predict_ways import check_way_supports, class_labels, segment_ways
+from fssmeta.runs import fresh_model
 from fssmeta.served import segment_record
+from fssmeta.stages import train_meta
 from fssmeta.train import train_step
 from tests.cli_data import tiny_cli_data
 from tests.mlflow_helpers import BASE_CLASSES, encode, local_mlflow, png_base64, save_model
@@ -266,6 +269,50 @@ def test_fscs_training_without_its_validation_lists_is_refused(data, capsys: pyt
     assert main(["train", *args, *sets]) == 2
     err = capsys.readouterr().err
     assert "val_1way_1shot_image_seed1000.json: no FS-CS validation list" in err and "episodes.ways=N" in err
+
+
+def test_fscs_training_starts_from_an_fss_checkpoint(data, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`train.init`: the FS-CS run's first step sees the FS-S checkpoint's weights, not the fresh model's; a
+    checkpoint of another method or fold, or a missing one, is refused naming the file; stage 1 refuses it."""
+    root, args = data
+    sets = [a for a in args[3:] if a != "--set"]
+    train_meta(load_config(None, [*sets, f"train.out={tmp_path / 'fss'}"]), 0, progress=False)
+    start = tmp_path / "fss" / "fold0" / "asnet-1shot" / "best.pt"
+    expected = read_checkpoint(start)["model"]
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def observe(loss_fn):
+        def watched(model: nn.Module, episode: FSCSEpisode) -> dict[str, torch.Tensor]:
+            if not seen:
+                seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return loss_fn(model, episode)
+        return watched
+
+    fscs = [*sets, "train.task=fscs", f"train.out={tmp_path / 'fscs'}"]
+    train_meta(load_config(None, [*fscs, f"train.init={start}"]), 0, progress=False, observe=observe)
+    assert seen[0].keys() == expected.keys()
+    assert all(torch.equal(seen[0][k], expected[k]) for k in expected)
+    fresh = fresh_model(load_config(None, fscs), 0, 1).state_dict()
+    assert any(not torch.equal(fresh[k], expected[k]) for k in expected)  # so the check above could fail
+
+    payload = read_checkpoint(start)
+    for name, changes, message in (
+            ("hsnet.pt", {"model": {"method": "hsnet"}, "episodes": {"ways": 1}}, "method 'hsnet', this run 'asnet'"),
+            ("fold1.pt", {"train": {"fold": 1}}, "fold 'fold1', this run 'fold0'")):
+        config = {**payload["config"], **{section: {**payload["config"][section], **values}
+                                          for section, values in changes.items()}}
+        torch.save({**payload, "config": config}, tmp_path / name)
+        run = ["--set", "train.task=fscs", "--set", f"train.init={tmp_path / name}",
+               "--set", f"train.out={tmp_path / name}.runs"]
+        assert main(["train", *args, *run]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name} (train.init): trained with another setting: {message}" in err
+        assert not (tmp_path / f"{name}.runs" / "fold0" / "asnet-1shot" / "last.pt").exists()
+    assert main(["train", *args, "--set", f"train.init={tmp_path / 'none.pt'}", "--set",
+                 f"train.out={tmp_path / 'none'}"]) == 2
+    assert f"{tmp_path / 'none.pt'}: checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train_base: init: stage 1 starts from"):
+        load_config(None, [f"train_base.init={start}"])
 
 
 # --------------------------------------------------------------------------------------------- N-way prediction
