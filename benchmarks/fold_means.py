@@ -11,7 +11,8 @@ an earlier one's, and the in-domain score is the first file's. A regime's scores
 variant's training seeds in that file. A row whose regime was scored under different `tta` settings on
 different folds is refused (the settings are printed), so a mean never mixes protocols. The non-learned
 baseline is a row of its own when the files hold it. `--fscs` prints the FS-CS table instead (the runs scored
-on N-way lists, `episodes.ways` > 1): ER and mIoU per fold and their means.
+on N-way lists, `episodes.ways` > 1): ER and mIoU per fold and their means; with `--lists DIR` (the runs'
+`episodes.out`) also the all-background reference, whose ER is the share of scored episodes with no way present.
 """
 
 from __future__ import annotations
@@ -116,6 +117,30 @@ def fscs_table(merged: dict[tuple[str, int], dict[str, Any]], variants: list[str
     return "\n".join(lines) + "\n"
 
 
+def all_background(paths: list[Path], lists: Path, order: str = "image") -> dict[tuple[str, int], dict[str, Any]]:
+    """The FS-CS reference every trained row should beat, as `fold_entries` rows named "all background": per
+    fold and (ways, shot) scored there, the ER of predicting background everywhere = the share of the scored
+    episodes (the first `episodes_per_list` of each test seed's N-way list under `lists`, an `episodes.out`
+    folder) in which no way's class is in the query; its FS-CS mIoU is 0 (no foreground class is hit)."""
+    reference: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in paths:
+        results = json.loads(path.read_text())
+        fold, count = int(results["source_fold"]), results["episodes_per_list"] or None
+        scored = {(shot, run["fscs"][shot]["ways"]) for v in results.get("variants", {}).values()
+                  for run in v.get("runs", {}).values() for shot in run.get("fscs", {})}
+        entry = reference.setdefault(("all background", fold), {"fscs": {}})
+        for shot, ways in scored:
+            shares = []
+            for seed in results["test_seeds"]:
+                listed = lists / f"fold{fold}" / f"test_{ways}way_{shot[:-4]}shot_{order}_seed{seed}.json"
+                if not listed.is_file():
+                    sys.exit(f"{listed}: no such N-way list (--lists is the runs' episodes.out folder)")
+                episodes = json.loads(listed.read_text())["episodes"][:count]
+                shares.append(statistics.fmean(not any(ep["presence"]) for ep in episodes))
+            entry["fscs"][shot] = {"ways": ways, "er": statistics.fmean(shares), "miou": 0.0}
+    return reference
+
+
 def _mean(values: list[float | None]) -> float:
     return statistics.fmean(v for v in values if v is not None)
 
@@ -130,11 +155,15 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=["none", "tta"])
     parser.add_argument("--variants", nargs="+", help="these rows only, in this order (default: all, as found)")
     parser.add_argument("--fscs", action="store_true", help="the FS-CS table (ER and mIoU on the N-way lists)")
+    parser.add_argument("--lists", type=Path, help="with --fscs: the runs' episodes.out folder; adds the "
+                        "all-background reference row (its ER: the share of scored episodes with no way present)")
     args = parser.parse_args()
     missing = [str(p) for p in args.files if not p.is_file()]
     if missing:
         sys.exit(f"no such results file: {', '.join(missing)}")
     merged = fold_entries(args.files)
+    if args.fscs and args.lists:
+        merged.update(all_background(args.files, args.lists))
     print(fscs_table(merged, args.variants) if args.fscs else table(merged, args.regimes, args.variants), end="")
 
 

@@ -64,3 +64,26 @@ def test_fscs_scores_are_averaged_over_folds_and_seeds(tmp_path: Path):
     files.append(write(tmp_path / "f2.json", fscs(2, [(0.1, 0.1)], ways=3)))
     with pytest.raises(SystemExit, match="scored at different ways on different folds"):
         fold_means.fscs_table(fold_means.fold_entries(files))
+
+
+def test_all_background_reference_counts_the_scored_episodes_with_no_way_present(tmp_path: Path):
+    """The row's ER per fold = the share of the first `episodes_per_list` episodes of each test seed's list
+    with every presence false, averaged over the seeds; a missing list is refused naming it."""
+    presence = {0: [[False, False], [True, False], [False, False], [False, False]],  # first 3 scored: 2 of 3
+                1: [[False, True], [True, True], [False, False], [True, False]]}  # 1 of 3
+    lists = tmp_path / "episodes"
+    for seed, rows in presence.items():
+        (lists / "fold0").mkdir(parents=True, exist_ok=True)
+        write(lists / "fold0" / f"test_2way_1shot_image_seed{seed}.json",
+              {"episodes": [{"presence": p} for p in rows]})
+    data = results(0, 0.5, {"none": {"a": 0.1}})
+    data.update({"test_seeds": [0, 1], "episodes_per_list": 3})
+    data["variants"]["m"]["runs"]["0"]["fscs"] = {"1shot": {"ways": 2, "er_mean": 0.6, "miou_mean": 0.3}}
+    files = [write(tmp_path / "f0.json", data)]
+    merged = {**fold_means.fold_entries(files), **fold_means.all_background(files, lists)}
+    table = fold_means.fscs_table(merged)
+    assert "| all background | 2 | 1 | 50.0 | **50.0** | 0.0 | **0.0** |" in table
+    assert "| m | 2 | 1 | 60.0 | **60.0** | 30.0 | **30.0** |" in table
+    (lists / "fold0" / "test_2way_1shot_image_seed1.json").unlink()
+    with pytest.raises(SystemExit, match="test_2way_1shot_image_seed1.json: no such N-way list"):
+        fold_means.all_background(files, lists)
