@@ -203,8 +203,9 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
     The method's record gives its stage-1 start, optimisers (`Method.optimizers` over `train.optim` resolved
     against `Method.recipe`), training transform, trained shot and loss. `start` (a checkpoint payload) is
     loaded into the raw model before `forward_wrapper` (e.g. DDP) wraps it; without it or a `last.pt` to
-    resume, `train.init` (a checkpoint of the same method and fold) gives the starting weights; `observe(loss_fn)` may wrap the
-    loss to watch the steps (the Ray integration's fault injection) without a loop change.
+    resume, `train.init` (a checkpoint of the same method and fold) gives the starting weights.
+    `observe(loss_fn)` may wrap the loss to watch the steps (the Ray integration's fault injection) without a
+    loop change.
     """
     device = device or default_device()
     cfg = training_config(cfg)

@@ -67,7 +67,7 @@ class TrainConfig(Section):
     # A checkpoint whose model weights start this run, a fine-tune: its optimiser, schedule and epochs start
     # afresh. Same method, data set and fold as this run (another fold's base classes hold this fold's novel
     # ones). "" = the method's own start (its stage 1). E.g. an FS-S-trained ASNet as the start of
-    # `task: fscs` (docs/results.md: from scratch, FS-CS training stays all background on the CPU default).
+    # `task: fscs` (docs/results.md, "FS-CS, 2-way 1-shot": measured, not a fix on the CPU default).
     init: str = ""
 
 
