@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fssmeta.data.episode_lists import load_episode_list
+from fssmeta.data.ways import way_list_path
+
 
 def fold_entries(paths: list[Path]) -> dict[tuple[str, int], dict[str, Any]]:
     """(variant, fold) -> {"in_domain": {shot: score}, "targets": {regime: {target: {shot: score}}},
@@ -132,10 +135,10 @@ def all_background(paths: list[Path], lists: Path, order: str = "image") -> dict
         for shot, ways in scored:
             shares = []
             for seed in results["test_seeds"]:
-                listed = lists / f"fold{fold}" / f"test_{ways}way_{shot[:-4]}shot_{order}_seed{seed}.json"
+                listed = way_list_path(lists, fold, "test", ways, int(shot[:-4]), order, seed)
                 if not listed.is_file():
                     sys.exit(f"{listed}: no such N-way list (--lists is the runs' episodes.out folder)")
-                episodes = json.loads(listed.read_text())["episodes"][:count]
+                episodes = load_episode_list(listed)["episodes"][:count]
                 shares.append(statistics.fmean(not any(ep["presence"]) for ep in episodes))
             entry["fscs"][shot] = {"ways": ways, "er": statistics.fmean(shares), "miou": 0.0}
     return reference
@@ -157,13 +160,15 @@ def main() -> None:
     parser.add_argument("--fscs", action="store_true", help="the FS-CS table (ER and mIoU on the N-way lists)")
     parser.add_argument("--lists", type=Path, help="with --fscs: the runs' episodes.out folder; adds the "
                         "all-background reference row (its ER: the share of scored episodes with no way present)")
+    parser.add_argument("--order", default="image", choices=["image", "class"],
+                        help="with --lists: the runs' eval.episode_order (which lists they scored)")
     args = parser.parse_args()
     missing = [str(p) for p in args.files if not p.is_file()]
     if missing:
         sys.exit(f"no such results file: {', '.join(missing)}")
     merged = fold_entries(args.files)
     if args.fscs and args.lists:
-        merged.update(all_background(args.files, args.lists))
+        merged.update(all_background(args.files, args.lists, args.order))
     print(fscs_table(merged, args.variants) if args.fscs else table(merged, args.regimes, args.variants), end="")
 
 

@@ -278,7 +278,8 @@ def test_fscs_training_starts_from_an_fss_checkpoint(data, tmp_path: Path, capsy
     sets = [a for a in args[3:] if a != "--set"]
     train_meta(load_config(None, [*sets, f"train.out={tmp_path / 'fss'}"]), 0, progress=False)
     start = tmp_path / "fss" / "fold0" / "asnet-1shot" / "best.pt"
-    expected = read_checkpoint(start)["model"]
+    payload = read_checkpoint(start)
+    expected = payload["model"]
     seen: list[dict[str, torch.Tensor]] = []
 
     def observe(loss_fn):
@@ -295,7 +296,6 @@ def test_fscs_training_starts_from_an_fss_checkpoint(data, tmp_path: Path, capsy
     fresh = fresh_model(load_config(None, fscs), 0, 1).state_dict()
     assert any(not torch.equal(fresh[k], expected[k]) for k in expected)  # so the check above could fail
 
-    payload = read_checkpoint(start)
     for name, changes, message in (
             ("hsnet.pt", {"model": {"method": "hsnet"}, "episodes": {"ways": 1}}, "method 'hsnet', this run 'asnet'"),
             ("fold1.pt", {"train": {"fold": 1}}, "fold 'fold1', this run 'fold0'")):
