@@ -1,5 +1,5 @@
 """Integration: meta-training under real Ray Train on CPU workers — a 2-worker run tracked in MLflow and
-published for `fssmeta evaluate`, DDP equal to one process with the same global batch, a killed worker
+published for `fssmeta evaluate`, a 1-worker run's console (its epoch lines, none of Ray's noise), DDP equal to one process with the same global batch, a killed worker
 resumed from its checkpoint, a clear error once retries run out, and a lost node replaced mid-run."""
 
 from __future__ import annotations
@@ -51,6 +51,22 @@ def test_two_workers_train_track_and_publish(workspace, ray_env, tmp_path):
     assert run.data.tags["fold"] == "0" and run.data.tags["ray_run"] == result.name
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")] == [4, 8]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+
+
+def test_a_run_with_progress_shows_its_epoch_lines_and_none_of_rays_noise(workspace, ray_env, tmp_path, capfd):
+    # What `fssmeta train --ray` and the train_meta stage print. Without the local dashboard, Train's
+    # placement-group cleaner warns every second that the State API is unavailable; without the loop's own
+    # quietening each report logs every metric again; the faiss import logs which build it loaded; Train's
+    # preemption watcher (off for a local Ray) logs a core-worker error line at start-up.
+    cfg = make_config(workspace, tmp_path, **{"ray.num_workers": 1})
+    result = train_with_ray(cfg, progress=True)
+    assert result.metrics["epoch"] == 2
+    out, err = capfd.readouterr()
+    console = out + err
+    assert "epoch 1/2 (step 4): train_loss" in console
+    for noise in ("Failed to query Ray Train Controller", "Reporting training result", "Loading faiss",
+                  "PreemptionWatcher"):
+        assert noise not in console, noise
 
 
 def test_ddp_matches_one_process_with_the_same_global_batch(workspace, ray_env, tmp_path):
