@@ -18,6 +18,7 @@ from fssmeta.data import folds
 from fssmeta.data.dataset import (
     BaseSegmentationDataset,
     EpisodeDataset,
+    EpochIndices,
     IndexSource,
     TrainEpisodeDataset,
     episode_loader,
@@ -54,8 +55,9 @@ def prepare_model(model: torch.nn.Module, device: torch.device, train_cfg: Train
     return model
 
 
-def _loader(dataset: Any, train_cfg: TrainConfig) -> DataLoader:
-    return DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=False, drop_last=True,
+def training_loader(dataset: Any, train_cfg: TrainConfig) -> DataLoader:
+    """A training loader: its `EpochIndices` carry the epoch to the workers (`fit` sets it on both)."""
+    return DataLoader(dataset, batch_size=train_cfg.batch_size, sampler=EpochIndices(len(dataset)), drop_last=True,
                       num_workers=train_cfg.num_workers, persistent_workers=train_cfg.num_workers > 0)
 
 
@@ -133,7 +135,7 @@ def train_base(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
     dataset = BaseSegmentationDataset(base_training_keys(cfg, fold),
                                       IndexSource(load_index(cfg.data.prepared), ("train",)),
                                       TrainTransform(tc.transform), base, seed=tc.seed, length=tc.episodes_per_epoch)
-    loader = _loader(dataset, tc)
+    loader = training_loader(dataset, tc)
     optimizer = build_optimizer(base_param_groups(model, tc.encoder_lr_scale), tc.optim)
     scheduler = build_scheduler(optimizer, tc.optim, tc.epochs * len(loader))
     run = base_dir(cfg, fold)
@@ -224,7 +226,7 @@ def train_meta(cfg: Config, fold: folds.Split, *, progress: bool = True, resume_
     dataset = kind(draws, IndexSource(index, ("train",)), training_transform(method.transform, cfg.transform),
                    length=tc.episodes_per_epoch, rank=distributed.rank(), world_size=distributed.world_size(),
                    batch_size=tc.batch_size)
-    loader = _loader(dataset, tc)
+    loader = training_loader(dataset, tc)
     specs = method.optimizers(model, method.training_recipe(tc.optim, tc.method_optim))
     optimizer, scheduler = build_optimization(specs, tc.epochs * len(loader))
     run = checkpoint_dir or meta_dir(cfg, fold, tc.shot)

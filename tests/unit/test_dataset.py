@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fssmeta.config import DataConfig, TransformConfig
+from fssmeta.config import DataConfig, TrainConfig, TransformConfig
 from fssmeta.data.dataset import (
+    BaseSegmentationDataset,
     EpisodeDataset,
     IndexSource,
     TrainEpisodeDataset,
@@ -18,6 +19,8 @@ from fssmeta.data.prepare import load_fold, load_index, prepare, present_classes
 from fssmeta.data.sampler import TrainEpisodeSampler, sample_episodes
 from fssmeta.data.transforms import TestTransform, TrainTransform
 from fssmeta.episode import Episode
+from fssmeta.stages import training_loader
+from fssmeta.train import set_loader_epoch
 from tests.conftest import box_mask, write_voc
 
 
@@ -90,6 +93,34 @@ def test_training_episodes_are_seeded_per_epoch_and_rank(prepared):
     single = TrainEpisodeDataset(sampler, IndexSource(index, ("train",)), transform, length=6)
     joint = torch.cat([a.query_img, first(1, 0).query_img])
     assert torch.equal(joint, torch.stack([single[i].query_img for i in range(6)]))
+
+
+@pytest.mark.parametrize("kind", ["episodes", "base"])
+def test_loader_workers_see_each_epoch_as_the_main_process_does(prepared, kind):
+    # Persistent workers keep the copy of the dataset they started with: the epoch reaches them through the
+    # sampler's indices. Before, every epoch after the first repeated the first one's episodes with workers.
+    index = load_index(prepared)
+    entries = load_fold(prepared, 0)["train"]
+    transform = TrainTransform(TransformConfig(crop_size=40))
+    if kind == "episodes":
+        dataset = TrainEpisodeDataset(TrainEpisodeSampler(entries, shot=1, seed=0), IndexSource(index, ("train",)),
+                                      transform, length=4)
+    else:
+        dataset = BaseSegmentationDataset([k for k, _ in entries], IndexSource(index, ("train",)), transform,
+                                          base_classes=list(range(6, 21)), length=4)
+
+    def epochs(num_workers: int) -> list[list[torch.Tensor]]:
+        loader = training_loader(dataset, TrainConfig(batch_size=2, num_workers=num_workers))
+        seen = []
+        for epoch in range(3):
+            set_loader_epoch(loader, epoch)
+            seen.append([batch[2] if kind == "episodes" else batch[0] for batch in loader])  # query / image
+        return seen
+
+    in_process, workers = epochs(0), epochs(1)
+    assert not torch.equal(in_process[0][0], in_process[1][0])  # the epochs differ...
+    for mine, theirs in zip(in_process, workers, strict=True):  # ...and the workers see the same ones
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 def test_present_classes_follow_data_query_class(prepared):
