@@ -46,6 +46,7 @@ def variant_config(cfg: Config, variant: str, workdir: Path, seed: int) -> Confi
     return cfg.model_copy(update={
         "model": model,
         "train": cfg.train.model_copy(update={"out": str(here / "runs"), "seed": seed}),
+        "train_base": cfg.train_base.model_copy(update={"out": str(here / "runs")}),
         "eval": cfg.eval.model_copy(update={"out": str(here / "results")}),
     })
 
@@ -129,8 +130,9 @@ def main() -> None:
                               "batch_size": cfg.train.batch_size}})
     results.setdefault("variants", {})
 
-    # One stage-1 base learner for every variant and seed (base_dir follows train.out).
+    # One stage-1 base learner for every variant and seed (base_dir follows train_base.out).
     base_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"out": str(workdir / "base")}),
+                                      "train_base": cfg.train_base.model_copy(update={"out": str(workdir / "base")}),
                                       "eval": cfg.eval.model_copy(update={"out": str(workdir / "base" / "results")})})
     base = base_dir(base_cfg, args.fold)
     if not (base / "last.pt").is_file():

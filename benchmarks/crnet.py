@@ -101,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     workdir, out = Path(args.workdir), Path(args.out)
     overrides = ["model.method=crnet", "model.memory.enabled=false", "model.mining.enabled=false",
-                 "mlflow.enabled=false", f"train.out={workdir / 'runs'}", f"eval.out={workdir / 'results'}",
+                 "mlflow.enabled=false", f"train.out={workdir / 'runs'}", f"train_base.out={workdir / 'runs'}",
+                 f"eval.out={workdir / 'results'}",
                  f"eval.folds=[{args.fold}]", f"train.fold={args.fold}", "train.shot=1", *args.set]
     cfg = load_config(args.params, overrides)
     previous = json.loads(out.read_text()) if args.resume and out.is_file() else {}

@@ -59,7 +59,7 @@ def workspace_config(params: str, out: Path, *, workers: int, global_batch: int,
     if not (runs / "fold0" / "base").exists():
         (runs / "fold0" / "base").symlink_to(base_dir(base, 0).resolve())
     batch = global_batch // workers
-    return load_config(params, {"train.fold": 0, "train.out": str(runs), "train.epochs": epochs,
+    return load_config(params, {"train.fold": 0, "train.out": str(runs), "train_base.out": str(runs), "train.epochs": epochs,
                                 "train.batch_size": batch, "train.episodes_per_epoch": steps * batch,
                                 "train.val_episodes": 0, "ray.num_workers": workers,
                                 "ray.resources_per_worker": {"CPU": 1.0}, "ray.max_failures": 0,

@@ -32,7 +32,9 @@ def default_device() -> torch.device:
 
 
 def base_dir(cfg: Config, fold: folds.Split) -> Path:
-    return Path(cfg.train.out) / folds.split_name(fold) / "base"
+    """The fold's stage-1 folder, `<train_base.out>/fold<k>/base` (dvc.yaml's train_base outputs): where
+    `train-base` writes and where the later stages read the base learner."""
+    return Path(cfg.train_base.out) / folds.split_name(fold) / "base"
 
 
 def run_dir(cfg: Config, fold: folds.Split, shot: int, method: str | None = None) -> Path:

@@ -417,7 +417,8 @@ def test_promotion_scores_the_baseline_on_the_targets_selection_episodes(cfg: Co
     scored = cfg.model_copy(update={"data": data.data, "episodes": data.episodes,
                                     "eval": cfg.eval.model_copy(update={"resized_size": 65}),
                                     "model": cfg.model.model_copy(update={"backbone_source": "stage1"}),
-                                    "train": cfg.train.model_copy(update={"out": str(tmp_path / "runs")})})
+                                    "train": cfg.train.model_copy(update={"out": str(tmp_path / "runs")}),
+                                    "train_base": cfg.train_base.model_copy(update={"out": str(tmp_path / "runs")})})
     (tmp_path / "runs" / "fold0" / "base").mkdir(parents=True)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "runs" / "fold0" / "base" / "best.pt", config=config_to_dict(scored),

@@ -65,6 +65,17 @@ def test_train_base_selects_on_validation_with_encoder_rate(data):
     assert stage1_checkpoint(last_cfg, 0) == run / "last.pt"
 
 
+def test_stage1_lives_in_train_base_out(data):
+    # dvc.yaml's train_base outputs (and the later stages' dependencies) are <train_base.out>/fold<k>/base;
+    # stage 1 wrote to train.out before, so a train_base.out of its own broke the pipeline.
+    root, sets = data
+    cfg = load_config(None, [*sets, f"train_base.out={root / 'stage1'}", f"train.out={root / 'meta'}",
+                             "train_base.epochs=1", "train_base.select=last", "train_base.val_episodes=0"])
+    train_base(cfg, 0, progress=False, resume_run=False)
+    assert stage1_checkpoint(cfg, 0) == root / "stage1" / "fold0" / "base" / "last.pt"
+    assert stage1_checkpoint(cfg, 0).is_file() and not (root / "meta").exists()
+
+
 def test_best_needs_validation(data):
     with pytest.raises(ValidationError, match="select: `best` needs validation images"):
         BaseTrainConfig(val_episodes=0)
