@@ -11,7 +11,8 @@
 # WHEEL_PYTHON (default 3.12, the image's) is the Python the wheels are for.
 # The image already holds torch, numpy, pillow, pyyaml, opencv, scipy, tqdm and matplotlib; Ray and MLflow
 # are not needed (the checks import neither). faiss-gpu cannot travel: its cu12 build needs CUDA 12's cuBLAS
-# (hundreds of MB) and the image runs CUDA 13, so faiss-cpu goes and the FAISS rows are CPU indexes.
+# (nvidia-cublas-cu12, a 554 MiB wheel) and the image runs CUDA 13, so faiss-cpu goes: the FAISS rows are
+# CPU indexes.
 set -euo pipefail
 bam=${1:?usage: bash benchmarks/gpu_prepare.sh BAM_GIT PFENET_GIT}
 pfenet=${2:?usage: bash benchmarks/gpu_prepare.sh BAM_GIT PFENET_GIT}
