@@ -18,7 +18,6 @@ from fssmeta.data import folds
 from fssmeta.data.dataset import (
     BaseSegmentationDataset,
     EpisodeDataset,
-    EpochIndices,
     IndexSource,
     TrainEpisodeDataset,
     episode_loader,
@@ -56,9 +55,11 @@ def prepare_model(model: torch.nn.Module, device: torch.device, train_cfg: Train
 
 
 def training_loader(dataset: Any, train_cfg: TrainConfig) -> DataLoader:
-    """A training loader: its `EpochIndices` carry the epoch to the workers (`fit` sets it on both)."""
-    return DataLoader(dataset, batch_size=train_cfg.batch_size, sampler=EpochIndices(len(dataset)), drop_last=True,
-                      num_workers=train_cfg.num_workers, persistent_workers=train_cfg.num_workers > 0)
+    """A training loader. Its workers are not persistent: each epoch starts its own from the dataset as `fit`'s
+    `set_epoch` left it (a persistent worker keeps its first copy, so every epoch repeated the first one's
+    data), and the loader draws its seed from torch's generator every epoch, as it does without workers."""
+    return DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=False, drop_last=True,
+                      num_workers=train_cfg.num_workers)
 
 
 def _resume_payload(run: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, enabled: bool) -> dict | None:

@@ -163,14 +163,6 @@ def train_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torch.o
     return {"loss": total.item(), **{k: v.item() for k, v in losses.items()}}
 
 
-def set_loader_epoch(loader: Iterable[Any], epoch: int) -> None:
-    """Tell a training loader's dataset and sampler which epoch comes next (those that have `set_epoch`); the
-    sampler's reaches loader workers, the dataset's only the main process (data.dataset.EpochIndices)."""
-    for part in (getattr(loader, "dataset", None), getattr(loader, "sampler", None)):
-        if hasattr(part, "set_epoch"):
-            part.set_epoch(epoch)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Episode], num_classes: int, *, amp: bool | str = False,
              progress: bool = False, desc: str = "eval", limit: int = 0,
@@ -241,7 +233,8 @@ def fit(model: nn.Module, *, train_loader: Any, loss_fn: LossFn, optimizer: torc
     device = next(p for p in model.parameters()).device
     run_start = time.perf_counter()
     for epoch in range(first_epoch, epochs):
-        set_loader_epoch(train_loader, epoch)
+        if hasattr(train_loader, "dataset") and hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
         forward_model.train()
         sums: dict[str, float] = {}
         bar = tqdm(train_loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),

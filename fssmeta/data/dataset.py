@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from fssmeta.data.io import DataError, read_image, read_mask
 from fssmeta.data.sampler import TrainEpisodeSampler
@@ -90,38 +90,7 @@ class EpisodeDataset(Dataset):
         return Episode(support_imgs, support_masks, query_img, self.transform.score_mask(label), torch.tensor(c))
 
 
-class EpochIndices(Sampler[tuple[int, int]]):
-    """The indices 0..n-1 of an epoch, each tagged with it: `(epoch, i)`, for a dataset whose items depend on the
-    epoch (`EpochDataset`). Loader workers hold a copy of the dataset made when they started (persistent ones
-    for the whole run), so a `set_epoch` on the main process's dataset never reaches them; the indices do."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.epoch = n, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in range(self.n))
-
-
-class EpochDataset(Dataset):
-    """A dataset whose item i differs per epoch: indexed by `(epoch, i)` (`EpochIndices`, what the training
-    loaders use), or by i alone at the epoch `set_epoch` set."""
-
-    epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_and_item(self, index: int | tuple[int, int]) -> tuple[int, int]:
-        return (int(index[0]), int(index[1])) if isinstance(index, tuple) else (self.epoch, int(index))
-
-
-class TrainEpisodeDataset(EpochDataset):
+class TrainEpisodeDataset(Dataset):
     """`length` training episodes per epoch and rank, drawn on the fly by a `TrainEpisodeSampler`.
 
     Item `i` of `rank` is global episode `(i // B) * B * W + rank * B + i % B` (B the per-rank batch, W the
@@ -134,7 +103,10 @@ class TrainEpisodeDataset(EpochDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.sampler, self.source, self.transform = sampler, source, transform
-        self.length, self.rank, self.world_size, self.batch_size = length, rank, world_size, batch_size
+        self.length, self.rank, self.world_size, self.batch_size, self.epoch = length, rank, world_size, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.length
@@ -143,9 +115,8 @@ class TrainEpisodeDataset(EpochDataset):
         b = self.batch_size
         return (i // b) * b * self.world_size + self.rank * b + i % b
 
-    def __getitem__(self, index: int | tuple[int, int]) -> Episode:
-        epoch, i = self.epoch_and_item(index)
-        ep, rng = self.sampler.draw(epoch, 0, self.global_index(i))
+    def __getitem__(self, i: int) -> Episode:
+        ep, rng = self.sampler.draw(self.epoch, 0, self.global_index(i))
         c = ep["class_id"]
         pairs = [self.transform(*self.source.load(k, c), rng=int(rng.integers(2**31)))
                  for k in [ep["query"], *ep["supports"]]]
@@ -153,7 +124,7 @@ class TrainEpisodeDataset(EpochDataset):
         return Episode(support_imgs, support_masks, pairs[0][0], pairs[0][1], torch.tensor(c))
 
 
-class BaseSegmentationDataset(EpochDataset):
+class BaseSegmentationDataset(Dataset):
     """The base-learner stage (BAM stage 1): supervised segmentation of the fold's training images.
 
     Base class `base_classes[i]` -> label i + 1; novel classes and background -> 0; 255 stays 255. Each
@@ -169,15 +140,18 @@ class BaseSegmentationDataset(EpochDataset):
         self.lut = np.zeros(256, np.uint8)
         self.lut[np.asarray(base_classes, dtype=np.int64)] = np.arange(1, len(base_classes) + 1)
         self.lut[IGNORE_INDEX] = IGNORE_INDEX
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, i = self.epoch_and_item(index)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.keys))
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.keys))
         image, mask = self.source.load_raw(self.keys[int(order[i % len(self.keys)])])
-        return self.transform(image, self.lut[mask], rng=int(np.random.default_rng([self.seed, epoch, i]).integers(2**31)))
+        return self.transform(image, self.lut[mask], rng=int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31)))
 
 
 def episode_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0,

@@ -197,8 +197,7 @@ class TrainWayEpisodeDataset(TrainEpisodeDataset):
     """`TrainEpisodeDataset` over an `FSCSTrainSampler`: `FSCSEpisode` items, each image augmented with its
     own seed from the episode's generator."""
 
-    def __getitem__(self, index: int | tuple[int, int]) -> FSCSEpisode:
-        epoch, i = self.epoch_and_item(index)
-        ep, rng = self.sampler.draw(epoch, 0, self.global_index(i))
+    def __getitem__(self, i: int) -> FSCSEpisode:
+        ep, rng = self.sampler.draw(self.epoch, 0, self.global_index(i))
         return way_episode(ep, self.source, lambda image, label: self.transform(image, label,
                                                                                 rng=int(rng.integers(2**31))))

@@ -20,7 +20,6 @@ from fssmeta.data.sampler import TrainEpisodeSampler, sample_episodes
 from fssmeta.data.transforms import TestTransform, TrainTransform
 from fssmeta.episode import Episode
 from fssmeta.stages import training_loader
-from fssmeta.train import set_loader_epoch
 from tests.conftest import box_mask, write_voc
 
 
@@ -97,8 +96,8 @@ def test_training_episodes_are_seeded_per_epoch_and_rank(prepared):
 
 @pytest.mark.parametrize("kind", ["episodes", "base"])
 def test_loader_workers_see_each_epoch_as_the_main_process_does(prepared, kind):
-    # Persistent workers keep the copy of the dataset they started with: the epoch reaches them through the
-    # sampler's indices. Before, every epoch after the first repeated the first one's episodes with workers.
+    # Persistent workers kept the copy of the dataset they started with, so every epoch after the first
+    # repeated the first one's episodes and augmentations; the training loader's workers start each epoch.
     index = load_index(prepared)
     entries = load_fold(prepared, 0)["train"]
     transform = TrainTransform(TransformConfig(crop_size=40))
@@ -113,7 +112,7 @@ def test_loader_workers_see_each_epoch_as_the_main_process_does(prepared, kind):
         loader = training_loader(dataset, TrainConfig(batch_size=2, num_workers=num_workers))
         seen = []
         for epoch in range(3):
-            set_loader_epoch(loader, epoch)
+            dataset.set_epoch(epoch)  # what fit does before each epoch
             seen.append([batch[2] if kind == "episodes" else batch[0] for batch in loader])  # query / image
         return seen
 
