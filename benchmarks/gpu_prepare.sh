@@ -18,13 +18,10 @@ bam=${1:?usage: bash benchmarks/gpu_prepare.sh BAM_GIT PFENET_GIT}
 pfenet=${2:?usage: bash benchmarks/gpu_prepare.sh BAM_GIT PFENET_GIT}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-py=${PYTHON:-python3}
+py=${PYTHON:-.venv/bin/python}  # the project's (tools/oracle.py imports torch)
 
-commit() {  # commit METHOD: the commit tools/oracle.py pins for METHOD (read, not imported: it needs torch)
-  local c
-  c=$(sed -n "s/^ *\"$1\": Official(\"[^\"]*\", \"\([0-9a-f]\{40\}\)\".*/\1/p" tools/oracle.py)
-  [ -n "$c" ] || { echo "tools/oracle.py pins no $1 commit" >&2; exit 1; }
-  echo "$c"
+commit() {  # commit METHOD: the commit tools/oracle.py pins for METHOD
+  "$py" -c "from tools.oracle import OFFICIAL; print(OFFICIAL['$1'].commit)"
 }
 
 rm -rf .official/BAM .official/PFENet
